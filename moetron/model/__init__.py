@@ -1,0 +1,3 @@
+from moetron.model.transformer import Transformer
+
+__all__ = ["Transformer"]

@@ -1,0 +1,92 @@
+"""Parameter counts, FLOPs and KV-cache bytes: pure functions of a ModelConfig.
+
+The single home of these formulas: the planner, the trainer's MFU and the engine's KV-pool sizing
+all call them, and a test checks the counts against the instantiated module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moetron.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts by part. `active` counts what one token touches (top_k routed experts)."""
+
+    embedding: int
+    output: int  # 0 when tied to the embedding
+    attention: int  # all layers, projections only
+    norms: int
+    router: int
+    routed_experts: int  # all experts of all MoE layers
+    active_routed_experts: int  # top_k experts of all MoE layers
+    shared_experts: int
+    dense_ffn: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.embedding + self.output + self.attention + self.norms + self.router
+            + self.routed_experts + self.shared_experts + self.dense_ffn
+        )  # fmt: skip
+
+    @property
+    def active(self) -> int:
+        return self.total - self.routed_experts + self.active_routed_experts
+
+    @property
+    def active_non_embedding(self) -> int:
+        """Weights that do matmuls per token besides the output head (for FLOPs)."""
+        return self.active - self.embedding - self.output
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    moe, d = cfg.moe, cfg.dim
+    q_and_o = 2 * d * cfg.num_heads * cfg.head_dim
+    k_and_v = 2 * d * cfg.num_kv_heads * cfg.head_dim
+    swiglu = 3 * d  # parameters per unit of hidden width
+    L, L_moe, L_dense = cfg.num_layers, cfg.num_moe_layers, cfg.moe.num_dense_layers
+    return ParamCounts(
+        embedding=cfg.vocab_size * d,
+        output=0 if cfg.tie_embeddings else cfg.vocab_size * d,
+        attention=L * (q_and_o + k_and_v),
+        norms=(2 * L + 1) * d,
+        router=L_moe * d * moe.num_experts,
+        routed_experts=L_moe * moe.num_experts * swiglu * moe.expert_hidden_dim,
+        active_routed_experts=L_moe * moe.top_k * swiglu * moe.expert_hidden_dim,
+        shared_experts=L_moe * swiglu * moe.num_shared_experts * moe.shared_expert_hidden_dim,
+        dense_ffn=L_dense * swiglu * moe.dense_hidden_dim,
+    )
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return param_counts(cfg).total
+
+
+def active_params(cfg: ModelConfig) -> int:
+    return param_counts(cfg).active
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs of QK^T and AV for one token, averaged over a sequence of `seq_len`."""
+    context = seq_len / 2 if causal else seq_len  # mean keys attended under a causal mask
+    return 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """2 FLOPs per active weight (embedding lookup excluded, output head included) + attention."""
+    counts = param_counts(cfg)
+    matmul_params = counts.active_non_embedding + cfg.vocab_size * cfg.dim
+    return 2 * matmul_params + attention_flops_per_token(cfg, seq_len)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward (backward ≈ 2× forward), no recomputation."""
+    return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
+    """KV-cache bytes one token occupies across all layers (GQA/MQA aware)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * bytes_per_element

@@ -1,0 +1,210 @@
+"""Mixture-of-Experts feed-forward: router, stacked SwiGLU experts, dropless or capacity dispatch.
+
+Legend: T tokens, D model width, I expert hidden width, E experts, K experts chosen per token,
+N = routed (token, expert) pairs in expert order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.config import ModelConfig, MoEConfig
+from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
+        self.w3 = Linear(dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.w1.weight, self.w3.weight):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+
+class Router(nn.Module):
+    """Linear gate → softmax (fp32) → top-k, Mixtral semantics."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate = Linear(dim, cfg.num_experts)
+        self.top_k, self.normalize_top_k = cfg.top_k, cfg.normalize_top_k
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK fp32, expert_ids_TK, logits_TE fp32)."""
+        logits_TE = self.gate(x_TD).float()
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.normalize_top_k:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return weights_TK, expert_ids_TK, logits_TE
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights (w1, w3: [E, I, D]; w2: [E, D, I]), each run once
+    on its contiguous slice of expert-sorted tokens."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def forward(self, x_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if has_grouped_mm(x_ND):
+            offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
+            h_NI = F.silu(grouped_linear(x_ND, self.w1, offsets_E)) * grouped_linear(x_ND, self.w3, offsets_E)
+            return grouped_linear(h_NI, self.w2, offsets_E)
+        # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.
+        outputs, start = [], 0
+        for expert, count in enumerate(num_tokens_per_expert_E.tolist()):
+            if count == 0:
+                continue
+            x = x_ND[start : start + count]
+            h = F.silu(linear(x, self.w1[expert])) * linear(x, self.w3[expert])
+            outputs.append(linear(h, self.w2[expert]))
+            start += count
+        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+
+
+class _AttachRouterLoss(torch.autograd.Function):
+    """Identity on `out`; in backward, feeds `scale` as the gradient of `router_loss`.
+
+    This lets each MoE layer add its own auxiliary loss to the objective without the trainer
+    collecting tensors from inside the model, so it stays correct under activation checkpointing
+    and pipeline parallelism (Megatron's MoEAuxLossAutoScaler does the same).
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, router_loss: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(router_loss)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        (router_loss,) = ctx.saved_tensors
+        return grad_out, torch.full_like(router_loss, ctx.scale), None
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer loss E * Σ_e f_e P_e, with f_e the fraction of the T*K assignments sent
+    to expert e and P_e its mean router probability. Equals 1.0 when perfectly balanced."""
+    num_experts = probs_TE.shape[-1]
+    counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts).to(probs_TE.dtype)
+    fraction_E = counts_E / expert_ids_TK.numel()
+    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean squared log-partition, keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class MoELayer(nn.Module):
+    """Routed experts (+ optional shared experts). Input and output [B, T, D].
+
+    Side outputs for the trainer, refreshed each forward:
+      tokens_per_expert: buffer [E], accumulated routed assignments (reset by the trainer);
+      last_aux_loss, last_z_loss: detached scalars of the latest training forward.
+    In training mode the weighted router losses are added to the objective through backward
+    (see _AttachRouterLoss), scaled by `router_loss_scale`, which a trainer sets to the factor it
+    applies to the LM loss (e.g. 1 / gradient-accumulation steps).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.cfg = moe
+        self.router = Router(cfg.dim, moe)
+        self.experts = GroupedExperts(cfg.dim, moe.expert_hidden_dim, moe.num_experts)
+        self.shared_experts = (
+            FeedForward(cfg.dim, moe.shared_expert_hidden_dim * moe.num_shared_experts)
+            if moe.num_shared_experts > 0
+            else None
+        )
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
+        self.router_loss_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_z_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
+        order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
+        with torch.no_grad():
+            self.tokens_per_expert += num_tokens_per_expert_E.to(self.tokens_per_expert.dtype)
+
+        token_ids_N = order_N // self.cfg.top_k
+        y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
+        y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+
+        if self.training and torch.is_grad_enabled():
+            out_TD = self._add_router_loss(out_TD, logits_TE, expert_ids_TK)
+        return out_TD.reshape(shape)
+
+    def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (token, k) indices sorted by expert, and kept assignments per expert.
+
+        Dropless keeps all T*K pairs. With a capacity factor (training only), each expert keeps
+        its first `capacity` pairs in GShard priority: every token's first choice before any
+        second choice, then by token position. Dropped pairs contribute zero; the residual
+        connection carries the token through.
+        """
+        num_tokens, top_k = expert_ids_TK.shape
+        num_experts = self.cfg.num_experts
+        flat_ids_N = expert_ids_TK.reshape(-1)
+        counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
+        if self.cfg.capacity_factor is None or not self.training:
+            return flat_ids_N.argsort(stable=True), counts_E
+
+        capacity = math.ceil(self.cfg.capacity_factor * num_tokens * top_k / num_experts)
+        choice_rank_N = torch.arange(top_k, device=flat_ids_N.device).repeat(num_tokens)
+        token_pos_N = torch.arange(num_tokens, device=flat_ids_N.device).repeat_interleave(top_k)
+        priority_N = (flat_ids_N * top_k + choice_rank_N) * num_tokens + token_pos_N
+        order_N = priority_N.argsort()
+        group_start_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_in_expert_N = (
+            torch.arange(order_N.numel(), device=order_N.device) - group_start_E[flat_ids_N[order_N]]
+        )
+        return order_N[rank_in_expert_N < capacity], counts_E.clamp(max=capacity)
+
+    def _add_router_loss(
+        self, out_TD: torch.Tensor, logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        aux_loss = load_balancing_loss(logits_TE.softmax(dim=-1), expert_ids_TK)
+        z_loss = router_z_loss(logits_TE)
+        self.last_aux_loss, self.last_z_loss = aux_loss.detach(), z_loss.detach()
+        router_loss = self.cfg.aux_loss_weight * aux_loss + self.cfg.z_loss_weight * z_loss
+        if router_loss.requires_grad:
+            out_TD = _AttachRouterLoss.apply(out_TD, router_loss, self.router_loss_scale)
+        return out_TD
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.router.gate.weight, std=std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        self.tokens_per_expert.zero_()

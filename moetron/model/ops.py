@@ -1,0 +1,62 @@
+"""Matmul kernels chosen per device and dtype.
+
+On CPUs without native bf16/fp16 dot products (no AVX512-BF16, no AMX: e.g. AVX2-only EPYC),
+oneDNN emulates half-precision matmuls at a small fraction of fp32 speed (measured on such a
+machine: F.linear 19 GFLOP/s in bf16 vs 170 in fp32). There we keep bf16 *storage* and compute the
+product in fp32, rounding the result back: faster, and at least as accurate. Everywhere else
+(CUDA, AMX CPUs) the native kernel runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_has_native_half_matmul() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+def upcast_half_matmul(t: torch.Tensor) -> bool:
+    """True when a matmul on `t` should be computed in fp32 (emulated half precision on this CPU)."""
+    return t.dtype in _HALF and t.device.type == "cpu" and not cpu_has_native_half_matmul()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, like F.linear without bias."""
+    if upcast_half_matmul(x):
+        return F.linear(x.float(), weight.float()).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) routed through `linear`. Subclassing keeps DTensor/FSDP plans that
+    match `nn.Linear` working unchanged."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def has_grouped_mm(x: torch.Tensor) -> bool:
+    # torch 2.13's CPU grouped_mm has no working backward ("Invalid strides/sizes") and is slower
+    # than a loop of mm; on CUDA it is one kernel launch for all experts.
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+
+
+def grouped_linear(x_ND: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Per-group x @ weight[e].T over contiguous row groups in one kernel (CUDA, bf16).
+
+    x_ND: rows sorted by group; weight_EOI: [E, out, in]; offsets_E: int32 end row of each group.
+    """
+    return F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)

@@ -1,0 +1,180 @@
+"""Decoder-only transformer with MoE feed-forward layers. Single-device code only: parallelism is
+applied from outside (moetron/parallel), serving swaps the attention backend.
+
+Legend: B batch, T tokens, D model width, H query heads, G kv heads, d head_dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.config import ModelConfig
+from moetron.model.moe import FeedForward, MoELayer
+from moetron.model.ops import Linear
+from moetron.model.rope import RotaryEmbedding, apply_rope
+
+# (q_BHTd, k_BGTd, v_BGTd) -> out_BHTd. Training uses causal SDPA; the serving engine passes one
+# that reads and writes its paged KV cache.
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_sdpa(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (as Llama/Mixtral do).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with num_kv_heads ≤ num_heads (MHA, GQA, MQA) and RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = Linear(cfg.dim, cfg.num_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.num_heads * cfg.head_dim, cfg.dim)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTd: torch.Tensor,
+        sin_BTd: torch.Tensor,
+        attention_backend: AttentionBackend,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        # -1 instead of num_heads: tensor parallelism shards the heads without telling us.
+        q_BHTd = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k_BGTd = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BGTd = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_BTd, sin_BTd), apply_rope(k_BGTd, cos_BTd, sin_BTd)
+        out_BHTd = attention_backend(q_BHTd, k_BGTd, v_BGTd)
+        return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.wq.weight, self.wk.weight, self.wv.weight):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: MoELayer | FeedForward = (
+            MoELayer(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.moe.dense_hidden_dim)
+        )
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTd: torch.Tensor,
+        sin_BTd: torch.Tensor,
+        attention_backend: AttentionBackend,
+    ) -> torch.Tensor:
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_BTd, sin_BTd, attention_backend)
+        return h_BTD + self.ffn(self.ffn_norm(h_BTD))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, out_std)
+        self.ffn.init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = Linear(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        attention_backend: AttentionBackend = causal_sdpa,
+    ) -> torch.Tensor:
+        """input_ids_BT: int [B, T] → float32 logits [B, T, V]. Positions default to 0..T-1."""
+        if input_ids_BT.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids_BT.shape)}")
+        if positions_BT is None:
+            positions_BT = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device).expand_as(
+                input_ids_BT
+            )
+        h_BTD = self.tok_embeddings(input_ids_BT)
+        cos_BTd, sin_BTd = self.rope(positions_BT, h_BTD.dtype)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention_backend)
+        return self.output(self.norm(h_BTD)).float()
+
+    def init_weights(self) -> None:
+        """Init for training from scratch: N(0, init_std), residual-output projections scaled by
+        1/sqrt(2 * num_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Reset non-persistent buffers (after to_empty, or after loading a state dict)."""
+        for layer in self.moe_layers():
+            layer.tokens_per_expert.zero_()
+
+    def moe_layers(self) -> Iterator[MoELayer]:
+        for layer in self.layers:
+            if isinstance(layer.ffn, MoELayer):
+                yield layer.ffn
+
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> Transformer:
+        """Build on the meta device (no memory touched), then materialise and initialise."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty re-creates parameters; re-tie explicitly
+            model.output.weight = model.tok_embeddings.weight
+        with torch.no_grad():
+            model.init_weights()
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write a Hugging Face model directory (safetensors + config.json)."""
+        from moetron.convert.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
