@@ -1,0 +1,5 @@
+import sys
+
+from moetron.cli import main
+
+sys.exit(main())
