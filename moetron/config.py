@@ -27,6 +27,15 @@ def _positive(name: str, value: int | float) -> None:
     _check(value > 0, f"{name}={value!r} must be > 0")
 
 
+def _check_field_types(obj: Any, prefix: str) -> None:
+    """Type-check (and int->float coerce) every field, so direct construction is as strict as TOML."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            setattr(obj, f.name, _type_check(f"{prefix}{f.name}", hints[f.name], value))
+
+
 @dataclass
 class RopeConfig:
     """Rotary position embedding. `scaling` stretches a model trained at `original_max_seq_len`
@@ -41,11 +50,8 @@ class RopeConfig:
     beta_slow: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "rope.")
         _positive("rope.theta", self.theta)
-        _check(
-            self.scaling in ("none", "linear", "yarn"),
-            f"rope.scaling={self.scaling!r} must be one of 'none', 'linear', 'yarn'",
-        )
         if self.scaling != "none":
             _check(self.factor >= 1.0, f"rope.factor={self.factor} must be >= 1.0 when scaling is used")
         if self.scaling == "yarn":
@@ -81,6 +87,7 @@ class MoEConfig:
     dense_hidden_dim: int | None = None  # defaults to expert_hidden_dim * top_k
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "moe.")
         _positive("moe.num_experts", self.num_experts)
         _check(
             1 <= self.top_k <= self.num_experts,
@@ -123,6 +130,7 @@ class ModelConfig:
             self.rope = from_dict(RopeConfig, self.rope, "rope")
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoEConfig, self.moe, "moe")
+        _check_field_types(self, "")
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
             _positive(name, getattr(self, name))
         _positive("norm_eps", self.norm_eps)
@@ -165,10 +173,8 @@ def _type_check(path: str, annotation: Any, value: Any) -> Any:
     """Check `value` against a (simple) annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
-        _check(
-            value in typing.get_args(annotation),
-            f"{path}={value!r} must be one of {typing.get_args(annotation)}",
-        )
+        allowed = ", ".join(repr(option) for option in typing.get_args(annotation))
+        _check(value in typing.get_args(annotation), f"{path}={value!r} must be one of {allowed}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)

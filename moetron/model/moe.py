@@ -123,7 +123,8 @@ class MoELayer(nn.Module):
     """Routed experts (+ optional shared experts). Input and output [B, T, D].
 
     Side outputs for the trainer, refreshed each forward:
-      tokens_per_expert: buffer [E], accumulated routed assignments (reset by the trainer);
+      tokens_per_expert: int64 buffer [E], kept (token, expert) assignments, accumulated until the
+        trainer resets it;
       last_aux_loss, last_z_loss: detached scalars of the latest training forward.
     In training mode the weighted router losses are added to the objective through backward
     (see _AttachRouterLoss), scaled by `router_loss_scale`, which a trainer sets to the factor it
@@ -141,7 +142,8 @@ class MoELayer(nn.Module):
             if moe.num_shared_experts > 0
             else None
         )
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
+        # int64: exact at any count, and model.to(bfloat16) leaves integer buffers alone
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False)
         self.router_loss_scale = 1.0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -152,7 +154,7 @@ class MoELayer(nn.Module):
         weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
         order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
         with torch.no_grad():
-            self.tokens_per_expert += num_tokens_per_expert_E.to(self.tokens_per_expert.dtype)
+            self.tokens_per_expert += num_tokens_per_expert_E
 
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)

@@ -1,0 +1,705 @@
+"""CPU unit tests of the model: shapes and init, MoE against a per-token reference, capacity
+dispatch, router losses (and how they reach the gradient), attention, RoPE against Hugging Face,
+dense first layers, bf16.
+
+Every reference here is written out by hand (loops over tokens, explicit masks) so that it shares
+no code with the module it checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetron.config import ModelConfig, MoEConfig, RopeConfig, tiny
+from moetron.model import Transformer
+from moetron.model.moe import FeedForward, MoELayer, load_balancing_loss, router_z_loss
+from moetron.model.rope import RotaryEmbedding, apply_rope, rope_inverse_frequencies
+from moetron.model.transformer import Attention, RMSNorm, causal_sdpa
+
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _with_moe(cfg: ModelConfig, **moe_overrides) -> ModelConfig:
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe_overrides))
+
+
+# --- (a) Forward shape, initialisation, tied embeddings
+
+
+def test_forward_gives_float32_logits() -> None:
+    cfg = tiny()
+    model = Transformer.from_config(cfg)
+    input_ids = torch.randint(0, cfg.vocab_size, (3, 7))
+    logits = model(input_ids)
+    assert logits.shape == (3, 7, cfg.vocab_size)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    # Default positions are 0..T-1 for every row.
+    explicit = model(input_ids, positions_BT=torch.arange(7).expand(3, 7))
+    torch.testing.assert_close(logits, explicit, rtol=0, atol=0)
+
+
+def test_forward_rejects_unbatched_input() -> None:
+    model = Transformer.from_config(tiny())
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, tokens\], got \(5,\)"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_forward_is_causal() -> None:
+    """Changing a later token never changes earlier logits."""
+    cfg = tiny()
+    model = Transformer.from_config(cfg).eval()
+    input_ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    changed = input_ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(input_ids), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6], **FP32)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def _std(tensors) -> float:
+    return torch.cat([t.detach().flatten() for t in tensors]).std().item()
+
+
+def test_init_from_meta() -> None:
+    cfg = tiny()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    layers, moes = list(model.layers), list(model.moe_layers())
+    # ~8k to ~50k samples per group: the sample std is within 5% of the target.
+    assert _std([model.tok_embeddings.weight]) == pytest.approx(std, rel=0.05)
+    assert _std([model.output.weight]) == pytest.approx(std, rel=0.05)
+    assert _std([layer.attention.wq.weight for layer in layers]) == pytest.approx(std, rel=0.05)
+    assert _std([layer.attention.wk.weight for layer in layers]) == pytest.approx(std, rel=0.05)
+    assert _std([layer.attention.wv.weight for layer in layers]) == pytest.approx(std, rel=0.05)
+    assert _std([m.router.gate.weight for m in moes]) == pytest.approx(std, rel=0.1)  # 512 samples
+    assert _std([m.experts.w1 for m in moes]) == pytest.approx(std, rel=0.05)
+    assert _std([m.experts.w3 for m in moes]) == pytest.approx(std, rel=0.05)
+    # Residual-output projections: scaled by 1/sqrt(2L).
+    assert _std([layer.attention.wo.weight for layer in layers]) == pytest.approx(out_std, rel=0.05)
+    assert _std([m.experts.w2 for m in moes]) == pytest.approx(out_std, rel=0.05)
+    assert abs(model.tok_embeddings.weight.mean().item()) < 0.1 * std
+
+    norms = [model.norm] + [n for layer in layers for n in (layer.attention_norm, layer.ffn_norm)]
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    for moe in moes:
+        assert torch.equal(moe.tokens_per_expert, torch.zeros(cfg.moe.num_experts))
+
+
+def test_rms_norm_by_hand() -> None:
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8) * 4
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected, **FP32)
+    # bf16 in, bf16 out (normalised in fp32 inside).
+    assert norm.to(torch.bfloat16)(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_from_config_initialises_every_parameter() -> None:
+    cfg = _with_moe(tiny(), num_shared_experts=1, num_dense_layers=1)
+    model = Transformer.from_config(cfg)
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu", name
+        assert torch.isfinite(p).all(), name
+        # Nothing left at an uninitialised 0 or garbage scale.
+        assert 0 < p.detach().abs().max() < 10, name
+
+
+def test_tied_embeddings_share_storage() -> None:
+    cfg = dataclasses.replace(tiny(), tie_embeddings=True)
+    untied_numel = sum(p.numel() for p in Transformer.from_config(tiny()).parameters())
+
+    def assert_tied(model: Transformer) -> None:
+        assert model.output.weight is model.tok_embeddings.weight
+        assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+        assert sum(p.numel() for p in model.parameters()) == untied_numel - cfg.vocab_size * cfg.dim
+
+    assert_tied(Transformer(cfg))
+    model = Transformer.from_config(cfg)
+    assert_tied(model)
+    # The output init must not overwrite the shared weight with a second draw.
+    assert _std([model.tok_embeddings.weight]) == pytest.approx(cfg.init_std, rel=0.05)
+    assert_tied(Transformer.from_config(cfg, dtype=torch.bfloat16))
+
+    # One weight, so a gradient from the head lands on the embedding too.
+    model(torch.randint(0, cfg.vocab_size, (1, 4))).sum().backward()
+    assert model.tok_embeddings.weight.grad is not None
+    with torch.no_grad():
+        model.tok_embeddings.weight[3].fill_(0.5)
+    assert torch.equal(model.output.weight[3], torch.full((cfg.dim,), 0.5))
+
+
+# --- (b) MoELayer against a per-token reference
+
+
+def _moe_layer(**moe_kwargs) -> MoELayer:
+    cfg = ModelConfig(
+        vocab_size=64, dim=16, num_layers=1, num_heads=2, num_kv_heads=2,
+        moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_hidden_dim": 24, **moe_kwargs}),
+    )  # fmt: skip
+    layer = MoELayer(cfg)
+    # A wide router init so top-k choices are far from ties.
+    layer.init_weights(std=0.5, out_std=0.3)
+    return layer
+
+
+def _reference_routing(layer: MoELayer, x_TD: torch.Tensor) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Per token: softmax over all experts, top-k, optional renormalisation."""
+    moe, gate = layer.cfg, layer.router.gate.weight
+    weights, experts = [], []
+    for x in x_TD:
+        probs = torch.softmax(gate @ x, dim=-1)
+        w, e = probs.topk(moe.top_k)
+        weights.append(w / w.sum() if moe.normalize_top_k else w)
+        experts.append([int(i) for i in e])
+    return weights, experts
+
+
+def _reference_moe(
+    layer: MoELayer, x_TD: torch.Tensor, kept: set[tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """Loop over tokens: Σ_k weight_k · SwiGLU_{expert_k}(x), plus shared experts.
+    `kept`: the (token, k) pairs computed; None keeps all (dropless)."""
+    w1, w2, w3 = layer.experts.w1, layer.experts.w2, layer.experts.w3
+    weights, experts = _reference_routing(layer, x_TD)
+    rows = []
+    for t, x in enumerate(x_TD):
+        y = torch.zeros_like(x)
+        for k, e in enumerate(experts[t]):
+            if kept is None or (t, k) in kept:
+                y = y + weights[t][k] * (w2[e] @ (F.silu(w1[e] @ x) * (w3[e] @ x)))
+        if layer.shared_experts is not None:
+            s = layer.shared_experts
+            y = y + s.w2.weight @ (F.silu(s.w1.weight @ x) * (s.w3.weight @ x))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("normalize_top_k", [True, False])
+@pytest.mark.parametrize("num_shared_experts", [0, 2])
+def test_moe_dropless_matches_reference(top_k: int, normalize_top_k: bool, num_shared_experts: int) -> None:
+    layer = _moe_layer(top_k=top_k, normalize_top_k=normalize_top_k, num_shared_experts=num_shared_experts)
+    x_BTD = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        out_eval = layer.eval()(x_BTD)
+        out_train = layer.train()(x_BTD)  # capacity_factor=None: training is dropless too
+        expected = _reference_moe(layer, x_BTD.reshape(-1, 16)).reshape(2, 6, 16)
+    assert out_eval.shape == x_BTD.shape
+    torch.testing.assert_close(out_eval, expected, **FP32)
+    torch.testing.assert_close(out_train, expected, **FP32)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "normalize_top_k", "num_shared_experts"),
+    [(1, False, 0), (2, True, 0), (2, False, 1), (3, True, 1)],
+)
+def test_moe_gradients_match_reference(top_k: int, normalize_top_k: bool, num_shared_experts: int) -> None:
+    layer = _moe_layer(
+        top_k=top_k, normalize_top_k=normalize_top_k, num_shared_experts=num_shared_experts
+    ).eval()
+    x_TD = torch.randn(12, 16, requires_grad=True)
+    upstream = torch.randn(12, 16)
+    params = dict(layer.named_parameters())
+    inputs = [*params.values(), x_TD]
+
+    grads = torch.autograd.grad((layer(x_TD[None])[0] * upstream).sum(), inputs)
+    expected = torch.autograd.grad((_reference_moe(layer, x_TD) * upstream).sum(), inputs)
+    for name, g, e in zip([*params, "x"], grads, expected, strict=True):
+        torch.testing.assert_close(g, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+    # Every part of the layer learns: the router, and w1/w2/w3 of exactly the experts that got tokens.
+    _, experts = _reference_routing(layer, x_TD)
+    used = {e for row in experts for e in row}
+    for name in ("experts.w1", "experts.w2", "experts.w3"):
+        g = grads[list(params).index(name)]
+        for e in range(4):
+            assert bool(g[e].ne(0).any()) == (e in used), f"{name}[{e}]"
+    assert grads[list(params).index("router.gate.weight")].ne(0).all()
+
+
+def test_top1_normalised_router_learns_only_from_router_losses() -> None:
+    """Renormalising a single weight gives 1.0: the output carries no gradient to the gate
+    (Mixtral semantics with top_k=1), so the aux and z losses are its only signal."""
+    layer = _moe_layer(top_k=1, normalize_top_k=True)
+    x_BTD = torch.randn(1, 12, 16)
+    layer.eval()(x_BTD).sum().backward()
+    assert layer.router.gate.weight.grad.abs().max() < 1e-5  # zero up to the rounding of w / w
+    layer.zero_grad()
+    layer.train()(x_BTD).sum().backward()
+    assert layer.router.gate.weight.grad.abs().max() > 1e-3
+
+
+# --- (c) Capacity-factor dispatch
+
+
+def _gshard_kept(experts_TK: list[list[int]], capacity: int) -> set[tuple[int, int]]:
+    """Each expert keeps its first `capacity` assignments ordered by (choice rank, token position)."""
+    kept, taken = set(), {}
+    pairs = sorted(((k, t, e) for t, row in enumerate(experts_TK) for k, e in enumerate(row)))
+    for k, t, e in pairs:
+        if taken.get(e, 0) < capacity:
+            taken[e] = taken.get(e, 0) + 1
+            kept.add((t, k))
+    return kept
+
+
+# (first choice, second choice) per token. Expert 0 is everyone's favourite.
+_ROUTES = [(1, 0), (2, 0), (0, 3), (0, 1), (0, 1), (3, 1)]
+
+
+def _rigged_layer_and_input(routes, capacity_factor: float | None) -> tuple[MoELayer, torch.Tensor]:
+    """Gate = identity on the first E input features, so those features are the router logits."""
+    layer = _moe_layer(num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[:, :4] = torch.eye(4)
+    x_TD = torch.randn(len(routes), 16)
+    x_TD[:, :4] = 0.0
+    for t, (first, second) in enumerate(routes):
+        x_TD[t, first], x_TD[t, second] = 3.0, 2.0
+    return layer, x_TD
+
+
+def test_capacity_keeps_first_choices_before_second_choices() -> None:
+    # capacity = ceil(0.5 * 6 tokens * 2 / 4 experts) = 2
+    layer, x_TD = _rigged_layer_and_input(_ROUTES, capacity_factor=0.5)
+    _, experts = _reference_routing(layer, x_TD)
+    assert experts == [list(r) for r in _ROUTES]
+    kept = _gshard_kept(experts, capacity=2)
+    # Expert 0: first choices of tokens 2 and 3 beat the (earlier) second choices of tokens 0 and 1;
+    # token 4's first choice is over capacity. Expert 1: token 0's first choice, token 3's second.
+    assert kept == {(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 0)}
+
+    layer.train()
+    out = layer(x_TD[None])[0]
+    torch.testing.assert_close(out, _reference_moe(layer, x_TD, kept), **FP32)
+    assert torch.equal(layer.tokens_per_expert, torch.tensor([2.0, 2.0, 1.0, 2.0]))
+    # Token 4 lost both assignments: the layer adds exactly nothing (the residual carries it).
+    assert torch.equal(out[4], torch.zeros(16))
+    assert out[5].ne(0).any()  # lost only its second choice
+    out.sum().backward()  # dropping is differentiable
+    assert layer.router.gate.weight.grad is not None
+
+    # Evaluation is dropless even with a capacity factor.
+    layer.eval().tokens_per_expert.zero_()
+    with torch.no_grad():
+        out_eval = layer(x_TD[None])[0]
+    torch.testing.assert_close(out_eval, _reference_moe(layer, x_TD), **FP32)
+    assert out_eval[4].ne(0).any()
+    assert torch.equal(layer.tokens_per_expert, torch.tensor([5.0, 4.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.3, 0.75, 1.0, 1.25])  # below 1 always drops
+def test_capacity_random_routing_matches_reference(capacity_factor: float) -> None:
+    layer = _moe_layer(num_experts=4, top_k=2, capacity_factor=capacity_factor).train()
+    num_tokens = 40
+    x_TD = torch.randn(num_tokens, 16)
+    capacity = math.ceil(capacity_factor * num_tokens * 2 / 4)
+    _, experts = _reference_routing(layer, x_TD)
+    kept = _gshard_kept(experts, capacity)
+    with torch.no_grad():
+        out = layer(x_TD[None])[0]
+    torch.testing.assert_close(out, _reference_moe(layer, x_TD, kept), **FP32)
+    assert (layer.tokens_per_expert <= capacity).all()
+    assert layer.tokens_per_expert.sum().item() == len(kept)
+
+
+def test_generous_capacity_is_dropless() -> None:
+    layer = _moe_layer(capacity_factor=100.0).train()
+    x_TD = torch.randn(10, 16)
+    with torch.no_grad():
+        out = layer(x_TD[None])[0]
+    torch.testing.assert_close(out, _reference_moe(layer, x_TD), **FP32)
+
+
+# --- (d) Router losses
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_load_balancing_loss_matches_transformers(top_k: int) -> None:
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits_TE = torch.randn(20, 6) * 2
+    probs_TE = logits_TE.softmax(dim=-1)
+    expert_ids_TK = probs_TE.topk(top_k, dim=-1).indices
+    ours = load_balancing_loss(probs_TE, expert_ids_TK)
+    # Mixtral's loss averages the one-hot mask over tokens only, so it is top_k times ours (which
+    # normalises by the T*K assignments so that 1.0 is balanced for any top_k).
+    theirs = load_balancing_loss_func((logits_TE,), num_experts=6, top_k=top_k)
+    torch.testing.assert_close(ours, theirs / top_k, rtol=1e-6, atol=1e-6)
+
+
+def test_load_balancing_loss_values() -> None:
+    num_tokens, num_experts, top_k = 12, 4, 2
+    uniform_TE = torch.full((num_tokens, num_experts), 1 / num_experts)
+    any_ids_TK = torch.randint(0, num_experts, (num_tokens, top_k))
+    assert load_balancing_loss(uniform_TE, any_ids_TK).item() == pytest.approx(1.0, abs=1e-6)
+
+    # Balanced assignments give 1.0 whatever the probabilities.
+    balanced_ids_TK = torch.arange(num_tokens * top_k).reshape(num_tokens, top_k) % num_experts
+    probs_TE = torch.randn(num_tokens, num_experts).softmax(-1)
+    assert load_balancing_loss(probs_TE, balanced_ids_TK).item() == pytest.approx(1.0, abs=1e-6)
+
+    # Collapse onto expert 0 with probability ~1: E times the balanced value (its maximum).
+    collapsed_TE = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(num_tokens, -1)
+    collapsed_ids_TK = torch.zeros(num_tokens, 1, dtype=torch.long)
+    assert load_balancing_loss(collapsed_TE, collapsed_ids_TK).item() == pytest.approx(num_experts)
+
+
+def test_router_z_loss_by_hand() -> None:
+    logits_TE = torch.randn(7, 5) * 3
+    by_hand = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits_TE.tolist()) / 7
+    assert router_z_loss(logits_TE).item() == pytest.approx(by_hand, rel=1e-5)
+    assert router_z_loss(torch.zeros(3, 8)).item() == pytest.approx(math.log(8) ** 2, rel=1e-6)
+
+
+# --- (e) Router losses reach the gradient through backward; expert load bookkeeping
+
+
+def _hand_aux_loss(logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+    num_experts = logits_TE.shape[-1]
+    fraction_E = torch.stack([(expert_ids_TK == e).sum() for e in range(num_experts)]) / expert_ids_TK.numel()
+    return num_experts * (fraction_E * logits_TE.softmax(-1).mean(0)).sum()
+
+
+def _hand_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    return (logits_TE.exp().sum(-1).log() ** 2).mean()
+
+
+def test_router_loss_is_added_through_backward() -> None:
+    cfg = _with_moe(tiny(), aux_loss_weight=0.3, z_loss_weight=0.2)
+    model = Transformer.from_config(cfg)
+    scale = 0.25
+    for moe in model.moe_layers():
+        moe.router_loss_scale = scale
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    names, params = zip(*model.named_parameters(), strict=True)
+
+    model.train()
+    train_grads = torch.autograd.grad(model(input_ids).sum(), params, allow_unused=True)
+
+    model.eval()
+    routed = []  # (weights_TK, expert_ids_TK, logits_TE) per MoE layer
+    hooks = [
+        moe.router.register_forward_hook(lambda m, i, out: routed.append(out)) for moe in model.moe_layers()
+    ]
+    logits = model(input_ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(routed) == cfg.num_moe_layers
+    router_loss = scale * sum(
+        cfg.moe.aux_loss_weight * _hand_aux_loss(logits_TE, ids_TK)
+        + cfg.moe.z_loss_weight * _hand_z_loss(logits_TE)
+        for _, ids_TK, logits_TE in routed
+    )
+    eval_grads = torch.autograd.grad(logits.sum(), params, retain_graph=True, allow_unused=True)
+    router_grads = torch.autograd.grad(router_loss, params, allow_unused=True)
+
+    def dense(g, p):
+        return torch.zeros_like(p) if g is None else g
+
+    for name, p, g_train, g_eval, g_router in zip(
+        names, params, train_grads, eval_grads, router_grads, strict=True
+    ):
+        g_train, g_eval, g_router = dense(g_train, p), dense(g_eval, p), dense(g_router, p)
+        # Summed in a different order than autograd does: allow fp32 rounding at the tensor's scale
+        # (embedding gradients reach ~100 here).
+        atol = 1e-6 * (1 + g_eval.abs().max().item())
+        torch.testing.assert_close(
+            g_train, g_eval + g_router, rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        if name.endswith("router.gate.weight"):
+            assert g_router.abs().max() > 1e-4, name  # the test has teeth
+            assert not torch.allclose(g_train, g_eval), name
+
+    # The side outputs report the same losses (last layer's, from the training forward).
+    last = list(model.moe_layers())[-1]
+    _, ids_TK, logits_TE = routed[-1]
+    assert last.last_aux_loss.item() == pytest.approx(_hand_aux_loss(logits_TE, ids_TK).item(), rel=1e-5)
+    assert last.last_z_loss.item() == pytest.approx(_hand_z_loss(logits_TE).item(), rel=1e-5)
+    assert not last.last_aux_loss.requires_grad
+
+
+def test_no_router_loss_without_grad_or_in_eval() -> None:
+    cfg = tiny()
+    model = Transformer.from_config(cfg).eval()
+    input_ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    model(input_ids)
+    assert all(moe.last_aux_loss is None for moe in model.moe_layers())
+    model.train()
+    with torch.no_grad():
+        model(input_ids)
+    assert all(moe.last_aux_loss is None for moe in model.moe_layers())
+
+
+def test_tokens_per_expert_accumulates() -> None:
+    cfg = tiny()
+    model = Transformer.from_config(cfg).eval()
+    batch, seq_len, num_forwards = 2, 9, 3
+    moes = list(model.moe_layers())
+    expected = [torch.zeros(cfg.moe.num_experts) for _ in moes]
+
+    def counter(index: int):
+        def count(router, inputs, outputs):
+            _, ids_TK, _ = outputs
+            expected[index] += torch.bincount(ids_TK.flatten(), minlength=cfg.moe.num_experts)
+
+        return count
+
+    for index, moe in enumerate(moes):
+        moe.router.register_forward_hook(counter(index))
+    with torch.no_grad():
+        for _ in range(num_forwards):
+            model(torch.randint(0, cfg.vocab_size, (batch, seq_len)))
+    for moe, counts in zip(moes, expected, strict=True):
+        assert moe.tokens_per_expert.sum().item() == num_forwards * batch * seq_len * cfg.moe.top_k
+        assert torch.equal(moe.tokens_per_expert, counts)
+    model.init_buffers()
+    assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())
+
+
+def test_tokens_per_expert_counts_exactly_in_bf16() -> None:
+    """A bf16 model's counters must still count: bf16 holds integers exactly only up to 256."""
+    routes = [(0, 1)] * 301  # every token: expert 0 first, expert 1 second
+    layer, x_TD = _rigged_layer_and_input(routes, capacity_factor=None)
+    layer.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        layer(x_TD[None].to(torch.bfloat16))
+    assert layer.tokens_per_expert.tolist() == [301, 301, 0, 0]
+
+
+# --- (f) Attention
+
+
+def _reference_rope(x_BHTd: torch.Tensor, positions_T: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate pair (i, i + d/2) by angle position * theta^(-2i/d)."""
+    d = x_BHTd.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles_Th = (positions_T.double()[:, None] * inv_freq).float()
+    cos, sin = angles_Th.cos(), angles_Th.sin()
+    x1, x2 = x_BHTd[..., : d // 2], x_BHTd[..., d // 2 :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _reference_attention(attention: Attention, x_BTD: torch.Tensor, positions_T: torch.Tensor, theta: float):
+    B, T, _ = x_BTD.shape
+    H, G, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    q = (x_BTD @ attention.wq.weight.T).view(B, T, H, d).transpose(1, 2)
+    k = (x_BTD @ attention.wk.weight.T).view(B, T, G, d).transpose(1, 2)
+    v = (x_BTD @ attention.wv.weight.T).view(B, T, G, d).transpose(1, 2)
+    q, k = _reference_rope(q, positions_T, theta), _reference_rope(k, positions_T, theta)
+    out = torch.empty(B, H, T, d)
+    for h in range(H):
+        g = h // (H // G)  # query head h reads kv head h // (H / G)
+        scores = q[:, h] @ k[:, g].transpose(-1, -2) / math.sqrt(d)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        out[:, h] = scores.masked_fill(future, float("-inf")).softmax(-1) @ v[:, g]
+    return out.transpose(1, 2).reshape(B, T, H * d) @ attention.wo.weight.T
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(4, 4, None), (4, 2, None), (4, 1, None), (6, 3, 10), (4, 1, 24)],
+    ids=["mha", "gqa", "mqa", "gqa-head-dim-10", "mqa-head-dim-24"],
+)
+def test_attention_matches_naive_causal_softmax(
+    num_heads: int, num_kv_heads: int, head_dim: int | None
+) -> None:
+    cfg = ModelConfig(
+        vocab_size=64, dim=32, num_layers=1, rope=RopeConfig(theta=500.0),
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )  # fmt: skip
+    attention = Attention(cfg)
+    attention.init_weights(std=0.2, out_std=0.2)
+    rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
+    x_BTD = torch.randn(2, 7, 32)
+    for start in (0, 11):  # prefill at 0, and a chunk further into the sequence
+        positions_T = torch.arange(start, start + 7)
+        cos, sin = rope(positions_T.expand(2, 7), torch.float32)
+        with torch.no_grad():
+            out = attention(x_BTD, cos, sin, causal_sdpa)
+            expected = _reference_attention(attention, x_BTD, positions_T, theta=500.0)
+        torch.testing.assert_close(out, expected, **FP32)
+
+
+def test_attention_depends_only_on_relative_positions() -> None:
+    cfg = tiny()
+    attention = Attention(cfg)
+    attention.init_weights(std=0.2, out_std=0.2)
+    rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
+    x_BTD = torch.randn(1, 8, cfg.dim)
+    with torch.no_grad():
+        outs = [
+            attention(x_BTD, *rope(torch.arange(s, s + 8)[None], torch.float32), causal_sdpa)
+            for s in (0, 100)
+        ]
+    torch.testing.assert_close(outs[0], outs[1], **FP32)
+
+
+# --- (g) RoPE against Hugging Face
+
+
+def _hf_config(rope: RopeConfig, head_dim: int, max_seq_len: int):
+    from transformers import MixtralConfig
+
+    params = {"rope_type": "default" if rope.scaling == "none" else rope.scaling, "rope_theta": rope.theta}
+    if rope.scaling != "none":
+        params["factor"] = rope.factor
+    if rope.scaling == "yarn":
+        params |= {
+            "original_max_position_embeddings": rope.original_max_seq_len,
+            "beta_fast": rope.beta_fast,
+            "beta_slow": rope.beta_slow,
+        }
+    return MixtralConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=1, head_dim=head_dim,
+        max_position_embeddings=max_seq_len, rope_parameters=params,
+    )  # fmt: skip
+
+
+ROPE_CASES = {
+    "default": (RopeConfig(theta=10_000.0), 16, 2048),
+    "default-mixtral": (RopeConfig(theta=1e6), 128, 32_768),
+    "linear": (RopeConfig(theta=10_000.0, scaling="linear", factor=4.0), 64, 8192),
+    "yarn": (RopeConfig(theta=10_000.0, scaling="yarn", factor=4.0, original_max_seq_len=1024), 64, 4096),
+    "yarn-gpt4": (RopeConfig(theta=5e5, scaling="yarn", factor=4.0, original_max_seq_len=8192), 128, 32_768),
+    "yarn-betas": (
+        RopeConfig(
+            theta=10_000.0,
+            scaling="yarn",
+            factor=8.0,
+            original_max_seq_len=2048,
+            beta_fast=16.0,
+            beta_slow=2.0,
+        ),
+        32,
+        16_384,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_frequencies_match_transformers(case: str) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    rope, head_dim, max_seq_len = ROPE_CASES[case]
+    hf_config = _hf_config(rope, head_dim, max_seq_len)
+    inv_freq, attention_factor = rope_inverse_frequencies(rope, head_dim)
+    if rope.scaling == "none":
+        hf_inv_freq, hf_factor = MixtralRotaryEmbedding.compute_default_rope_parameters(hf_config)
+    else:
+        hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS[rope.scaling](hf_config, "cpu")
+    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32
+    torch.testing.assert_close(inv_freq, hf_inv_freq.float(), rtol=1e-6, atol=1e-6)
+    assert attention_factor == pytest.approx(hf_factor, abs=1e-6)
+    if rope.scaling == "yarn":
+        assert attention_factor == pytest.approx(0.1 * math.log(rope.factor) + 1)
+
+    # Same cos/sin (YaRN's temperature folded in) at the positions served.
+    hf_rope = MixtralRotaryEmbedding(hf_config)
+    positions_BT = torch.tensor([[0, 1, 7, 1000, max_seq_len - 1]])
+    cos, sin = RotaryEmbedding(rope, head_dim)(positions_BT, torch.float32)
+    hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions_BT)
+    torch.testing.assert_close(cos, hf_cos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin, hf_sin, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rope_matches_transformers() -> None:
+    from transformers.models.mixtral.modeling_mixtral import apply_rotary_pos_emb
+
+    rope = RopeConfig(theta=10_000.0, scaling="yarn", factor=4.0, original_max_seq_len=64)
+    cos, sin = RotaryEmbedding(rope, 16)(torch.arange(10).expand(2, 10), torch.float32)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 1, 10, 16)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(apply_rope(q, cos, sin), hf_q, **FP32)
+    torch.testing.assert_close(apply_rope(k, cos, sin), hf_k, **FP32)
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model() -> None:
+    model = Transformer.from_config(tiny(), dtype=torch.bfloat16)
+    assert model.rope.inv_freq(torch.device("cpu")).dtype == torch.float32
+    assert "rope" not in " ".join(model.state_dict())
+
+
+# --- (h) Dense first layers
+
+
+def test_dense_first_layers() -> None:
+    cfg = dataclasses.replace(_with_moe(tiny(), num_dense_layers=1), num_layers=3)
+    model = Transformer.from_config(cfg)
+    first = model.layers[0].ffn
+    assert isinstance(first, FeedForward) and not isinstance(first, MoELayer)
+    assert first.w1.weight.shape == (cfg.moe.expert_hidden_dim * cfg.moe.top_k, cfg.dim)
+    assert all(isinstance(layer.ffn, MoELayer) for layer in model.layers[1:])
+    assert list(model.moe_layers()) == [layer.ffn for layer in model.layers[1:]]
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, cfg.vocab_size, (2, 5)))
+    assert logits.shape == (2, 5, cfg.vocab_size) and torch.isfinite(logits).all()
+    for moe in model.moe_layers():
+        assert moe.tokens_per_expert.sum().item() == 2 * 5 * cfg.moe.top_k
+
+
+def test_feed_forward_is_swiglu() -> None:
+    ffn = FeedForward(8, 12)
+    ffn.init_weights(std=0.3, out_std=0.3)
+    x = torch.randn(3, 8)
+    expected = (F.silu(x @ ffn.w1.weight.T) * (x @ ffn.w3.weight.T)) @ ffn.w2.weight.T
+    torch.testing.assert_close(ffn(x), expected, **FP32)
+
+
+# --- (i) bf16
+
+
+def test_bf16_forward_close_to_fp32() -> None:
+    """Same weights in bf16 (8 significant bits, ~0.4% per rounding) through two layers, with the odd
+    near-tied token possibly taking a different expert: we allow 3% relative L2 error on the logits
+    and 0.1 absolute (logits have std ~0.15 at this init). Measured: ~0.5% and ~0.015."""
+    cfg = tiny()
+    fp32 = Transformer.from_config(cfg).eval()
+    bf16 = Transformer.from_config(cfg, dtype=torch.bfloat16).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected, logits = fp32(input_ids), bf16(input_ids)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.03
+    assert (logits - expected).abs().max().item() < 0.1
+    assert not torch.equal(logits, expected)  # really computed in bf16
+
+
+def test_bf16_model_trains_a_step() -> None:
+    cfg = tiny()
+    model = copy.deepcopy(Transformer.from_config(cfg)).to(torch.bfloat16).train()
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    logits = model(input_ids)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+        assert torch.isfinite(p.grad).all(), name
