@@ -143,7 +143,9 @@ class MoELayer(nn.Module):
             else None
         )
         # int64: exact at any count, and model.to(bfloat16) leaves integer buffers alone
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False
+        )
         self.router_loss_scale = 1.0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
