@@ -7,10 +7,13 @@ fails at load time rather than deep inside a forward pass.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -208,6 +211,10 @@ def _type_check(path: str, annotation: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(annotation):
         _check(isinstance(value, dict), f"{path} must be a table of settings, got {value!r}")
         return from_dict(annotation, value, path)
+    if origin is list:
+        _check(isinstance(value, list | tuple), f"{path}={value!r} must be a list")
+        (item,) = typing.get_args(annotation)
+        return [_type_check(f"{path}[{k}]", item, v) for k, v in enumerate(value)]
     return value
 
 
@@ -217,13 +224,152 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        where = f" in [{prefix}]" if prefix else ""
-        raise ConfigError(f"unknown config key(s) {unknown}{where}; allowed: {sorted(known)}")
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"unknown config key {key!r}; {hint}allowed: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _type_check(path, hints[name], value)
     return cls(**kwargs)
+
+
+# --- A run: model + data + training, from a TOML file plus --section.key=value overrides.
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes tokens."""
+
+    # "shakespeare" is the bundled corpus; anything else is a .txt/.jsonl/.parquet file or a directory
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"])
+    text_field: str = "text"  # JSONL/Parquet column holding the document text
+    tokenizer: str = "bpe"  # "bpe" (train one), "cl100k_base", or a tokenizer.json / model directory
+    vocab_size: int = 8192  # for "bpe"
+    val_fraction: float = 0.02  # share of documents held out for validation
+    dir: str = "runs/data"  # prepared token shards; rebuilt only when the inputs change
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "data.")
+        _check(len(self.sources) > 0, "data.sources must name at least one source")
+        _check(
+            256 + 8 <= self.vocab_size <= 2**32 - 1,
+            f"data.vocab_size={self.vocab_size} must lie in [264, 2^32-1]",
+        )
+        _check(0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must lie in (0, 0.5)")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"
+    steps: int = 1000
+    seed: int = 0
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast compute dtype; weights stay fp32
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = False  # continue from the newest valid checkpoint in out_dir
+    eval_every: int = 100
+    eval_batches: int = 20
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "train.")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "checkpoint_every",
+                     "keep_checkpoints", "eval_every", "eval_batches"):  # fmt: skip
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.lr", self.lr)
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved resolved beside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """`model.preset = "small"` starts the model from a preset; other model keys override it."""
+        data = dict(data)
+        model = dict(data.get("model", {}))
+        if "preset" in model:
+            preset = model.pop("preset")
+            _check(isinstance(preset, str), f"model.preset={preset!r} must be a string")
+            model = _deep_merge(get_preset(preset).to_dict(), model)
+        data["model"] = model
+        return from_dict(cls, data, "")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'--train.steps=20' -> (['train', 'steps'], 20). Values parse as TOML (numbers, booleans,
+    strings, lists) and fall back to a bare string, so --train.out_dir=runs/x needs no quotes."""
+    body = text.removeprefix("--")
+    key, sep, raw = body.partition("=")
+    _check(bool(sep) and bool(key), f"override {text!r} must look like --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML run file (or start from defaults) and apply --section.key=value overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            _check(isinstance(node, dict), f"override {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return Config.from_dict(data)
 
 
 # --- Presets: named Python values. Parameter counts are checked against published figures in tests.
