@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -12,8 +13,10 @@ import torch
 
 from moetron.config import PRESETS, ConfigError, ModelConfig, get_preset
 from moetron.convert.hf import CheckpointError, from_pretrained, load_config
+from moetron.data.errors import DataError
 from moetron.model.accounting import forward_flops_per_token, kv_bytes_per_token, param_counts
 from moetron.model.transformer import Transformer
+from moetron.train.checkpoint import CheckpointSaveError
 
 
 def _human(n: float) -> str:
@@ -91,6 +94,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from moetron.config import load_run_config
+    from moetron.train.trainer import train
+
+    cfg = load_run_config(args.config, overrides)
+    result = train(cfg)
+    print(
+        f"[train] done: {result.last_step} steps, validation loss {result.val_loss:.4f} "
+        f"(perplexity {math.exp(result.val_loss):.2f}); model in {result.final_dir}"
+    )
+    if args.sample:
+        _print_sample(result.final_dir, args.sample, max_tokens=80, temperature=0.8, top_p=0.95, seed=0)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from moetron.config import load_run_config
+    from moetron.data import prepare
+
+    cfg = load_run_config(args.config, overrides)
+    data = prepare(cfg.data, seed=cfg.train.seed, progress=True)
+    print(
+        f"[prepare] {data.dir}: {data.num_train_tokens:,} train / {data.num_val_tokens:,} validation tokens, "
+        f"{data.num_train_docs:,} / {data.num_val_docs:,} documents, vocabulary {data.vocab_size:,}"
+    )
+    return 0
+
+
+def _print_sample(model_dir: Path, prompt: str, **sampling) -> None:
+    from moetron.data import load_tokenizer
+    from moetron.generate import generate
+
+    model, tokenizer = from_pretrained(model_dir), load_tokenizer(model_dir)
+    ids = tokenizer.encode(prompt)
+    print(prompt, end="", flush=True)
+    out: list[int] = []
+    for token in generate(model, ids, stop_ids=(tokenizer.eos_id,), **sampling):
+        out.append(token)
+    print(tokenizer.decode(out[:]), flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _print_sample(
+        Path(args.model),
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moetron.data import load_tokenizer, read_documents
+    from moetron.train.evaluate import evaluate_documents
+
+    model, tokenizer = from_pretrained(args.model, dtype=torch.float32), load_tokenizer(args.model)
+    documents = read_documents([args.data], text_field=args.text_field)
+    seq_len = min(args.seq_len, model.cfg.max_seq_len)
+    loss, num_tokens = evaluate_documents(
+        model, tokenizer, documents, seq_len, args.batch_size, args.max_tokens
+    )
+    print(
+        f"[eval] {args.data}: {num_tokens:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,14 +176,48 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts of a preset or a model directory")
     info.add_argument("model", help=f"preset ({', '.join(PRESETS)}) or Hugging Face model directory")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train per a TOML config; --section.key=value overrides any setting")
+    train.add_argument("config", nargs="?", help="run config TOML (defaults apply when omitted)")
+    train.add_argument("--sample", default="", help="after training, print a sample continuing this prompt")
+    train.set_defaults(func=cmd_train, takes_overrides=True)
+    prep = sub.add_parser("prepare", help="tokenize the configured data into token shards")
+    prep.add_argument("config", nargs="?", help="run config TOML")
+    prep.set_defaults(func=cmd_prepare, takes_overrides=True)
+
+    gen = sub.add_parser("generate", help="sample a continuation from a model directory")
+    gen.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a model on a text/JSONL/Parquet file")
+    ev.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    ev.add_argument("--data", required=True, help="file or directory of .txt/.jsonl/.parquet")
+    ev.add_argument("--text-field", default="text")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    if getattr(args, "takes_overrides", False):
+        if unknown := [a for a in extra if a not in overrides]:
+            parser.error(f"unrecognized arguments {unknown}; settings are given as --section.key=value")
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+        return args.func(args, overrides) if getattr(args, "takes_overrides", False) else args.func(args)
+    except (ConfigError, CheckpointError, DataError, CheckpointSaveError, ValueError) as e:
         print(f"moetron: error: {e}", file=sys.stderr)
         return 2
 

@@ -341,10 +341,13 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'--train.steps=20' -> (['train', 'steps'], 20). Values parse as TOML (numbers, booleans,
-    strings, lists) and fall back to a bare string, so --train.out_dir=runs/x needs no quotes."""
+    strings, lists) and fall back to a bare string, so --train.out_dir=runs/x needs no quotes;
+    `none`/`null` unset an optional value (TOML itself has no null)."""
     body = text.removeprefix("--")
     key, sep, raw = body.partition("=")
     _check(bool(sep) and bool(key), f"override {text!r} must look like --section.key=value")
+    if raw.strip().lower() in ("none", "null"):
+        return key.split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

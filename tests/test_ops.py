@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetron.model.ops import grouped_linear, linear, upcast_half_matmul
+from moetron.model.ops import cpu_has_native_half_matmul, emulated_half_dtype, grouped_linear, linear
 
 
 def test_grouped_linear_matches_per_group_matmul() -> None:
@@ -35,6 +35,19 @@ def test_half_precision_linear_is_accurate() -> None:
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=1e-2)
 
 
-def test_upcast_only_for_half_precision_on_cpu() -> None:
-    assert not upcast_half_matmul(torch.zeros(1))
-    assert not upcast_half_matmul(torch.zeros(1, dtype=torch.float64))
+def test_emulation_only_for_half_precision_without_native_kernels() -> None:
+    assert emulated_half_dtype(torch.zeros(1)) is None
+    assert emulated_half_dtype(torch.zeros(1, dtype=torch.float64)) is None
+    expected = None if cpu_has_native_half_matmul() else torch.bfloat16
+    assert emulated_half_dtype(torch.zeros(1, dtype=torch.bfloat16)) == expected
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emulated_half_dtype(torch.zeros(1)) == expected
+
+
+def test_linear_under_autocast_matches_native_autocast_numerics() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, generator=gen), torch.randn(16, 64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, native = linear(x, w), F.linear(x, w)
+    assert ours.dtype == native.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), native.float(), rtol=2**-7, atol=1e-2)

@@ -90,3 +90,37 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """KV-cache bytes one token occupies across all layers (GQA/MQA aware)."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * bytes_per_element
+
+
+# --- Per layer (the planner splits the model into pipeline stages). The per-layer parts sum to the
+# whole-model figures above; tests/test_plan_accounting.py checks that.
+
+
+def layer_param_counts(cfg: ModelConfig, layer_id: int) -> ParamCounts:
+    """Parameters of transformer block `layer_id` alone (no embedding, output head or final norm)."""
+    if not 0 <= layer_id < cfg.num_layers:
+        raise ValueError(f"layer_id={layer_id} must lie in [0, num_layers={cfg.num_layers})")
+    whole, moe = param_counts(cfg), cfg.moe
+    is_moe = cfg.is_moe_layer(layer_id)
+    return ParamCounts(
+        embedding=0,
+        output=0,
+        attention=whole.attention // cfg.num_layers,
+        norms=2 * cfg.dim,
+        router=cfg.dim * moe.num_experts if is_moe else 0,
+        routed_experts=whole.routed_experts // cfg.num_moe_layers if is_moe else 0,
+        active_routed_experts=whole.active_routed_experts // cfg.num_moe_layers if is_moe else 0,
+        shared_experts=whole.shared_experts // cfg.num_moe_layers if is_moe else 0,
+        dense_ffn=0 if is_moe else whole.dense_ffn // moe.num_dense_layers,
+    )
+
+
+def layer_forward_flops_per_token(cfg: ModelConfig, layer_id: int, seq_len: int) -> float:
+    """Forward FLOPs of one block for one token: its share of forward_flops_per_token."""
+    attention = attention_flops_per_token(cfg, seq_len) / cfg.num_layers
+    return 2 * layer_param_counts(cfg, layer_id).active + attention
+
+
+def head_forward_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs after the last block: final norm and output projection."""
+    return 2 * (cfg.dim + cfg.vocab_size * cfg.dim)

@@ -147,6 +147,7 @@ class MoELayer(nn.Module):
             "tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False
         )
         self.router_loss_scale = 1.0
+        self.record_stats = True  # off while activation checkpointing recomputes a forward
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
 
@@ -155,8 +156,9 @@ class MoELayer(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
         order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
-        with torch.no_grad():
-            self.tokens_per_expert += num_tokens_per_expert_E
+        if self.record_stats:
+            with torch.no_grad():
+                self.tokens_per_expert += num_tokens_per_expert_E
 
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
@@ -200,7 +202,8 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         aux_loss = load_balancing_loss(logits_TE.softmax(dim=-1), expert_ids_TK)
         z_loss = router_z_loss(logits_TE)
-        self.last_aux_loss, self.last_z_loss = aux_loss.detach(), z_loss.detach()
+        if self.record_stats:
+            self.last_aux_loss, self.last_z_loss = aux_loss.detach(), z_loss.detach()
         router_loss = self.cfg.aux_loss_weight * aux_loss + self.cfg.z_loss_weight * z_loss
         if router_loss.requires_grad:
             out_TD = _AttachRouterLoss.apply(out_TD, router_loss, self.router_loss_scale)

@@ -25,15 +25,23 @@ def cpu_has_native_half_matmul() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
-def upcast_half_matmul(t: torch.Tensor) -> bool:
-    """True when a matmul on `t` should be computed in fp32 (emulated half precision on this CPU)."""
-    return t.dtype in _HALF and t.device.type == "cpu" and not cpu_has_native_half_matmul()
+def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The half dtype a matmul on `x` should emulate in fp32 on this CPU (from x's dtype or an
+    active CPU autocast), or None when the native kernel is the right one."""
+    if x.device.type != "cpu" or cpu_has_native_half_matmul():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in _HALF else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, like F.linear without bias."""
-    if upcast_half_matmul(x):
-        return F.linear(x.float(), weight.float()).to(x.dtype)
+    if (half := emulated_half_dtype(x)) is not None:
+        # Round the operands to half precision, multiply in fp32 (bf16 products are exact in fp32,
+        # the sum accumulates in fp32 as the native kernels do), round the result: same numerics
+        # as a native half matmul, at fp32 speed.
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.to(half).float(), weight.to(half).float()).to(half)
     return F.linear(x, weight)
 
 

@@ -1,0 +1,118 @@
+"""Per-step metrics: the JSONL log, MFU against a measured matmul peak, and end-of-run plots."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetron.model.ops import linear
+from moetron.model.transformer import Transformer
+
+
+@functools.cache
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024) -> float:
+    """Sustained FLOP/s of the matmul kernel moetron uses for this device and dtype (see
+    model/ops.py): the denominator of our MFU."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        linear(a, b)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        linear(a, b)
+        repeats += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def expert_load(model: Transformer) -> list[list[int]]:
+    """Tokens routed to each expert since the last reset, per MoE layer."""
+    return [layer.tokens_per_expert.tolist() for layer in model.moe_layers()]
+
+
+def reset_expert_load(model: Transformer) -> None:
+    for layer in model.moe_layers():
+        layer.tokens_per_expert.zero_()
+
+
+def router_losses(model: Transformer) -> tuple[float, float]:
+    """Mean load-balancing and z-loss over MoE layers from the latest training forward."""
+    layers = [layer for layer in model.moe_layers() if layer.last_aux_loss is not None]
+    if not layers:
+        return 0.0, 0.0
+    aux = sum(float(layer.last_aux_loss) for layer in layers) / len(layers)
+    z = sum(float(layer.last_z_loss) for layer in layers) / len(layers)
+    return aux, z
+
+
+class MetricsLog:
+    """Appends one JSON object per line; flushed each write so a killed run keeps its history."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and path.exists():
+            # a resumed run rewrites the steps after its checkpoint, so drop them
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= truncate_after_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif truncate_after_step is None:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 1 << 62  # unreadable (a torn last line): drop it
+
+
+def plot_run(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """loss.png (train and validation loss) and expert_load.png (share of tokens per expert)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss", lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="moetron training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    loss_png = out_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    paths = [loss_png]
+    loads = [r["expert_load"] for r in train if r.get("expert_load")]
+    if loads:
+        # mean share of routed tokens per (layer, expert) over the last quarter of training
+        recent = torch.tensor(loads[-max(len(loads) // 4, 1) :], dtype=torch.float64)
+        share = recent.sum(0) / recent.sum(0).sum(-1, keepdim=True)
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * share.shape[0]))
+        image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis")
+        ax.set(xlabel="expert", ylabel="MoE layer", title="share of routed tokens (last quarter of training)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        heatmap_png = out_dir / "expert_load.png"
+        fig.savefig(heatmap_png, dpi=120)
+        plt.close(fig)
+        paths.append(heatmap_png)
+    return paths

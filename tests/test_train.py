@@ -1,0 +1,191 @@
+"""The trainer end to end on a small corpus: metrics, exact resume, atomic checkpoints, HF export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetron.config import ConfigError, load_run_config
+from moetron.data import read_documents
+from moetron.train import checkpoint as ckpt
+from moetron.train.trainer import train
+
+REQUIRED_METRICS = {
+    "step",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "expert_load",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~150 KB of the bundled Shakespeare as plain-text documents (a user-data source)."""
+    directory = tmp_path_factory.mktemp("corpus")
+    documents = read_documents(["shakespeare"])
+    size = 0
+    for k, document in enumerate(documents):
+        (directory / f"doc{k:04d}.txt").write_text(document)
+        size += len(document)
+        if size > 150_000:
+            break
+    return directory
+
+
+def _config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str):
+    return load_run_config(
+        "configs/tiny.toml",
+        [
+            f"--data.sources=['{corpus}']",
+            f"--data.dir={data_dir}",
+            f"--train.out_dir={out_dir}",
+            "--train.progress=false",
+            "--train.steps=8",
+            "--train.eval_every=4",
+            "--train.checkpoint_every=4",
+            "--model.moe.capacity_factor=1.25",  # exercise token dropping too
+            *overrides,
+        ],
+    )
+
+
+def _records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    result = train(_config(corpus, root / "data", root / "run"))
+    return root, result
+
+
+def test_metrics_plots_and_learning(straight_run) -> None:
+    root, result = straight_run
+    records = _records(root / "run")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for record in records:
+        assert record.keys() >= REQUIRED_METRICS
+        assert len(record["expert_load"]) == 2 and len(record["expert_load"][0]) == 4
+        assert math.isfinite(record["loss"]) and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"]  # it learns
+    assert records[0]["lr"] < records[4]["lr"]  # warmup
+    assert {"val_loss", "val_perplexity"} <= records[3].keys()
+    assert result.val_loss == pytest.approx(records[-1]["val_loss"])
+    assert (root / "run" / "loss.png").stat().st_size > 0
+    assert (root / "run" / "expert_load.png").stat().st_size > 0
+    saved = json.loads((root / "run" / "config.json").read_text())
+    assert saved["train"]["steps"] == 8 and saved["model"]["vocab_size"] == 512
+
+
+def test_resume_is_exact(straight_run, corpus, tmp_path) -> None:
+    root, _ = straight_run
+    cfg = _config(corpus, root / "data", tmp_path / "run")
+    partial = train(cfg, stop_after=5)
+    assert partial.final_dir is None
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step_00000004",
+        "step_00000005",
+    ]
+    resumed = train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"))
+    assert resumed.final_dir is not None
+    straight = [(r["step"], r["lm_loss"], r["grad_norm"]) for r in _records(root / "run")]
+    assert [(r["step"], r["lm_loss"], r["grad_norm"]) for r in _records(tmp_path / "run")] == straight
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(straight_run, corpus, tmp_path) -> None:
+    root, _ = straight_run
+    train(_config(corpus, root / "data", tmp_path / "run"), stop_after=6)
+    checkpoints = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    newest = checkpoints[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn write from some other tool
+    train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"))
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    straight = [r["lm_loss"] for r in _records(root / "run")]
+    assert [r["lm_loss"] for r in records] == straight  # resumed from step 4, not the damaged 6
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(straight_run, corpus, tmp_path, monkeypatch) -> None:
+    root, _ = straight_run
+    train(_config(corpus, root / "data", tmp_path / "run"), stop_after=4)
+    calls = {"n": 0}
+    real_save = ckpt.save_file
+
+    def disk_full(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the optimizer file of the step-5 checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"No space left on device.*untouched"):
+        train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"), stop_after=5)
+    directory = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_00000004"]
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"))
+    assert [r["lm_loss"] for r in _records(tmp_path / "run")] == [
+        r["lm_loss"] for r in _records(root / "run")
+    ]
+
+
+def test_export_loads_and_generates_in_transformers(straight_run) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moetron
+
+    _, result = straight_run
+    final = result.final_dir
+    hf_model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(final)
+    ours = moetron.from_pretrained(final)
+    ids = hf_tokenizer("ROMEO: What light", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (hf_model(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    out = hf_model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    chat = hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "hi" in chat
+
+
+def test_activation_checkpointing_and_accumulation_match(straight_run, corpus, tmp_path) -> None:
+    """Recompute changes memory, not math; 2 micro-batches of 2 equal one batch of 4 (to fp32 rounding)."""
+    root, _ = straight_run
+    base = ["--train.steps=3", "--train.eval_every=100", "--train.checkpoint_every=100"]
+    plain = train(_config(corpus, root / "data", tmp_path / "a", *base, "--model.moe.capacity_factor=none"))
+    recompute = train(
+        _config(corpus, root / "data", tmp_path / "b", *base, "--model.moe.capacity_factor=none",
+                "--train.activation_checkpointing=true")
+    )  # fmt: skip
+    accumulated = train(
+        _config(corpus, root / "data", tmp_path / "c", *base, "--model.moe.capacity_factor=none",
+                "--train.batch_size=2", "--train.grad_accum_steps=2")
+    )  # fmt: skip
+    assert plain.final_dir and recompute.final_dir and accumulated.final_dir
+    a, b, c = (_records(tmp_path / name) for name in "abc")
+    assert [r["lm_loss"] for r in a] == [r["lm_loss"] for r in b]
+    assert [r["expert_load"] for r in a] == [r["expert_load"] for r in b]  # counted once, not twice
+    for x, y in zip(a, c, strict=True):
+        assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=1e-4)
+
+
+def test_bad_configs_are_named(corpus, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        _config(corpus, tmp_path, tmp_path, "--train.stepz=3")
+    with pytest.raises(ConfigError, match=r"train.seq_len=4096 must be <= model.max_seq_len=256"):
+        _config(corpus, tmp_path, tmp_path, "--train.seq_len=4096")
+    with pytest.raises(ConfigError, match=r"train\.lr=-1\.0 must be > 0"):
+        _config(corpus, tmp_path, tmp_path, "--train.lr=-1")
