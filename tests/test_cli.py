@@ -30,3 +30,34 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "238.40K" in result.stdout
+
+
+def test_train_generate_eval_from_the_command_line(capsys, tmp_path) -> None:
+    """configs/tiny.toml: the whole pipeline on the bundled corpus, 20 steps."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = [
+        "train",
+        "configs/tiny.toml",
+        f"--train.out_dir={out}",
+        f"--data.dir={data}",
+        "--train.progress=false",
+    ]
+    assert main([*args, "--sample=ROMEO:"]) == 0
+    printed = capsys.readouterr().out
+    assert "[train] done: 20 steps, validation loss" in printed and "ROMEO:" in printed
+    assert (out / "final" / "tokenizer.json").exists() and (out / "final" / "model.safetensors").exists()
+
+    assert main(["generate", str(out / "final"), "JULIET:", "--max-tokens=5", "--temperature=0"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", str(out / "final"), "JULIET:", "--max-tokens=5", "--temperature=0"]) == 0
+    assert capsys.readouterr().out == first  # greedy is deterministic
+
+    sample = tmp_path / "held_out.jsonl"
+    sample.write_text('{"text": "Now is the winter of our discontent made glorious summer."}\n' * 40)
+    assert main(["eval", str(out / "final"), f"--data={sample}", "--seq-len=32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+    assert main(["generate", str(out / "final"), "x", "--top-p=1.5"]) == 2
+    assert "top_p=1.5 must lie in (0, 1]" in capsys.readouterr().err
+    assert main(["train", "configs/tiny.toml", "--train.steps=0"]) == 2
+    assert "train.steps=0 must be > 0" in capsys.readouterr().err
