@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     ev.set_defaults(func=cmd_eval)
+
+    from moetron.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
