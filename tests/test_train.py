@@ -189,3 +189,17 @@ def test_bad_configs_are_named(corpus, tmp_path) -> None:
         _config(corpus, tmp_path, tmp_path, "--train.seq_len=4096")
     with pytest.raises(ConfigError, match=r"train\.lr=-1\.0 must be > 0"):
         _config(corpus, tmp_path, tmp_path, "--train.lr=-1")
+
+
+def test_killed_save_is_invisible_and_cleaned_up(straight_run, corpus, tmp_path) -> None:
+    """A save killed mid-write leaves only a hidden temporary directory: resume ignores it."""
+    root, _ = straight_run
+    train(_config(corpus, root / "data", tmp_path / "run"), stop_after=4)
+    directory = tmp_path / "run" / "checkpoints"
+    torn = directory / ".tmp-step_00000006-99999"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_00000004"]
+    train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"))
+    assert [r["lm_loss"] for r in _records(tmp_path / "run")] == [r["lm_loss"] for r in _records(root / "run")]
+    assert not torn.exists()

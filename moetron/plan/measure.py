@@ -43,7 +43,11 @@ class ClosedLoop:
         return self.predicted.step.total / self.measured_step_s - 1
 
     @property
-    def memory_error(self) -> float:
+    def memory_error(self) -> float | None:
+        """None when the process's resident set did not grow (memory the allocator already held
+        from earlier work was reused): then there is no peak to compare against."""
+        if self.measured_peak_bytes <= 0:
+            return None
         return self.predicted.memory.total / self.measured_peak_bytes - 1
 
 
@@ -129,7 +133,7 @@ def render(results: list[ClosedLoop]) -> str:
             f"{r.step_error:+.0%}",
             f"{r.predicted.memory.total / 2**20:,.0f}",
             f"{r.measured_peak_bytes / 2**20:,.0f}",
-            f"{r.memory_error:+.0%}",
+            "n/a" if r.memory_error is None else f"{r.memory_error:+.0%}",
         ]
         for r in results
     ]

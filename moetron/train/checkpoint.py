@@ -104,6 +104,8 @@ def save_checkpoint(
         ) from e
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(f".tmp-{PREFIX}*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
