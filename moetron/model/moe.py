@@ -69,17 +69,16 @@ class GroupedExperts(nn.Module):
             h_NI = F.silu(grouped_linear(x_ND, self.w1, offsets_E)) * grouped_linear(x_ND, self.w3, offsets_E)
             return grouped_linear(h_NI, self.w2, offsets_E)
         # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.
-        # unbind, not w[e]: indexing's backward materialises a zero gradient of the whole [E, ...]
-        # stack per expert (E full-size fills and adds); unbind's backward is one stack.
+        # unbind/split, not w[e] / x[a:b]: indexing's backward materialises a zeroed gradient of the
+        # whole [E, ...] stack (or [N, D] input) per expert and adds them up; unbind's and split's
+        # backward is one stack / cat.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        outputs, start = [], 0
-        for expert, count in enumerate(num_tokens_per_expert_E.tolist()):
-            if count == 0:
+        outputs = []
+        for expert, x in enumerate(x_ND.split(num_tokens_per_expert_E.tolist())):
+            if x.shape[0] == 0:
                 continue
-            x = x_ND[start : start + count]
             h = F.silu(linear(x, w1[expert])) * linear(x, w3[expert])
             outputs.append(linear(h, w2[expert]))
-            start += count
         return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -57,8 +57,9 @@ class Linear(nn.Linear):
 
 
 def has_grouped_mm(x: torch.Tensor) -> bool:
-    # torch 2.13's CPU grouped_mm has no working backward ("Invalid strides/sizes") and is slower
-    # than a loop of mm; on CUDA it is one kernel launch for all experts.
+    # torch 2.13's CPU grouped_mm backward fails on an expanded incoming gradient ("Invalid
+    # strides/sizes") and wants 16-byte-aligned strides; a loop of mm is as fast there. On CUDA it is
+    # one kernel launch for all experts.
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
 
 

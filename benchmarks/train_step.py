@@ -1,0 +1,226 @@
+"""Full-model forward+backward, moetron vs transformers' MixtralForCausalLM, on identical weights.
+
+    python -m benchmarks.train_step                    # small preset, 4 layers, batch 4 x seq 256
+    python -m benchmarks.train_step --num-layers 8 --batch 8 --seq 512 --dtypes fp32
+
+Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes it, and
+`moetron.from_pretrained` loads the directory, so the comparison also exercises the converter.
+One step = zero grads, forward, the same fp32 cross-entropy on both sides, backward (no
+optimizer). Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
+set to 0 (the losses are still computed, just not weighted in) and transformers runs with
+output_router_logits=False. Both use SDPA attention, train mode, no dropout, no KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moetron
+from benchmarks.common import (
+    DTYPES,
+    CpuMeter,
+    PeakShare,
+    batched_mm_bytes,
+    hf_experts_default,
+    hf_experts_options,
+    machine_line,
+    max_abs_diff,
+    measure_peaks,
+    mixtral_config,
+    peak_line,
+    print_summary,
+    print_table,
+    quiet_transformers,
+    setup_threads,
+    time_interleaved,
+)
+from moetron.config import ModelConfig, get_preset
+from moetron.model.accounting import total_params, train_flops_per_token
+
+FP32_TOLERANCE = 1e-4
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--num-layers", type=int, default=4, help="override the preset's depth")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument(
+        "--hf-impl", default=None, help="transformers experts implementation (default: its own default)"
+    )
+    p.add_argument("--max-batched-mm-gib", type=float, default=4.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=30.0, help="per dtype; trims repeats (min 2)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    cfg = get_preset(args.preset)
+    moe = dataclasses.replace(cfg.moe, aux_loss_weight=0.0, z_loss_weight=0.0)
+    return dataclasses.replace(
+        cfg, num_layers=args.num_layers or cfg.num_layers, max_seq_len=max(cfg.max_seq_len, args.seq), moe=moe
+    )
+
+
+def save_mixtral(cfg: ModelConfig, directory: str) -> None:
+    """A transformers-initialised Mixtral equivalent to `cfg`, written as an HF model directory."""
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM(mixtral_config(cfg)).save_pretrained(directory)
+
+
+def load_twins(directory: str, dtype: torch.dtype, hf_impl: str | None) -> tuple[nn.Module, nn.Module]:
+    """(moetron Transformer, HF Mixtral) from the same directory, each loaded in `dtype` the way
+    its users would, in train mode."""
+    from transformers import MixtralForCausalLM
+
+    ours = moetron.from_pretrained(directory, dtype=dtype)
+    for layer in ours.moe_layers():  # a Mixtral config has no z-loss weight; ours defaults it on
+        layer.cfg.aux_loss_weight = layer.cfg.z_loss_weight = 0.0
+    kwargs = {} if hf_impl is None else {"experts_implementation": hf_impl}
+    hf_model = MixtralForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation="sdpa", **kwargs
+    )
+    return ours.train(), hf_model.train()
+
+
+def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def train_step(
+    model: nn.Module,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+) -> Callable[[], float]:
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        loss = cross_entropy(logits_of(ids), targets)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def hf_logits(hf_model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda ids: hf_model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def logits_diff(ours: nn.Module, hf_model: nn.Module, ids: torch.Tensor) -> float:
+    for model in (ours, hf_model):
+        model.eval()
+    diff = max_abs_diff(ours(ids), hf_logits(hf_model)(ids))
+    for model in (ours, hf_model):
+        model.train()
+    return diff
+
+
+def working_hf_step(
+    hf_model: nn.Module, impls: list[str], ids: torch.Tensor, targets: torch.Tensor, tag: str
+) -> tuple[str, Callable[[], float], float]:
+    """The first experts implementation in `impls` whose forward+backward runs, with its step
+    and loss. Each failure is printed with its reason."""
+    for impl in impls:
+        hf_model.set_experts_implementation(impl)
+        step = train_step(hf_model, hf_logits(hf_model), ids, targets)
+        try:
+            return impl, step, step()
+        except RuntimeError as e:  # e.g. a CPU grouped_mm backward that cannot run
+            print(
+                f"  [{tag}] transformers experts={impl!r}: forward+backward FAILED: {str(e).splitlines()[0]}"
+            )
+    raise SystemExit(f"no transformers experts implementation among {impls} can train here")
+
+
+def main() -> None:
+    args = parse_args()
+    setup_threads(args.threads)
+    quiet_transformers()
+    torch.manual_seed(args.seed)
+    cfg = model_config(args)
+    num_tokens = args.batch * args.seq
+    flops_per_step = train_flops_per_token(cfg, args.seq) * num_tokens
+    background = CpuMeter()
+    print(machine_line())
+    peaks = measure_peaks(["fp32", "bf16"])
+    print(peak_line(peaks))
+
+    hf_default = hf_experts_default()
+    first_choice = args.hf_impl or hf_default
+    # Fallbacks, in order, should the first choice fail to train; batched_mm only where it fits.
+    impls = [first_choice] + [i for i in hf_experts_options() if i != first_choice]
+    if batched_mm_bytes(num_tokens, cfg, torch.float32) > args.max_batched_mm_gib * 2**30:
+        impls = [i for i in impls if i != "batched_mm" or i == first_choice]
+    print(
+        f"model: {args.preset} preset, {cfg.num_layers} layers, {total_params(cfg) / 1e6:.0f}M params; "
+        f"batch {args.batch} x seq {args.seq} = {num_tokens} tokens/step; "
+        f"{flops_per_step / 1e9:.0f} GFLOP/step (accounting.train_flops_per_token); "
+        f"transformers' default experts implementation here: {hf_default!r}, trying {impls} in order; "
+        "router aux losses off on both sides"
+    )
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    targets = torch.roll(ids, -1, dims=1)
+
+    rows, summary = [], []
+    with tempfile.TemporaryDirectory(prefix="moetron-bench-") as directory:
+        save_mixtral(cfg, directory)
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            ours, hf_model = load_twins(directory, dtype, first_choice)
+            if dtype == torch.float32:  # the gate; in bf16 the loss comparison below suffices
+                diff = logits_diff(ours, hf_model, ids)
+                print(f"  [{dtype_name}] max |ours - HF| logits {diff:.1e}")
+                if diff > FP32_TOLERANCE:
+                    raise SystemExit(
+                        f"fp32 logits differ by {diff:.1e} > {FP32_TOLERANCE}: not the same model"
+                    )
+            ours_step = train_step(ours, ours, ids, targets)
+            ours_loss = ours_step()
+            impl, hf_step, hf_loss = working_hf_step(hf_model, impls, ids, targets, dtype_name)
+            print(
+                f"  [{dtype_name}] loss ours {ours_loss:.5f} HF {hf_loss:.5f}; transformers experts: {impl!r}"
+            )
+            if impl != first_choice:
+                print(f"  [{dtype_name}] NOTE: {first_choice!r} could not train, fell back to {impl!r}")
+
+            hf_name = f"HF {impl}" + (" (default)" if impl == hf_default else "")
+            # warmup=0: the checks above already ran each step once.
+            fns = {"moetron": ours_step, hf_name: hf_step}
+            timings = time_interleaved(fns, warmup=0, repeats=args.repeats, budget_s=args.budget_s)
+            ours_s = timings["moetron"].median_s
+            for name, t in timings.items():
+                gflops = flops_per_step / t.median_s / 1e9
+                rows.append([
+                    name, dtype_name, f"{t.median_s * 1e3:.0f}", t.count,
+                    f"{num_tokens / t.median_s:.0f}", f"{gflops:.1f}", PeakShare(gflops, peaks, dtype_name),
+                    PeakShare(gflops, peaks, "fp32"), f"{t.median_s / ours_s:.2f}",
+                ])  # fmt: skip
+            summary.append((dtype_name, "fwd+bwd", timings[hf_name].median_s / ours_s, hf_name))
+
+    measure_peaks(list(peaks), peaks)  # again at the end; keeps the better
+    print()
+    print_table(
+        ["impl", "dtype", "step ms", "n", "tokens/s", "GFLOP/s", "%peak dtype", "%peak fp32", "time/ours"],
+        rows,
+    )
+    print()
+    print_summary(summary)
+    print(peak_line(peaks))
+    print(background.line())
+
+
+if __name__ == "__main__":
+    main()
