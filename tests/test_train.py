@@ -201,5 +201,7 @@ def test_killed_save_is_invisible_and_cleaned_up(straight_run, corpus, tmp_path)
     (torn / "model.safetensors").write_bytes(b"\x00" * 100)
     assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_00000004"]
     train(_config(corpus, root / "data", tmp_path / "run", "--train.resume=true"))
-    assert [r["lm_loss"] for r in _records(tmp_path / "run")] == [r["lm_loss"] for r in _records(root / "run")]
+    assert [r["lm_loss"] for r in _records(tmp_path / "run")] == [
+        r["lm_loss"] for r in _records(root / "run")
+    ]
     assert not torn.exists()
