@@ -1,7 +1,7 @@
 """Full-model forward+backward, moetron vs transformers' MixtralForCausalLM, on identical weights.
 
-    python -m benchmarks.train_step                    # small preset, 4 layers, batch 4 x seq 256
-    python -m benchmarks.train_step --num-layers 8 --batch 8 --seq 512 --dtypes fp32
+    python -m benchmarks.train_throughput                    # small preset, 4 layers, batch 4 x seq 256
+    python -m benchmarks.train_throughput --num-layers 8 --batch 8 --seq 512 --dtypes fp32
 
 Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes it, and
 `moetron.from_pretrained` loads the directory, so the comparison also exercises the converter.
