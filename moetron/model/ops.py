@@ -10,6 +10,7 @@ product in fp32, rounding the result back: faster, and at least as accurate. Eve
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +70,22 @@ def grouped_linear(x_ND: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torc
     x_ND: rows sorted by group; weight_EOI: [E, out, in]; offsets_E: int32 end row of each group.
     """
     return F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+@functools.cache
+def measure_matmul_flops(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024, repeats: int = 5
+) -> float:
+    """Best FLOP/s of a size³ matmul through `linear` (the kernel moetron uses for this device and
+    dtype): the denominator of the trainer's MFU and the planner's CPU entry. Cached per process."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    linear(a, b)  # warm-up: first calls initialise the math library
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        linear(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

@@ -148,20 +148,6 @@ def _meminfo_bytes(field: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an n×n×n matmul (the CPU trains in fp32; see model/ops.py for bf16)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: first calls initialise the math library
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def measure_copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best bytes/s moved (read + write) by a large tensor copy: the CPU's "HBM" bandwidth."""
     import torch
@@ -187,6 +173,8 @@ def probe_cpu() -> Accelerator:
     global _CPU_CACHE
     if _CPU_CACHE is None:
         import torch
+
+        from moetron.model.ops import measure_matmul_flops
 
         flops = measure_matmul_flops()
         bandwidth = measure_copy_bandwidth()

@@ -1,34 +1,14 @@
-"""Per-step metrics: the JSONL log, MFU against a measured matmul peak, and end-of-run plots."""
+"""Per-step metrics: the JSONL log, MoE router statistics, and end-of-run plots."""
 
 from __future__ import annotations
 
-import functools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moetron.model.ops import linear
 from moetron.model.transformer import Transformer
-
-
-@functools.cache
-def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024) -> float:
-    """Sustained FLOP/s of the matmul kernel moetron uses for this device and dtype (see
-    model/ops.py): the denominator of our MFU."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    for _ in range(2):
-        linear(a, b)
-    repeats, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
-        linear(a, b)
-        repeats += 1
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def expert_load(model: Transformer) -> list[list[int]]:

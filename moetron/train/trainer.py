@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from moetron.config import Config
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import train_flops_per_token
+from moetron.model.ops import measure_matmul_flops
 from moetron.model.transformer import Transformer
 from moetron.train import metrics
 from moetron.train.checkpoint import TrainingState, load_latest, save_checkpoint
@@ -117,7 +118,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps
     flops_per_step = train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
     compute_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
-    peak_flops = metrics.measured_matmul_flops(compute_dtype)
+    peak_flops = measure_matmul_flops(compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
     val_loss = None
