@@ -129,10 +129,8 @@ def _print_sample(model_dir: Path, prompt: str, **sampling) -> None:
     model, tokenizer = from_pretrained(model_dir), load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt)
     print(prompt, end="", flush=True)
-    out: list[int] = []
-    for token in generate(model, ids, stop_ids=(tokenizer.eos_id,), **sampling):
-        out.append(token)
-    print(tokenizer.decode(out[:]), flush=True)
+    out = list(generate(model, ids, stop_ids=(tokenizer.eos_id,), **sampling))
+    print(tokenizer.decode(out), flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
