@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
-from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
+from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear, silu
 
 
 class FeedForward(nn.Module):
@@ -26,7 +26,7 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for w in (self.w1.weight, self.w3.weight):
@@ -52,6 +52,36 @@ class Router(nn.Module):
         return weights_TK, expert_ids_TK, logits_TE
 
 
+def grouped_swiglu(
+    x_ND: torch.Tensor,
+    num_tokens_per_expert_E: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Expert e's SwiGLU on its contiguous slice of the expert-sorted rows x_ND → [N, D].
+
+    A function of explicit weights, not of a module, so that a caller holding only some experts
+    (e.g. a rank's local shard of the stack) runs the same math on them.
+    """
+    if has_grouped_mm(x_ND):
+        offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
+        h_NI = F.silu(grouped_linear(x_ND, w1_EID, offsets_E)) * grouped_linear(x_ND, w3_EID, offsets_E)
+        return grouped_linear(h_NI, w2_EDI, offsets_E)
+    # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.
+    # unbind/split, not w[e] / x[a:b]: indexing's backward materialises a zeroed gradient of the
+    # whole [E, ...] stack (or [N, D] input) per expert and adds them up; unbind's and split's
+    # backward is one stack / cat.
+    w1, w2, w3 = w1_EID.unbind(0), w2_EDI.unbind(0), w3_EID.unbind(0)
+    outputs = []
+    for expert, x in enumerate(x_ND.split(num_tokens_per_expert_E.tolist())):
+        if x.shape[0] == 0:
+            continue
+        h = silu(linear(x, w1[expert])) * linear(x, w3[expert])
+        outputs.append(linear(h, w2[expert]))
+    return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights (w1, w3: [E, I, D]; w2: [E, D, I]), each run once
     on its contiguous slice of expert-sorted tokens."""
@@ -64,22 +94,7 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     def forward(self, x_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        if has_grouped_mm(x_ND):
-            offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
-            h_NI = F.silu(grouped_linear(x_ND, self.w1, offsets_E)) * grouped_linear(x_ND, self.w3, offsets_E)
-            return grouped_linear(h_NI, self.w2, offsets_E)
-        # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.
-        # unbind/split, not w[e] / x[a:b]: indexing's backward materialises a zeroed gradient of the
-        # whole [E, ...] stack (or [N, D] input) per expert and adds them up; unbind's and split's
-        # backward is one stack / cat.
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        outputs = []
-        for expert, x in enumerate(x_ND.split(num_tokens_per_expert_E.tolist())):
-            if x.shape[0] == 0:
-                continue
-            h = F.silu(linear(x, w1[expert])) * linear(x, w3[expert])
-            outputs.append(linear(h, w2[expert]))
-        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
+        return grouped_swiglu(x_ND, num_tokens_per_expert_E, self.w1, self.w2, self.w3)
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,26 @@ def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in _HALF else None
 
 
+# Serving hook: the inference engine installs batch-invariant kernels here for the length of a
+# forward (moetron/infer/batch_invariant.py); None everywhere else, so training numerics never change.
+serving_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+serving_silu: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """F.silu, or the serving engine's batch-invariant version while one is installed."""
+    return F.silu(x) if serving_silu is None else serving_silu(x)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, like F.linear without bias."""
+    if serving_linear is not None:
+        return serving_linear(x, weight)
+    return plain_linear(x, weight)
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`linear` without the serving hook."""
     if (half := emulated_half_dtype(x)) is not None:
         # Round the operands to half precision, multiply in fp32 (bf16 products are exact in fp32,
         # the sum accumulates in fp32 as the native kernels do), round the result: same numerics

@@ -121,17 +121,24 @@ class Transformer(nn.Module):
         positions_BT: torch.Tensor | None = None,
         attention_backend: AttentionBackend = causal_sdpa,
     ) -> torch.Tensor:
-        """input_ids_BT: int [B, T] → float32 logits [B, T, V]. Positions default to 0..T-1."""
-        if input_ids_BT.dim() != 2:
+        """input_ids_BT: int [B, T] → float32 logits [B, T, V]. Positions default to 0..T-1.
+
+        A pipeline stage (moetron/parallel/pipeline.py) is this model with parts removed: without
+        `tok_embeddings` it takes hidden states [B, T, D] instead of ids, without `output` it
+        returns hidden states [B, T, D]."""
+        if self.tok_embeddings is None:
+            h_BTD = input_ids_BT
+        elif input_ids_BT.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids_BT.shape)}")
+        else:
+            h_BTD = self.tok_embeddings(input_ids_BT)
         if positions_BT is None:
-            positions_BT = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device).expand_as(
-                input_ids_BT
-            )
-        h_BTD = self.tok_embeddings(input_ids_BT)
+            positions_BT = torch.arange(h_BTD.shape[1], device=h_BTD.device).expand(h_BTD.shape[:2])
         cos_BTd, sin_BTd = self.rope(positions_BT, h_BTD.dtype)
         for layer in self.layers:
             h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention_backend)
+        if self.output is None:
+            return h_BTD
         return self.output(self.norm(h_BTD)).float()
 
     def init_weights(self) -> None:
@@ -139,11 +146,13 @@ class Transformer(nn.Module):
         1/sqrt(2 * num_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.tok_embeddings is not None:  # parts may be absent on a pipeline stage
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
         for layer in self.layers:
             layer.init_weights(std, out_std)
-        self.norm.init_weights()
-        if not self.cfg.tie_embeddings:
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.output is not None and not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
         self.init_buffers()
 
