@@ -72,8 +72,21 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
+    def reset_parameters(self) -> None:
+        # torch's default init computes nothing on the meta device, yet its first call there
+        # imports torch._dynamo (5+ s of a server's start-up). Models built on meta are initialised
+        # by `init_weights()` or a loaded state dict.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # as Linear.reset_parameters
+            super().reset_parameters()
 
 
 def has_grouped_mm(x: torch.Tensor) -> bool:

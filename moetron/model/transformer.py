@@ -16,7 +16,7 @@ from torch import nn
 
 from moetron.config import ModelConfig
 from moetron.model.moe import FeedForward, MoELayer
-from moetron.model.ops import Linear
+from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding, apply_rope
 
 # (q_BHTd, k_BGTd, v_BGTd) -> out_BHTd. Training uses causal SDPA; the serving engine passes one
@@ -107,7 +107,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
