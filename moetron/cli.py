@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -100,6 +101,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_run_config(args.config, overrides)
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports (and samples)
     print(
         f"[train] done: {result.last_step} steps, validation loss {result.val_loss:.4f} "
         f"(perplexity {math.exp(result.val_loss):.2f}); model in {result.final_dir}"
@@ -162,6 +165,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moetron.serve.server import serve
+
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("MOETRON_API_KEY") or None,
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        log_level=args.log_level,
+        engine_overrides={
+            k: v
+            for k in ("max_model_len", "max_num_seqs", "num_kv_blocks", "dtype", "device")
+            if (v := getattr(args, k)) is not None
+        },
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model directory")
+    srv.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key", default=None, help="require Authorization: Bearer KEY (or set MOETRON_API_KEY)"
+    )
+    srv.add_argument(
+        "--served-model-name", default=None, help="the model id clients use (default: directory name)"
+    )
+    srv.add_argument(
+        "--max-queued-requests", type=int, default=None, help="beyond this many requests in flight, 429"
+    )
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument(
+        "--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)"
+    )
+    srv.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched in one engine step")
+    srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default=None, help="cpu, cuda, ... (default: the engine's)")
+    srv.set_defaults(func=cmd_serve)
 
     from moetron.plan.cli import add_plan_parser
 

@@ -299,18 +299,104 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a `torchrun` job splits the work (moetron/parallel/mesh.py builds the mesh from it).
+
+    World size = pp * dp_replicate * dp_shard * tp. Expert parallelism borrows its ranks from
+    dp_shard (as torchtitan does): ep must divide dp_shard, and each group of ep data-parallel
+    ranks shares its experts instead of replicating them. dp_shard=-1 takes whatever the other
+    degrees leave of the world size. train.batch_size is per data-parallel rank, so the global
+    batch is batch_size * grad_accum_steps * dp_replicate * dp_shard sequences.
+    """
+
+    dp_replicate: int = 1  # HSDP replicas (each a full FSDP group); gradients all-reduced across them
+    dp_shard: int = -1  # FSDP2 degree; -1: world_size / (pp * dp_replicate * tp)
+    tp: int = 1  # tensor parallel: attention heads, FFN and expert inner dimension
+    ep: int = 1  # expert parallel, borrowed from dp_shard: num_experts / ep experts per rank
+    pp: int = 1  # pipeline stages (x pp_stages_per_rank for interleaved schedules)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int | None = None  # per rank and accumulation step; defaults to pp * pp_stages_per_rank
+    pp_stages_per_rank: int = 1  # > 1 only with pp_schedule="interleaved_1f1b"
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "parallel.")
+        for name in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank"):
+            _positive(f"parallel.{name}", getattr(self, name))
+        _check(
+            self.dp_shard == -1 or self.dp_shard > 0,
+            f"parallel.dp_shard={self.dp_shard} must be > 0, or -1 for the rest of the world size",
+        )
+        if self.dp_shard > 0:
+            _check(
+                self.dp_shard % self.ep == 0,
+                f"parallel.ep={self.ep} must divide parallel.dp_shard={self.dp_shard} "
+                "(expert parallelism borrows its ranks from dp_shard)",
+            )
+        _check(
+            self.ep == 1 or self.tp == 1,
+            f"parallel.ep={self.ep} with parallel.tp={self.tp}: combining expert and tensor parallelism "
+            "is not supported; use one of them",
+        )
+        if self.pp_schedule == "interleaved_1f1b":
+            _check(
+                self.pp_stages_per_rank >= 2,
+                f"parallel.pp_stages_per_rank={self.pp_stages_per_rank} must be >= 2 with "
+                "pp_schedule='interleaved_1f1b'",
+            )
+        else:
+            _check(
+                self.pp_stages_per_rank == 1,
+                f"parallel.pp_stages_per_rank={self.pp_stages_per_rank} must be 1 with "
+                f"pp_schedule={self.pp_schedule!r} (only 'interleaved_1f1b' holds several stages per rank)",
+            )
+        if self.pp_microbatches is None:
+            self.pp_microbatches = self.pp * self.pp_stages_per_rank
+        _positive("parallel.pp_microbatches", self.pp_microbatches)
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_stages_per_rank
+
+    def check_model(self, model: ModelConfig, batch_size: int) -> None:
+        """The checks that need the model: every degree must divide what it splits."""
+        for name in ("num_heads", "num_kv_heads"):
+            value = getattr(model, name)
+            _check(
+                value % self.tp == 0,
+                f"model.{name}={value} must be divisible by parallel.tp={self.tp} (each rank takes whole heads)",
+            )
+        _check(
+            model.moe.num_experts % self.ep == 0,
+            f"model.moe.num_experts={model.moe.num_experts} must be divisible by parallel.ep={self.ep}",
+        )
+        _check(
+            model.num_layers % self.num_stages == 0,
+            f"model.num_layers={model.num_layers} must be divisible into parallel.pp * "
+            f"parallel.pp_stages_per_rank = {self.num_stages} pipeline stages",
+        )
+        if self.pp > 1:
+            _check(
+                batch_size % self.pp_microbatches == 0,
+                f"train.batch_size={batch_size} must be divisible by "
+                f"parallel.pp_microbatches={self.pp_microbatches}",
+            )
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved resolved beside every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _check(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}",
         )
+        self.parallel.check_model(self.model, self.train.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

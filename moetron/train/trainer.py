@@ -6,22 +6,36 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch import nn
 
 from moetron.config import Config
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import train_flops_per_token
+from moetron.model.moe import MoELayer
 from moetron.model.ops import measure_matmul_flops
 from moetron.model.transformer import Transformer
+from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
+from moetron.train import checkpoint_io as checkpoints
 from moetron.train import metrics
-from moetron.train.checkpoint import TrainingState, load_latest, save_checkpoint
+from moetron.train.checkpoint import TrainingState
+from moetron.train.distributed import (
+    DistContext,
+    clip_grad_norm_,
+    init_distributed,
+    measure_comm_time,
+    peak_memory_bytes,
+    teardown,
+)
 from moetron.train.optim import build_optimizer, lr_at, set_lr
+
+if TYPE_CHECKING:
+    from moetron.parallel.pipeline import Pipeline
 
 
 @dataclass
@@ -32,145 +46,267 @@ class TrainResult:
     val_loss: float | None
 
 
-def autocast(cfg: Config) -> contextlib.AbstractContextManager:
+def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     if cfg.train.dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block in backward instead of storing its activations. Applied from outside
-    the model; MoE statistics are recorded in the first forward only, not again in the recompute."""
-
-    def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _stats_paused(model)
-
-    for block in model.layers:
-        forward = block.forward
-        block.forward = lambda *args, _forward=forward: checkpoint(
-            _forward, *args, use_reentrant=False, context_fn=recompute_context
-        )
-
-
-@contextlib.contextmanager
-def _stats_paused(model: Transformer) -> Iterator[None]:
-    layers = list(model.moe_layers())
-    for layer in layers:
-        layer.record_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.record_stats = True
-
-
 def lm_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    logits_BTV = model(inputs_BT)
+    return cross_entropy(model(inputs_BT), targets_BT)
+
+
+def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, cfg: Config, batches: ValLoader) -> float:
-    """Mean validation cross-entropy per token over a fixed set of batches."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with autocast(cfg):
-        for inputs, targets in batches:
-            total += float(lm_loss(model, inputs, targets)) * targets.numel()
-            count += targets.numel()
-    model.train(was_training)
+    """Mean validation cross-entropy per token over a fixed set of batches (one process)."""
+    total, count = _evaluate_parts([model], None, cfg, batches, torch.device("cpu"))
     return total / count
+
+
+@torch.no_grad()
+def _evaluate_parts(
+    parts: list[nn.Module], pipe: Pipeline | None, cfg: Config, batches: ValLoader, device: torch.device
+) -> tuple[float, int]:
+    """(summed cross-entropy, token count) of this data-parallel rank's validation batches."""
+    was_training = parts[0].training
+    for part in parts:
+        part.eval()
+    total, count = 0.0, 0
+    with autocast(cfg, device.type):
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            if pipe is None:
+                loss = float(lm_loss(parts[0], inputs, targets))
+            else:
+                # every microbatch must be the same size: drop the last batch's remainder
+                keep = inputs.shape[0] - inputs.shape[0] % pipe.num_microbatches
+                if keep == 0:
+                    continue
+                inputs, targets = inputs[:keep], targets[:keep]
+                loss = pipe.evaluate(inputs, targets, broadcast=True)
+            total += loss * targets.numel()
+            count += targets.numel()
+    for part in parts:
+        part.train(was_training)
+    return total, count
 
 
 def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     """Train per `cfg`; `stop_after` ends the run early at that step (with a checkpoint), as a
-    killed job would, so a later `train.resume=true` run continues it."""
-    tc = cfg.train
+    killed job would, so a later `train.resume=true` run continues it.
+
+    Under `torchrun` (WORLD_SIZE > 1) every rank calls this; cfg.parallel says how they split the
+    work (moetron/parallel). Only rank 0 writes metrics, plots and the exported model."""
+    ctx = init_distributed(cfg.parallel)
+    try:
+        return _train(cfg, ctx, stop_after)
+    finally:
+        teardown(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult:
+    tc, dims = cfg.train, ctx.dims
     out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare(cfg.data, seed=tc.seed)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = prepare(cfg.data, seed=tc.seed)  # rank 0 first: the others then reuse its shards
+    ctx.barrier()
+    if not ctx.is_main:
+        data = prepare(cfg.data, seed=tc.seed)
     if cfg.model.vocab_size != data.vocab_size:
         cfg.model.vocab_size = data.vocab_size  # the tokenizer decides; the resolved config records it
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if ctx.is_main:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
+    # Every layout starts from the weights one process would: each rank initialises the full model
+    # on the CPU with the same seed, then keeps its shards (exact, and cheap for the models trained
+    # on CPUs; a large model would initialise on the meta device and per shard instead).
     torch.manual_seed(tc.seed)
     model = Transformer.from_config(cfg.model)
     model.train()
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    for layer in model.moe_layers():
-        layer.router_loss_scale = 1.0 / tc.grad_accum_steps  # the LM loss is scaled the same way
-    optimizer = build_optimizer(model, tc)
-    loader = PackedLoader(data.train_path, tc.seq_len, tc.batch_size, seed=tc.seed, dtype=data.dtype)
-    val_batches = ValLoader(data.val_path, tc.seq_len, tc.batch_size, tc.eval_batches, dtype=data.dtype)
+    pipe, parts = None, [model]
+    if dims.pp > 1:
+        from moetron.parallel.pipeline import build_pipeline
+
+        par = cfg.parallel
+        pipe = build_pipeline(
+            model.to(ctx.device), ctx.mesh["pp"], par.pp_schedule, par.pp_microbatches, cross_entropy,
+            stages_per_rank=par.pp_stages_per_rank,
+        )  # fmt: skip
+        parts = pipe.model_parts
+    for part in parts:
+        if ctx.distributed:
+            parallelize(part.to(ctx.device), dims, ctx.mesh, tc)
+        elif tc.activation_checkpointing:
+            apply_activation_checkpointing(part)
+        for layer in part.moe_layers():
+            layer.router_loss_scale = 1.0 / tc.grad_accum_steps  # the LM loss is scaled the same way
+    container = nn.ModuleList(parts)
+    optimizer = build_optimizer(container, tc)
+    dp_rank, dp_size = ctx.dp_rank, dims.dp_degree
+    loader = PackedLoader(
+        data.train_path, tc.seq_len, tc.batch_size, tc.seed, dp_rank, dp_size, dtype=data.dtype
+    )
+    val_batches = ValLoader(
+        data.val_path, tc.seq_len, tc.batch_size, tc.eval_batches, dp_rank, dp_size, dtype=data.dtype
+    )
 
     start_step = 0
     checkpoint_dir = out_dir / "checkpoints"
     if tc.resume:
-        state = load_latest(checkpoint_dir, model, optimizer)
+        state = checkpoints.load_latest(checkpoint_dir, cfg, parts, optimizer, ctx)
         if state is not None:
             start_step = state.step
             loader.load_state_dict(state.loader)
-            print(f"[train] resumed from step {start_step}")
-    log = metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after_step=start_step if tc.resume else None)
+            ctx.log(f"[train] resumed from step {start_step}")
+    log = (
+        metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after_step=start_step if tc.resume else None)
+        if ctx.is_main
+        else None
+    )
 
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * dp_size
     flops_per_step = train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
     compute_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
-    peak_flops = measure_matmul_flops(compute_dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
+    peak_flops = measure_matmul_flops(compute_dtype, ctx.device.type) * dims.world_size
+    params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
     val_loss = None
-    progress = _progress(start_step, tc.steps, tc.progress)
+    progress = _progress(start_step, tc.steps, tc.progress and ctx.is_main)
+
+    # Communication time is sampled on one step (profiling slows it): the second of this attempt.
+    profiled_step = min(start_step + 2, last_step) if ctx.distributed else None
 
     for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
         lr = lr_at(step, tc)
         set_lr(optimizer, lr)
-        metrics.reset_expert_load(model)
-        step_loss = 0.0
-        for _ in range(tc.grad_accum_steps):
-            inputs, targets = loader.next_batch()
-            with autocast(cfg):
-                loss = lm_loss(model, inputs, targets)
-            (loss / tc.grad_accum_steps).backward()
-            step_loss += float(loss.detach()) / tc.grad_accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for part in parts:
+            metrics.reset_expert_load(part)
+        with measure_comm_time(step == profiled_step) as comm_time_s:
+            step_loss, grad_norm = _train_step(cfg, ctx, model, pipe, loader, params)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
 
-        aux_loss, z_loss = metrics.router_losses(model)
-        moe = cfg.model.moe
-        record = {
-            "step": step,
-            "loss": step_loss + moe.aux_loss_weight * aux_loss + moe.z_loss_weight * z_loss,
-            "lm_loss": step_loss,
-            "aux_loss": aux_loss,
-            "z_loss": z_loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens_per_step / elapsed,
-            "mfu": flops_per_step / elapsed / peak_flops,
-            "step_time_s": elapsed,
-            "expert_load": metrics.expert_load(model),
-        }
+        record = {"step": step, **_step_losses(cfg, ctx, pipe, parts, step_loss)}
+        record.update(
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens_per_s=tokens_per_step / elapsed,
+            mfu=flops_per_step / elapsed / peak_flops,
+            step_time_s=elapsed,
+            expert_load=_expert_load(cfg, ctx, parts),
+        )
+        if ctx.distributed:
+            record["peak_memory_bytes"] = [int(v) for v in ctx.per_rank(peak_memory_bytes(ctx.device))]
+            if step == profiled_step:
+                record["comm_time_s"] = ctx.per_rank(comm_time_s[0])
+            if step == start_step + 1:
+                record["layout"] = dims.describe()
         if step % tc.eval_every == 0 or step == tc.steps:
-            val_loss = evaluate(model, cfg, val_batches)
+            total, count = _evaluate_parts(parts, pipe, cfg, val_batches, ctx.device)
+            if not ((pipe is None or pipe.is_last) and ctx.reports_metrics):
+                total, count = 0.0, 0  # pipelined losses are counted on the last stage, tp copies once
+            total, count = ctx.sum_over_world([total, count])
+            val_loss = total / count
             record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
-        log.write(record)
+        if log is not None:
+            log.write(record)
         progress.update(step, record)
         if step % tc.checkpoint_every == 0 or step == last_step:
             state = TrainingState(step=step, loader=loader.state_dict(), config=cfg.to_dict(), extra={})
-            save_checkpoint(checkpoint_dir, step, model, optimizer, state, keep=tc.keep_checkpoints)
+            checkpoints.save(checkpoint_dir, step, parts, optimizer, state, tc.keep_checkpoints, ctx)
     progress.close()
 
     if last_step < tc.steps:
         return TrainResult(out_dir, None, last_step, val_loss)
-    final_dir = export(model, data, out_dir / "final")
-    metrics.plot_run(log.read(), out_dir)
+    final_dir = out_dir / "final"
+    full_model = checkpoints.gather_full_model(cfg, parts) if ctx.distributed else model
+    if ctx.is_main:
+        export(full_model, data, final_dir)
+        metrics.plot_run(log.read(), out_dir)
+    ctx.barrier()
     return TrainResult(out_dir, final_dir, last_step, val_loss)
+
+
+def _train_step(
+    cfg: Config,
+    ctx: DistContext,
+    model: Transformer,
+    pipe: Pipeline | None,
+    loader: PackedLoader,
+    params: list[torch.Tensor],
+) -> tuple[float, torch.Tensor]:
+    """Forward and backward over grad_accum_steps micro-batches, then the clipped global grad
+    norm. Returns (this rank's mean LM loss, or 0 on pipeline stages without the loss; grad norm)."""
+    tc = cfg.train
+    step_loss = 0.0
+    for _ in range(tc.grad_accum_steps):
+        inputs, targets = loader.next_batch()
+        inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
+        with autocast(cfg, ctx.device.type):
+            if pipe is not None:
+                loss = pipe.step(inputs, targets, scale=1.0 / tc.grad_accum_steps) or 0.0
+            else:
+                loss_tensor = lm_loss(model, inputs, targets)
+                (loss_tensor / tc.grad_accum_steps).backward()
+                loss = float(loss_tensor.detach())
+        step_loss += loss / tc.grad_accum_steps
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+    if ctx.distributed:
+        return step_loss, clip_grad_norm_(params, max_norm, ctx)
+    return step_loss, torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _step_losses(
+    cfg: Config, ctx: DistContext, pipe: Pipeline | None, parts: list[nn.Module], step_loss: float
+) -> dict[str, float]:
+    """The step's LM loss averaged over data-parallel ranks, and the router losses of the latest
+    microbatch averaged over MoE layers (and ranks)."""
+    aux_sum = z_sum = 0.0
+    num_layers = 0
+    for part in parts:
+        for layer in part.moe_layers():
+            if layer.last_aux_loss is not None:
+                aux_sum += float(layer.last_aux_loss)
+                z_sum += float(layer.last_z_loss)
+                num_layers += 1
+    if ctx.distributed:
+        holds_loss = pipe is None or pipe.is_last
+        lm = step_loss if holds_loss and ctx.reports_metrics else 0.0
+        if not ctx.reports_metrics:
+            aux_sum = z_sum = num_layers = 0
+        lm, aux_sum, z_sum, num_layers = ctx.sum_over_world([lm, aux_sum, z_sum, num_layers])
+        step_loss = lm / ctx.dims.dp_degree
+    aux = aux_sum / num_layers if num_layers else 0.0
+    z = z_sum / num_layers if num_layers else 0.0
+    moe = cfg.model.moe
+    return {
+        "loss": step_loss + moe.aux_loss_weight * aux + moe.z_loss_weight * z,
+        "lm_loss": step_loss,
+        "aux_loss": aux,
+        "z_loss": z,
+    }
+
+
+def _expert_load(cfg: Config, ctx: DistContext, parts: list[nn.Module]) -> list[list[int]]:
+    """Tokens routed to each expert this step, per MoE layer, summed over data-parallel ranks."""
+    if not ctx.distributed:
+        return [row for part in parts for row in metrics.expert_load(part)]
+    num_dense = cfg.model.moe.num_dense_layers
+    load_LE = torch.zeros(cfg.model.num_moe_layers, cfg.model.moe.num_experts, dtype=torch.float64)
+    if ctx.reports_metrics:
+        for part in parts:
+            for name, module in part.named_modules():
+                if isinstance(module, MoELayer):  # name: layers.<layer id>.ffn
+                    load_LE[int(name.split(".")[1]) - num_dense] += module.tokens_per_expert.cpu().double()
+    summed = ctx.sum_over_world(load_LE.flatten().tolist())
+    return torch.tensor(summed).view_as(load_LE).round().long().tolist()
 
 
 def export(model: Transformer, data: PreparedData, final_dir: Path) -> Path:
