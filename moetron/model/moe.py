@@ -6,7 +6,9 @@ N = routed (token, expert) pairs in expert order.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -232,3 +234,18 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
         self.tokens_per_expert.zero_()
+
+
+@contextlib.contextmanager
+def expert_stats_paused(model: nn.Module) -> Iterator[None]:
+    """Forwards inside this context leave `tokens_per_expert` alone: activation-checkpoint
+    recomputes and the pipeline's shape-inference pass on empty tensors are not routed tokens."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    previous = [layer.record_stats for layer in layers]
+    for layer in layers:
+        layer.record_stats = False
+    try:
+        yield
+    finally:
+        for layer, record in zip(layers, previous, strict=True):
+            layer.record_stats = record

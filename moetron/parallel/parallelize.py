@@ -4,13 +4,13 @@ checkpointing, FSDP. Each step transforms a plain model (or pipeline stage) from
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint
 
 from moetron.config import TrainConfig
+from moetron.model.moe import expert_stats_paused
 from moetron.model.transformer import Transformer
 from moetron.parallel.mesh import ParallelDims
 
@@ -54,22 +54,10 @@ def apply_activation_checkpointing(model: Transformer) -> None:
     the model; MoE statistics are recorded in the first forward only, not again in the recompute."""
 
     def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _stats_paused(model)
+        return contextlib.nullcontext(), expert_stats_paused(model)
 
     for block in model.layers:
         forward = block.forward
         block.forward = lambda *args, _forward=forward: checkpoint(
             _forward, *args, use_reentrant=False, context_fn=recompute_context
         )
-
-
-@contextlib.contextmanager
-def _stats_paused(model: Transformer) -> Iterator[None]:
-    layers = list(model.moe_layers())
-    for layer in layers:
-        layer.record_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.record_stats = True

@@ -35,6 +35,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
+from moetron.model.moe import expert_stats_paused
 from moetron.model.transformer import Transformer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits_BTV, targets_BT) -> scalar
@@ -145,6 +146,16 @@ class Pipeline:
         return float(value)
 
 
+class _Stage(PipelineStage):
+    """A PipelineStage whose one-off shape-inference forward (run on empty tensors at the first
+    step) is not counted in the MoE layers' expert statistics. `_forward_metadata_inference` is
+    private torch API (2.13); where it is named otherwise, only step 1's expert counts suffer."""
+
+    def _forward_metadata_inference(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with expert_stats_paused(self.submod):
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+
 def build_pipeline(
     model: Transformer,
     pp_mesh: DeviceMesh,
@@ -195,7 +206,7 @@ def build_pipeline(
         source = model if k == len(stage_ids) - 1 else copy.deepcopy(model)
         part = split_stage(source, stage_id, num_stages)
         parts.append(part)
-        stages.append(PipelineStage(part, stage_id, num_stages, device, group=group))
+        stages.append(_Stage(part, stage_id, num_stages, device, group=group))
 
     loss_scale = [1.0]
 

@@ -100,9 +100,9 @@ def records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(ours: list[dict], reference: list[dict], first_expert_load_step: int = 1) -> None:
+def assert_same_run(ours: list[dict], reference: list[dict]) -> None:
     """Per step: LM loss and global grad norm within REL_TOL relative, the same expert loads (summed
-    over data-parallel ranks) from `first_expert_load_step` on; and the validation loss at the end."""
+    over data-parallel ranks); and the validation loss at the end."""
     by_step = {r["step"]: r for r in ours}
     assert sorted(by_step) == list(range(1, STEPS + 1)), sorted(by_step)
     for ref in reference:
@@ -110,5 +110,4 @@ def assert_same_run(ours: list[dict], reference: list[dict], first_expert_load_s
         for key in ("lm_loss", "grad_norm") + (("val_loss",) if "val_loss" in ref else ()):
             error = abs(got[key] - ref[key]) / abs(ref[key])
             assert error <= REL_TOL, f"step {ref['step']} {key}: {got[key]} vs {ref[key]} (rel {error:.1e})"
-        if ref["step"] >= first_expert_load_step:
-            assert got["expert_load"] == ref["expert_load"], f"step {ref['step']} expert_load"
+        assert got["expert_load"] == ref["expert_load"], f"step {ref['step']} expert_load"
