@@ -125,15 +125,18 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _print_sample(model_dir: Path, prompt: str, **sampling) -> None:
-    from moetron.data import load_tokenizer
-    from moetron.generate import generate
+def _print_sample(model_dir: Path, prompt: str, max_tokens: int, **sampling) -> None:
+    from moetron.infer.llm import LLM
+    from moetron.infer.sampling_params import SamplingParams
 
-    model, tokenizer = from_pretrained(model_dir), load_tokenizer(model_dir)
-    ids = tokenizer.encode(prompt)
+    SamplingParams(max_tokens=max_tokens, **sampling)  # bad values fail before the model loads
+    llm = LLM(model_dir, max_num_seqs=1)
+    if llm.tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer.json")
+    room = llm.engine.max_model_len - len(llm.tokenizer.encode(prompt))
+    params = SamplingParams(max_tokens=max(1, min(max_tokens, room)), **sampling)
     print(prompt, end="", flush=True)
-    out = list(generate(model, ids, stop_ids=(tokenizer.eos_id,), **sampling))
-    print(tokenizer.decode(out), flush=True)
+    print(llm.generate([prompt], params)[0].outputs[0].text, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

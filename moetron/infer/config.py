@@ -1,0 +1,67 @@
+"""Engine configuration: KV-cache geometry, scheduler budgets, numerics. Validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    # KV pool: an explicit block count wins; else bytes; else this fraction of free memory.
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.25
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) in one step
+    max_model_len: int | None = None  # prompt + output; defaults to the model's max_seq_len
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    # Bit-identical results for a request whatever shares its batch (see batch_invariant.py).
+    batch_invariant: bool = True
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None keeps the checkpoint's
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1 (or None)")
+        if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
+            raise ValueError(
+                f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must lie in (0, 0.95]"
+            )
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(_DTYPES)} or None")
+        if (
+            not self.enable_chunked_prefill
+            and self.max_model_len is not None
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
+                f"{self.max_model_len} without chunked prefill (a whole prompt must fit in one step)"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_overrides(cls, **overrides) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; choose from {sorted(names)}")
+        return cls(**overrides)

@@ -1,0 +1,258 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+    batch = scheduler.schedule()              # which tokens of which sequences run now
+    logits = runner.run(batch, rows)          # one packed forward through the paged KV cache
+    finished_prefill = scheduler.update(batch)
+    tokens = sampler(logits, states)          # batch-invariant, per-sequence generators
+    -> append, detokenize, check stops, free finished sequences
+
+The HTTP server drives this same object (moetron/serve); `LLM` (llm.py) is the offline loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetron.infer.block_manager import BlockManager
+from moetron.infer.config import EngineConfig
+from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
+from moetron.infer.outputs import EngineStats, PositionLogprobs, RequestMetrics, RequestOutput
+from moetron.infer.runner import ModelRunner, num_kv_blocks
+from moetron.infer.sampling import Sampler, SamplingState, check_token_ids, make_generator, position_logprobs
+from moetron.infer.sampling_params import SamplingParams
+from moetron.infer.scheduler import Scheduler
+from moetron.infer.sequence import Request, Sequence, SequenceStatus
+from moetron.model.transformer import Transformer
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        cfg = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(model, "name_or_path", None) or "moetron"
+        limit = model.cfg.max_seq_len
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_seq_len={limit}")
+        self.max_model_len = cfg.max_model_len or limit
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_model_len="
+                f"{self.max_model_len} without chunked prefill (a whole prompt must fit in one step)"
+            )
+        self.config = cfg
+        self.vocab_size = model.cfg.vocab_size
+        dtype = next(model.parameters()).dtype
+        blocks = num_kv_blocks(model.cfg, cfg, dtype, self.max_model_len)
+        self.block_manager = BlockManager(blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.block_manager)
+        self.runner = ModelRunner(model, cfg, blocks)
+        self.eos_token_id = getattr(tokenizer, "eos_id", None)
+        self.sampler = Sampler(self.eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
+        """An HF Mixtral (or moetron) directory; `overrides` are EngineConfig fields."""
+        from moetron.convert.hf import from_pretrained
+        from moetron.data.errors import DataError
+        from moetron.data.tokenizer import load_tokenizer
+
+        cfg = EngineConfig.from_overrides(**overrides)
+        model = from_pretrained(model_dir, device=cfg.device, dtype=cfg.torch_dtype)
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except DataError:
+            tokenizer = None  # token-id prompts still work; outputs then carry no text
+        return cls(model, tokenizer, cfg, model_name=Path(model_dir).name)
+
+    # --- requests ---
+
+    def add_request(
+        self,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        ids = list(prompt_token_ids)
+        self._check_prompt(ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        request = Request(request_id, prompt, ids, params, RequestMetrics(arrival_time=time.monotonic()))
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        for index in range(params.n):
+            seq = Sequence(request, index)
+            seq.sampling_state = SamplingState(
+                params, ids, seq.output_token_ids, make_generator(params.seed, index), self.eos_token_id
+            )
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seq.stop_checker = StopChecker(params, self.eos_token_id)
+            request.seqs.append(seq)
+            if index > 0:
+                seq.status = SequenceStatus.PENDING  # joins when sequence 0 has prefilled
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        self.prompt_tokens_total += len(ids)
+        return request_id
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        check_token_ids(params, self.vocab_size)
+        wanted = len(ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens or 1}) = {wanted} tokens "
+                f"exceeds max_model_len={self.max_model_len}"
+            )
+        blocks = self.block_manager.blocks_for(
+            len(ids) + (params.max_tokens or self.max_model_len - len(ids))
+        )
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens needs {blocks} KV blocks; the pool has only "
+                f"{self.block_manager.num_blocks}: raise the KV cache size or lower max_tokens"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (finish_reason "abort"
+        for the sequences still running), or None for an unknown or already finished request."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        request.metrics.finished_time = time.monotonic()
+        return request.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step ---
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns the outputs of the requests that got new tokens or finished
+        (cumulative text and token ids)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.monotonic()
+        rows: list[int] = []  # packed rows whose logits we need
+        sample_rows: list[int] = []  # indices into `rows`, one per sequence that samples
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first index into rows, count)
+        start = 0
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            samples = seq.num_computed_tokens + num_new == seq.num_tokens
+            if seq.index == 0 and seq.request.prompt_logprobs is not None and not seq.output_token_ids:
+                prompt_rows.append((seq, len(rows), num_new))
+                rows.extend(range(start, start + num_new))
+                if samples:
+                    sample_rows.append(len(rows) - 1)
+            elif samples:
+                sample_rows.append(len(rows))
+                rows.append(start + num_new - 1)
+            start += num_new
+        logits_RV = self.runner.run(batch, rows)
+        for seq, first_row, num_new in prompt_rows:
+            self._add_prompt_logprobs(seq, logits_RV[first_row : first_row + num_new])
+        done = self.scheduler.update(batch)
+        progressed: dict[str, Request] = {}
+        if done:
+            sampled = self.sampler(logits_RV[sample_rows], [s.sampling_state for s in done])
+            for seq, token_id, logprobs in zip(done, sampled.token_ids, sampled.logprobs, strict=True):
+                self._append_token(seq, token_id, logprobs)
+                progressed[seq.request.request_id] = seq.request
+        outputs = []
+        for request in progressed.values():
+            outputs.append(request.output())
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _add_prompt_logprobs(self, seq: Sequence, logits_nV: torch.Tensor) -> None:
+        """Row i of this chunk (position p) scores prompt token p + 1."""
+        first = seq.num_computed_tokens
+        if first == 0:  # a recompute after preemption starts the list over
+            seq.request.prompt_logprobs = [None]
+        logprobs_nV = torch.log_softmax(logits_nV, dim=-1)
+        num_top = seq.request.params.prompt_logprobs
+        for i in range(logits_nV.shape[0]):
+            if first + i + 1 < seq.num_prompt_tokens:
+                token = seq.token_ids[first + i + 1]
+                seq.request.prompt_logprobs.append(position_logprobs(logprobs_nV[i], token, num_top))
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs: PositionLogprobs | None) -> None:
+        request, now = seq.request, time.monotonic()
+        first = not seq.output_token_ids
+        seq.append_token(token_id)
+        self.generation_tokens_total += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+            request.metrics.num_cached_prompt_tokens = seq.num_cached_tokens
+        request.metrics.last_token_time = now
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token_id].logprob
+        if seq.detokenizer is not None:
+            seq.detokenizer.add(token_id)
+            seq.text = seq.detokenizer.text
+        finish_reason, stop_reason, text = seq.stop_checker.check(seq.output_token_ids, seq.text)
+        if finish_reason is None and seq.num_tokens >= self.max_model_len:
+            finish_reason = "length"
+        if finish_reason is not None:
+            if seq.detokenizer is not None and not isinstance(stop_reason, str):
+                seq.detokenizer.flush()  # bytes held back for a character that will never complete
+                text = seq.detokenizer.text
+            seq.text, seq.finish_reason, seq.stop_reason = text, finish_reason, stop_reason
+            self.scheduler.finish(seq)
+        if first and seq.index == 0:  # the prompt is in the cache: siblings can share its blocks
+            for sibling in reversed(request.seqs[1:]):
+                self.scheduler.add(sibling, front=True)
+
+    # --- introspection ---
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_preempted_total=self.scheduler.num_preempted_total,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_cached_free=bm.num_cached_free_blocks,
+            prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            tokens_per_expert=[layer.tokens_per_expert.tolist() for layer in self.model.moe_layers()],
+        )
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.runner.k_caches + self.runner.v_caches)

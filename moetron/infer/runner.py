@@ -1,0 +1,127 @@
+"""The model runner: owns the KV cache tensors and runs one packed forward per engine step.
+
+All tokens of a step (prefill chunks and decodes of every sequence) go through the model as one
+[1, T] row, so each MoE layer routes and runs its experts once per step: batching is what makes
+sparse experts cheap to serve.
+
+Legend: T packed tokens of the step, R rows whose logits are wanted, D width, V vocabulary,
+N KV blocks, S block size, G kv heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetron.config import ModelConfig
+from moetron.infer import batch_invariant
+from moetron.infer.config import EngineConfig
+from moetron.infer.paged_attention import PagedAttention, SeqSlice
+from moetron.infer.scheduler import ScheduledBatch
+from moetron.model.accounting import kv_bytes_per_token
+from moetron.model.transformer import Transformer
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory where the cache will live: the GPU's, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil  # optional; /proc/meminfo says the same on Linux
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell the free host memory; set num_kv_blocks or kv_cache_memory_bytes")
+
+
+def num_kv_blocks(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype, max_model_len: int) -> int:
+    """Blocks in the pool: given, or a memory budget divided by one block's bytes (the KV-bytes formula
+    lives in model/accounting.py), capped at what max_num_seqs full-length sequences could use."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    block_bytes = kv_bytes_per_token(model_cfg, dtype.itemsize) * cfg.block_size
+    budget = cfg.kv_cache_memory_bytes
+    if budget is None:
+        budget = int(available_memory_bytes(torch.device(cfg.device)) * cfg.kv_cache_memory_fraction)
+    blocks_per_seq = -(-max_model_len // cfg.block_size)
+    num_blocks = min(budget // block_bytes, cfg.max_num_seqs * blocks_per_seq)
+    if num_blocks < blocks_per_seq:
+        raise ValueError(
+            f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks} blocks of {cfg.block_size} "
+            f"tokens; one {max_model_len}-token sequence needs {blocks_per_seq}: raise "
+            "kv_cache_memory_fraction / kv_cache_memory_bytes or lower max_model_len"
+        )
+    return num_blocks
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cfg: EngineConfig, num_blocks: int) -> None:
+        self.model = model
+        self.block_size = cfg.block_size
+        self.invariant = cfg.batch_invariant
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        mc = model.cfg
+        shape = (num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
+        # Zeros, not empty: padded attention reads (masked) slots never written, and 0 * NaN is NaN.
+        self.k_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+        ]
+        self.v_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, logit_rows: list[int]) -> torch.Tensor:
+        """Compute the step's tokens into the cache; returns float32 logits [R, V] of the packed rows
+        `logit_rows` (the last row of each sequence that samples, or all rows for prompt logprobs)."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        size = self.block_size
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            first = seq.num_computed_tokens
+            seqs.append(
+                SeqSlice(
+                    start=len(token_ids),
+                    num_new=num_new,
+                    context_len=first + num_new,
+                    block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
+                )
+            )
+            token_ids.extend(seq.token_ids[first : first + num_new])
+            positions.extend(range(first, first + num_new))
+            slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
+        ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
+        attention = PagedAttention(
+            self.k_caches,
+            self.v_caches,
+            torch.tensor(slots, dtype=torch.long, device=self.device),
+            seqs,
+            self.invariant,
+        )
+        rows_R = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        with batch_invariant.enabled(self.invariant):
+            return self._forward(ids_BT, positions_BT, attention, rows_R)
+
+    def _forward(
+        self,
+        ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor,
+        attention: PagedAttention,
+        rows_R: torch.Tensor,
+    ) -> torch.Tensor:
+        # Transformer.forward's body, with the output head applied only to the rows that need
+        # logits: a prefill chunk of 1,000 tokens would otherwise cost 1,000 x V logits.
+        model = self.model
+        h_BTD = model.tok_embeddings(ids_BT)
+        cos_BTd, sin_BTd = model.rope(positions_BT, h_BTD.dtype)
+        for layer in model.layers:
+            h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention)
+        h_RD = h_BTD[0].index_select(0, rows_R)
+        return model.output(model.norm(h_RD)).float()

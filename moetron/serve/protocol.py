@@ -1,0 +1,297 @@
+"""OpenAI request schemas, their validation, and the translation to engine inputs.
+
+Requests are parsed from the raw body in strict mode (no "1" for 1, no true for 1.0, no NaN) with
+unknown fields rejected, as OpenAI does. Every failure becomes an `APIError` in OpenAI's error shape;
+range checks are the engine's own (`SamplingParams.__post_init__`), so they are written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moetron.data.tokenizer import Tokenizer
+from moetron.infer.sampling_params import SamplingParams, SamplingParamsError
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 or uint64; the engine mixes the seed's 64 bits
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat allows top_logprobs up to 20
+
+
+class APIError(Exception):
+    """An error to send as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions, accepted by the openai client through extra_body.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None  # accepted only when equal to n (no server-side reranking)
+    suffix: str | None = None  # accepted only when empty (no fill-in-the-middle)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+Req = TypeVar("Req", bound=BaseModel)
+
+
+def parse(cls: type[Req], body: bytes) -> Req:
+    """Validate a raw JSON body; malformed JSON, wrong types and unknown fields become 400s."""
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON: {first['msg']}") from None
+        if first["type"] == "model_type":  # a JSON value that is not an object
+            raise APIError(400, "the request body must be a JSON object") from None
+        if first["type"] == "extra_forbidden":
+            raise APIError(400, f"unrecognized request argument: {'.'.join(loc)}", param=loc[0]) from None
+        where = ".".join(loc) or "body"
+        raise APIError(400, f"{where}: {first['msg']}", param=loc[0] if loc else None) from None
+
+
+@dataclass
+class EngineInput:
+    """One engine request: a prompt's ids (and text when it came as text) with its sampling."""
+
+    prompt_token_ids: list[int]
+    prompt: str | None
+    params: SamplingParams
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(
+            404,
+            f"the model `{requested}` does not exist; this server serves `{served}`",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=param
+        )
+
+
+def _check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    """The max_tokens to use: the request's, or what the context leaves."""
+    if num_prompt_tokens == 0:
+        raise APIError(400, f"{param}: the prompt is empty", param=param)
+    if num_prompt_tokens >= max_model_len:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{num_prompt_tokens} tokens (at least one must be left to generate)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if max_tokens >= 1 and num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens} "
+            f"prompt tokens + max_tokens={max_tokens} exceed it",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _sampling_params(
+    req: _SamplingRequest,
+    vocab_size: int,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    logit_bias: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias") from None
+        logit_bias[token] = bias
+    check_token_ids(list(logit_bias), vocab_size, "logit_bias")
+    check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise APIError(400, f"seed={req.seed} must lie in [-2**63, 2**64 - 1]", param="seed")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else min(req.top_k, vocab_size),  # more than V: all of them
+            min_p=0.0 if req.min_p is None else req.min_p,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=logit_bias,
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except SamplingParamsError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def completion_inputs(
+    req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int, max_model_len: int
+) -> list[EngineInput]:
+    """One engine input per prompt (a string, a list of ids, or a batch of either)."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(
+            400, f"best_of={req.best_of} is not supported unless it equals n={req.n}", param="best_of"
+        )
+    if req.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise APIError(
+            400, f"logprobs={req.logprobs} must lie in [0, {MAX_COMPLETION_LOGPROBS}]", param="logprobs"
+        )
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]  # one prompt
+    if not prompt:
+        raise APIError(400, "prompt: the prompt is empty", param="prompt")
+    inputs = []
+    for one in prompt:
+        ids = tokenizer.encode(one) if isinstance(one, str) else list(one)
+        check_token_ids(ids, vocab_size, "prompt")
+        max_tokens = _check_length(
+            len(ids), 16 if req.max_tokens is None else req.max_tokens, max_model_len, "prompt"
+        )
+        params = _sampling_params(
+            req,
+            vocab_size,
+            max_tokens=max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
+        )
+        inputs.append(EngineInput(ids, one if isinstance(one, str) else None, params))
+    return inputs
+
+
+def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
+    """The prompt text from the tokenizer's chat template (OpenAI's `developer` role is `system`)."""
+    if not messages:
+        raise APIError(400, "messages: at least one message is required", param="messages")
+    plain = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    try:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError and friends: the template refused these messages
+        raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
+
+
+def chat_input(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, vocab_size: int, max_model_len: int
+) -> EngineInput:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    text = render_chat(req.messages, tokenizer, req.add_generation_prompt)
+    ids = tokenizer.encode(text)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = _check_length(len(ids), requested, max_model_len, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return EngineInput(ids, text, _sampling_params(req, vocab_size, max_tokens=max_tokens, logprobs=logprobs))

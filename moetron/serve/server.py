@@ -1,0 +1,120 @@
+"""`moetron serve`: load the engine, run uvicorn, and drain on SIGTERM.
+
+SIGTERM does not stop the listener at once (uvicorn's default): the server keeps answering, giving
+new generation requests 503 and /health 503 (so a load balancer moves away), lets the requests in
+flight finish, then exits with status 0. A second SIGTERM, or SIGINT, stops it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from moetron.serve.api import ServerState, build_app
+from moetron.serve.async_engine import AsyncEngine
+
+log = logging.getLogger("moetron.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.state, self.drain_timeout_s = state, drain_timeout_s
+        self.drain_deadline = float("inf")
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.state.draining:
+            self.state.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout_s
+            log.warning(
+                "SIGTERM: draining %d requests in flight, refusing new ones", self.state.metrics.in_flight
+            )
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:  # uvicorn calls this every 0.1 s
+        if self.state.draining and (
+            self.state.metrics.in_flight == 0 or time.monotonic() > self.drain_deadline
+        ):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def make_state(
+    engine: Any,
+    model_name: str,
+    api_key: str | None = None,
+    max_queued_requests: int | None = None,
+) -> ServerState:
+    return ServerState(
+        engine=AsyncEngine(engine),
+        tokenizer=engine.tokenizer,
+        model_name=model_name,
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        api_key=api_key,
+        max_queued_requests=max_queued_requests,
+    )
+
+
+def make_app(state: ServerState):
+    @asynccontextmanager
+    async def lifespan(app):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = build_app(state)
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_queued_requests: int | None = None,
+    drain_timeout_s: float = 600.0,
+    log_level: str = "info",
+    engine_overrides: dict[str, Any] | None = None,
+) -> int:
+    from moetron.infer.engine import LLMEngine
+
+    if max_queued_requests is not None and max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests={max_queued_requests} must be >= 1")
+    model_dir = Path(model_dir)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    engine = LLMEngine.from_pretrained(model_dir, **(engine_overrides or {}))
+    name = served_model_name or model_dir.resolve().name
+    if engine.tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer (tokenizer.json): the server needs one")
+    state = make_state(engine, name, api_key, max_queued_requests)
+    log.info(
+        "loaded %s as %r in %.1f s (context %d tokens)",
+        model_dir,
+        name,
+        time.perf_counter() - start,
+        engine.max_model_len,
+    )
+    config = uvicorn.Config(
+        make_app(state),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, state, drain_timeout_s).run()
+    return 0

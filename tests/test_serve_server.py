@@ -1,0 +1,575 @@
+"""`moetron serve` as a real process on loopback, driven by the official `openai` client.
+
+One session server (tiny random MoE + a BPE tokenizer trained here, `--api-key` and
+`--max-queued-requests` set) serves every test; the last one fills its queue (429), then sends it
+SIGTERM and watches it drain and exit (one process start is most of this file's time). Logprobs are checked against `transformers`'
+MixtralForCausalLM on the same weights (an independent implementation) to 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moetron.config import get_preset
+from moetron.data.shakespeare import documents
+from moetron.data.tokenizer import train_bpe
+from moetron.model.transformer import Transformer
+from moetron.serve.metrics import parse_metrics
+
+API_KEY = "test-key"
+MODEL = "tiny-moe"
+STARTUP_TIMEOUT_S = 90  # a cold process imports torch; on 2 shared cores that alone can take 10 s
+MAX_QUEUED = 8  # the session server's --max-queued-requests
+LOGPROB_ATOL = 1e-4  # float32, two implementations summing in different orders
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The `tiny` preset with random weights and a byte-level BPE trained on ~20 KB of Shakespeare."""
+    directory = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = train_bpe([documents()[0][:20_000]], vocab_size=400)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    Transformer.from_config(cfg).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `python -m moetron serve` process; its log is printed when a test using it fails."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "moetron", "serve", str(model_dir), "--port", str(self.port), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert self.proc.poll() is None, f"server exited at startup:\n{self.log()}"
+            assert time.monotonic() < deadline, (
+                f"server did not come up in {STARTUP_TIMEOUT_S} s:\n{self.log()}"
+            )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=30).text)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("log") / "server.log"
+    args = ("--api-key", API_KEY, "--served-model-name", MODEL, "--max-queued-requests", str(MAX_QUEUED))
+    srv = Server(model_dir, log_path, *args)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _post(server: Server, path: str, body: bytes | dict, key: str | None = API_KEY) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
+
+
+def _assert_openai_error(r: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param != "any":
+        assert error["param"] == param, error
+    return error
+
+
+# -- protocol -----------------------------------------------------------------------------------
+
+
+def test_models(client) -> None:
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.object == "model"
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_completion(client, server) -> None:
+    r = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    (choice,) = r.choices
+    assert choice.finish_reason == "length" and choice.index == 0
+    prompt_tokens = _post(server, "/tokenize", {"prompt": "ROMEO:"}).json()["count"]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt_tokens,
+        7,
+        prompt_tokens + 7,
+    )
+    # The text is the decoding of the generated tokens: re-encoding "ROMEO:" + text round-trips.
+    echoed = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=7, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
+    assert echoed.choices[0].text == "ROMEO:" + choice.text
+
+
+def test_chat(client, server) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 5
+    tokenized = _post(server, "/tokenize", {"messages": messages}).json()
+    assert r.usage.prompt_tokens == tokenized["count"]
+    rendered = _post(server, "/detokenize", {"tokens": tokenized["tokens"]}).json()["prompt"]
+    assert rendered.endswith("<|user|>\nWho art thou?<|end|>\n<|assistant|>\n")  # the template's format
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_streaming_with_usage_equals_non_streaming(client, api) -> None:
+    common = {"model": MODEL, "max_tokens": 12, "temperature": 0, "n": 2}
+    if api == "chat":
+        create = client.chat.completions.create
+        kwargs = {"messages": [{"role": "user", "content": "Speak."}], "logprobs": True, "top_logprobs": 2}
+    else:
+        create, kwargs = client.completions.create, {"prompt": "JULIET:", "logprobs": 2}
+    full = create(**common, **kwargs)
+    chunks = list(create(**common, **kwargs, stream=True, stream_options={"include_usage": True}))
+    texts, reasons, logprobs = {0: "", 1: ""}, {}, {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        (c,) = chunk.choices
+        texts[c.index] += (c.delta.content or "") if api == "chat" else c.text
+        if c.logprobs is not None:  # each token's logprobs arrive once, in order
+            logprobs[c.index] += (
+                [(t.token, t.logprob) for t in c.logprobs.content]
+                if api == "chat"
+                else list(
+                    zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset, strict=True)
+                )
+            )
+        if c.finish_reason:
+            reasons[c.index] = c.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    for c in full.choices:
+        assert texts[c.index] == (c.message.content if api == "chat" else c.text)
+        assert reasons[c.index] == c.finish_reason
+        expected = (
+            [(t.token, t.logprob) for t in c.logprobs.content]
+            if api == "chat"
+            else list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset, strict=True))
+        )
+        assert logprobs[c.index] == expected and len(expected) == full.usage.completion_tokens // 2
+
+
+def test_n_and_seed_reproducibility(client) -> None:
+    def sample(seed: int, n: int = 3) -> list[str]:
+        r = client.completions.create(
+            model=MODEL,
+            prompt="To be",
+            max_tokens=10,
+            temperature=1.0,
+            seed=seed,
+            n=n,
+            extra_body={"ignore_eos": True},
+        )
+        assert sorted(c.index for c in r.choices) == list(range(n))
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = sample(1234)
+    assert sample(1234) == first  # same seed, same samples
+    assert len(set(first)) == 3  # the n samples of one request differ (random model: ~uniform logits)
+    assert sample(4321) != first
+
+
+def test_stop_strings_logit_bias_and_prompt_batches(client) -> None:
+    greedy = {"model": MODEL, "temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(prompt="KING:", **greedy).choices[0].text
+    stop = full[8:11]  # stop at a string the greedy text contains
+    cut = full[: full.index(stop)]
+    stopped = client.completions.create(prompt="KING:", stop=[stop], **greedy).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (cut, "stop")
+    streamed = client.completions.create(prompt="KING:", stop=[stop], stream=True, **greedy)
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    # logit_bias reaches the sampler: +100 on one token makes greedy decoding repeat it.
+    token = 300
+    biased = client.completions.create(
+        model=MODEL,
+        prompt="KING:",
+        max_tokens=5,
+        temperature=0,
+        logit_bias={str(token): 100},
+        logprobs=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    assert biased.choices[0].logprobs.tokens == [f"token_id:{token}"] * 5
+    # A batch of prompts: n choices per prompt, indexed prompt-major, each its solo result.
+    batch = client.completions.create(prompt=["KING:", "QUEEN:"], n=2, **greedy)
+    texts = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+    queen = client.completions.create(prompt="QUEEN:", **greedy).choices[0].text
+    assert texts == [full, full, queen, queen]
+
+
+def test_logprobs_match_transformers(client, model_dir) -> None:
+    from transformers import MixtralForCausalLM
+
+    prompt = [5, 17, 99, 3]
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        echo=True,  # prompt tokens and their logprobs first (the first has none)
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hark"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy: the chosen is the top-1
+    # Independent check: the same weights in transformers score every token the same.
+    hf = MixtralForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokens = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert tokens[:4] == prompt
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].log_softmax(-1)  # row p scores token p + 1
+    for pos in range(1, len(tokens)):
+        row, token = ref[pos - 1], tokens[pos]
+        if pos >= len(prompt):
+            assert token == row.argmax().item()  # greedy
+        assert abs(lp.token_logprobs[pos] - row[token].item()) <= LOGPROB_ATOL
+        top = {int(t.removeprefix("token_id:")): v for t, v in lp.top_logprobs[pos].items()}
+        expected = dict(zip(*(x.tolist() for x in row.topk(3)[::-1]), strict=True))
+        assert top.keys() == expected.keys()
+        assert all(abs(top[t] - expected[t]) <= LOGPROB_ATOL for t in top)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ', None),  # malformed JSON
+        ("/v1/completions", b'"just a string"', None),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "temperature": 1e9}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_k": -5}, "top_k"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 99}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"10": 500}}, "logit_bias"),
+        ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            "max_tokens",
+        ),
+        ("/tokenize", {"prompt": "x", "messages": []}, "prompt"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ],
+)
+def test_400_names_the_param(server, path, body, param) -> None:
+    _assert_openai_error(_post(server, path, body), 400, param)
+
+
+def test_400_prompt_over_the_context(client, server) -> None:
+    long_prompt = list(range(10, 10 + 300))  # the tiny preset's context is 256
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=1)
+    message = info.value.body["message"]
+    assert "256" in message and "300" in message
+    error = _assert_openai_error(
+        _post(server, "/v1/completions", {"prompt": list(range(10, 250)), "max_tokens": 100}), 400
+    )
+    assert error["param"] == "max_tokens" and "256" in error["message"]
+
+
+def test_401_and_404(server) -> None:
+    for key in (None, "wrong-key"):
+        error = _assert_openai_error(_post(server, "/v1/completions", {"prompt": "x"}, key=key), 401, None)
+        assert error["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    error = _assert_openai_error(
+        _post(server, "/v1/chat/completions", {"model": "gpt-4o", "messages": []}), 404, "model"
+    )
+    assert error["code"] == "model_not_found"
+    _assert_openai_error(httpx.get(f"{server.url}/v1/nowhere", timeout=10), 404)
+
+
+# -- concurrency, disconnects -------------------------------------------------------------------
+
+PROMPTS = [
+    "ROMEO:",
+    "What light through yonder window",
+    "O",
+    "Friends, Romans, countrymen, lend me",
+    "A",
+    "Now is the winter",
+]
+
+
+def test_concurrent_greedy_equals_solo(client) -> None:
+    def run(i: int) -> str:
+        r = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[i],
+            max_tokens=8 + 3 * i,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        return r.choices[0].text
+
+    solo = [run(i) for i in range(len(PROMPTS))]
+    results: dict[int, str] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, run(i))) for i in range(len(PROMPTS))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i] for i in range(len(PROMPTS))] == solo
+
+
+def _wait_for(server: Server, predicate, timeout_s: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = server.metrics()
+        if predicate(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_and_frees_kv_blocks(server, stream: bool) -> None:
+    idle = lambda m: m["moetron_kv_blocks_used"] == 0 and m["moetron_num_requests_running"] == 0  # noqa: E731
+    before = _wait_for(server, idle)
+    aborted = 'moetron_requests_finished_total{finish_reason="abort"}'
+    max_tokens = 240  # the context is 256: a few seconds of decoding, far longer than the client stays
+    body = {"prompt": "To be", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if stream:
+        with httpx.stream(
+            "POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
+            assert len(got) >= 2
+            busy = server.metrics()
+            assert busy["moetron_kv_blocks_used"] > 0 and busy["moetron_requests_in_flight"] == 1
+    else:  # the client gives up waiting for the whole body
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.url}/v1/completions",
+                json=body,
+                headers=headers,
+                timeout=httpx.Timeout(10, read=0.15),
+            )
+    # The client is gone: the engine must drop the request and give back every block.
+    after = _wait_for(server, lambda m: idle(m) and m.get(aborted, 0) > before.get(aborted, 0))
+    assert after["moetron_kv_blocks_used"] == 0
+    assert after["moetron_kv_blocks_free"] == after["moetron_kv_blocks_total"]
+    assert after[aborted] == before.get(aborted, 0) + 1
+    generated = after["moetron_generation_tokens_total"] - before["moetron_generation_tokens_total"]
+    assert generated < max_tokens, "the aborted request ran to completion"
+
+
+# -- fuzz ---------------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_plausible = {
+    "model": st.sampled_from([MODEL, "other"]),
+    "prompt": st.text(max_size=40)
+    | st.lists(st.integers(-3, 600), max_size=12)
+    | st.lists(st.text(max_size=8), max_size=3),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]),
+                "content": st.text(max_size=30),
+            }
+        ),
+        max_size=3,
+    ),
+    "max_tokens": st.integers(-2, 6),
+    "max_completion_tokens": st.integers(-2, 6),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-3, 600),
+    "min_p": st.floats(-0.5, 1.5),
+    "n": st.integers(-1, 3),
+    "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=3),
+    "seed": st.integers(-(2**65), 2**65),
+    "presence_penalty": st.floats(-3, 3),
+    "frequency_penalty": st.floats(-3, 3),
+    "repetition_penalty": st.floats(-1, 3),
+    "logit_bias": st.dictionaries(
+        st.text(max_size=4) | st.integers(-5, 700).map(str), st.floats(-200, 200), max_size=3
+    ),
+    "logprobs": st.integers(-1, 8) | st.booleans(),
+    "top_logprobs": st.integers(-1, 25),
+    "echo": st.booleans(),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "user": st.text(max_size=8),
+    "tokens": st.lists(st.integers(-3, 10**6), max_size=5),
+}
+_bodies = st.dictionaries(
+    st.sampled_from(sorted(_plausible)) | st.text(max_size=6),
+    st.just(None),
+    max_size=8,
+).flatmap(
+    lambda keys: st.fixed_dictionaries(
+        {k: (_plausible.get(k, _json) | _json) if k in _plausible else _json for k in keys}
+    )
+)
+FUZZ_BUDGET_S = 15.0
+
+
+def _bounded(body: dict) -> dict:
+    """Keep valid requests cheap: at most 6 tokens and 3 samples (the context limit has its own test)."""
+    for key, cap in (("max_tokens", 6), ("max_completion_tokens", 6), ("n", 3)):
+        if type(body.get(key)) is int and body[key] > cap:
+            body[key] = cap
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = 4
+    return body
+
+
+def test_fuzz_no_5xx(server) -> None:
+    start = time.monotonic()
+    seen = {"count": 0}
+
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(
+        path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+        body=_bodies | st.binary(max_size=40),
+    )
+    def fuzz(path: str, body: dict | bytes) -> None:
+        if time.monotonic() - start > FUZZ_BUDGET_S:  # bounded in time, whatever hypothesis would do
+            return
+        seen["count"] += 1
+        r = _post(server, path, body if isinstance(body, bytes) else _bounded(body))
+        assert r.status_code < 500, (path, body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        elif isinstance(body, dict) and body.get("stream") is True:
+            assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text
+
+    fuzz()
+    assert seen["count"] >= 25
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    idle = _wait_for(server, lambda m: m["moetron_kv_blocks_used"] == 0)
+    assert idle["moetron_kv_blocks_used"] == 0
+
+
+# -- 429, then SIGTERM drain: ends the session server, so it runs last ----------------------------
+
+
+def test_queue_full_429_then_sigterm_drains(server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    streams = [
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[i % len(PROMPTS)],
+            max_tokens=160,  # long enough to still run after the 429 check and the SIGTERM
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for i in range(MAX_QUEUED)
+    ]
+    chunks = [[next(s)] for s in streams]  # all admitted and generating: the server is full
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert info.value.status_code == 429 and info.value.body["code"] == "queue_full"
+
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as info:  # 503: new work is refused while draining
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert info.value.status_code == 503 and info.value.body["code"] == "shutting_down"
+    for got, stream in zip(chunks, streams, strict=True):  # the requests in flight run to their end
+        got += list(stream)
+        assert got[-1].choices[0].finish_reason == "length"
+        assert sum(1 for c in got if c.choices and c.choices[0].text) >= 1
+    assert server.proc.wait(30) == 0, server.log()
