@@ -6,6 +6,8 @@
 (1) Probes: for matmul shapes of the serving path, how many rows come out with other bits when
     computed alone vs inside a larger batch, with plain kernels and with moetron's invariant ones
     (moetron/infer/batch_invariant.py); same for attention of a query in a prefill chunk vs whole.
+    Also the candidate kernels tried in place of padded rows (moetron/infer/batch_invariant.py's
+    docstring has the conclusions): invariance and time of one row / 16 rows per kernel.
 (2) Cost: engine decode tokens/s with batch_invariant on and off, at batch 1 and 16 (greedy,
     prompt 32, EOS ignored; decode steps only, the prefill step is not timed). Runs alternate
     on/off so load drift on a shared machine hits both; the best of --repeats is reported.
@@ -67,6 +69,49 @@ def probe_attention(attend) -> tuple[int, int]:
     return bad, total
 
 
+def transposed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Candidate: W @ x.T, the rows as a narrow second operand (padded to 4 columns)."""
+    rows = x.shape[0]
+    return torch.mm(w, F.pad(x, (0, 0, 0, -rows % 4)).T)[:, :rows].T
+
+
+def rowwise_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Candidate: one [1, K] x [K, N] product per row in a single bmm (the weight expanded, not copied)."""
+    return torch.bmm(x[:, None, :], w.T.expand(x.shape[0], *w.T.shape))[:, 0]
+
+
+def time_us(fn, repeats: int = 50) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def candidate_kernels(dim: int) -> None:
+    """Each candidate's invariance (probe_linear) and time at 1 and 16 rows of the model's widest
+    serving matmuls: an expert's w1 [2*dim, dim] and the output head [8192, dim]."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(dim, dim), (dim, 2 * dim), (40, 211), (17, 10)]
+    weights = [torch.randn(2 * dim, dim, generator=gen), torch.randn(8192, dim, generator=gen)]
+    for name, linear in (
+        ("F.linear", F.linear),
+        ("invariant_linear", invariant_linear),
+        ("transposed_linear", transposed_linear),
+        ("rowwise_linear", rowwise_linear),
+    ):
+        bad, total = probe_linear(linear, shapes)
+        times = []
+        for w in weights:
+            for rows in (1, 16):
+                x = torch.randn(rows, dim, generator=gen)
+                times.append(f"{time_us(lambda x=x, w=w, f=linear: f(x, w)):6.0f}")
+        print(
+            f"{name:>18}: {bad:3d}/{total} rows differ; us at (rows, N) = (1, 2D) (16, 2D) (1, V) (16, V):",
+            *times,
+        )
+
+
 def sdpa_chunk(q, k, v, first_pos):
     c = first_pos + q.shape[1]
     mask = torch.arange(c)[None, :] <= torch.arange(first_pos, c)[:, None]
@@ -100,6 +145,8 @@ def main() -> None:
     for name, attend in (("SDPA + mask", sdpa_chunk), ("invariant_attention", invariant_attention)):
         bad, total = probe_attention(attend)
         print(f"probe {name:>18}: {bad}/{total} prefill chunks differ from the whole prefill")
+    print("\ncandidate kernels for the token-dimension matmuls:")
+    candidate_kernels(dim)
 
     torch.manual_seed(0)
     cfg = ModelConfig(

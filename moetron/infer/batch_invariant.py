@@ -8,8 +8,16 @@ re-runs the probes):
     not) gave identical rows for every M from 1 to 700, at 1, 2, 4 and 8 threads, for every (K, N)
     tried (K, N in 5..256, 211). So every token-dimension matmul of the serving path pads: the same
     kernels then run for a row alone or in a batch. Cost (benchmarks/batch_invariance.py, dim 512,
-    4 layers, 1 thread, shared machine): decode -48% tokens/s at batch 1 (a lone row pays for a
-    4-row gemm instead of a gemv), -23% at batch 16. batch_invariant=False turns it all off.
+    4 layers, 1 thread, shared machine): decode about -45% tokens/s at batch 1, -8..-20% at batch
+    16. batch_invariant=False turns it all off. The profile puts it all in aten::mm (76% of a batch-1
+    step; 6.6 -> 12.9 ms per step): MKL's 4-row sgemm costs 2-4x a gemv on the same weight (likely
+    packing the weight each call), while padding copies, float64 silu and tiled attention are < 5%.
+    Cheaper formulations tried (the benchmark re-measures them): W @ x.T with the rows as columns,
+    MKL's prepacked _mkl_linear, and F.linear under MKL_CBWR=AVX2,STRICT all give M-dependent bits;
+    a per-row bmm (weight expanded, not copied) is invariant and near gemv speed for one row (batch
+    1: -15%) but 2.5-4x a gemm at 16 rows (batch 16: -35%); using it for the experts only (few rows
+    each per decode step) gave -37% / -18% but would slow prefill's expert products ~3x. None
+    reaches 10% at both batch sizes on this CPU, so the padded gemm stays.
     Narrow outputs (N < 16) with a small K also made a row's bits depend on its *place* among the
     rows; padding N to MIN_COLUMNS fixed every case found.
   * `F.silu`'s vectorised loop leaves a scalar tail (glibc expf instead of Sleef's), so an element's
