@@ -108,6 +108,18 @@ class BlockManager:
             seq.block_hashes.append(h)
             parent = h
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Free seq's blocks past the first num_tokens tokens (speculative rollback: those hold only
+        rejected draft tokens, never registered, so they go to the front of the free list)."""
+        keep = self.blocks_for(num_tokens)
+        assert keep >= len(seq.block_hashes), "cannot truncate registered blocks"
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                self.free_blocks.move_to_end(block, last=False)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop seq's references. Its last blocks go to the free list first, so they are evicted
         before its first ones (later prompts share beginnings more often than ends); blocks holding

@@ -26,6 +26,13 @@ class EngineConfig:
     batch_invariant: bool = True
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None keeps the checkpoint's
     device: str = "cpu"
+    # Speculative decoding (spec_decode.py): None | "ngram" (prompt lookup) | "draft" (a small model
+    # with the target's vocabulary, from draft_model_dir). Exact: greedy output stays bit-identical.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+    draft_model_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -50,6 +57,19 @@ class EngineConfig:
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
                 f"{self.max_model_len} without chunked prefill (a whole prompt must fit in one step)"
             )
+
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(
+                f"speculative_method={self.speculative_method!r} must be None, 'ngram' or 'draft'"
+            )
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(
+                f"n-gram sizes need 1 <= ngram_min={self.ngram_min} <= ngram_max={self.ngram_max}"
+            )
+        if self.draft_model_dir is not None and self.speculative_method != "draft":
+            raise ValueError("draft_model_dir is only used with speculative_method='draft'")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -6,6 +6,9 @@
     tokens = sampler(logits, states)          # batch-invariant, per-sequence generators
     -> append, detokenize, check stops, free finished sequences
 
+With speculative decoding on (EngineConfig.speculative_method), decode sequences first get draft
+tokens, run 1 + k rows in the same forward, and keep the verified ones (spec_decode.py).
+
 The HTTP server drives this same object (moetron/serve); `LLM` (llm.py) is the offline loop.
 """
 
@@ -28,6 +31,7 @@ from moetron.infer.sampling import Sampler, SamplingState, check_token_ids, make
 from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
+from moetron.infer.spec_decode import SpecDecoder
 from moetron.model.transformer import Transformer
 
 
@@ -38,6 +42,7 @@ class LLMEngine:
         tokenizer: Any = None,
         config: EngineConfig | None = None,
         model_name: str | None = None,
+        draft_model: Transformer | None = None,
     ) -> None:
         cfg = config or EngineConfig()
         self.model = model.eval()
@@ -65,6 +70,15 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative_method is not None:
+            if cfg.speculative_method == "draft" and draft_model is None:
+                if cfg.draft_model_dir is None:
+                    raise ValueError("speculative_method='draft' needs draft_model_dir")
+                from moetron.convert.hf import from_pretrained
+
+                draft_model = from_pretrained(cfg.draft_model_dir, device=cfg.device, dtype=dtype)
+            self.spec = SpecDecoder(cfg, model, self.sampler, draft_model)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
@@ -158,6 +172,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns the outputs of the requests that got new tokens or finished
         (cumulative text and token ids)."""
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -165,12 +181,16 @@ class LLMEngine:
         rows: list[int] = []  # packed rows whose logits we need
         sample_rows: list[int] = []  # indices into `rows`, one per sequence that samples
         prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first index into rows, count)
+        spec_rows: list[tuple[Sequence, int]] = []  # (seq with draft tokens, first index into rows)
         start = 0
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
             samples = seq.num_computed_tokens + num_new == seq.num_tokens
-            if seq.index == 0 and seq.request.prompt_logprobs is not None and not seq.output_token_ids:
+            if seq.spec_token_ids:  # 1 + k rows: the last real token and each draft token
+                spec_rows.append((seq, len(rows)))
+                rows.extend(range(start, start + num_new))
+            elif seq.index == 0 and seq.request.prompt_logprobs is not None and not seq.output_token_ids:
                 prompt_rows.append((seq, len(rows), num_new))
                 rows.extend(range(start, start + num_new))
                 if samples:
@@ -184,11 +204,21 @@ class LLMEngine:
             self._add_prompt_logprobs(seq, logits_RV[first_row : first_row + num_new])
         done = self.scheduler.update(batch)
         progressed: dict[str, Request] = {}
+        done = [s for s in done if not s.spec_token_ids]
         if done:
             sampled = self.sampler(logits_RV[sample_rows], [s.sampling_state for s in done])
             for seq, token_id, logprobs in zip(done, sampled.token_ids, sampled.logprobs, strict=True):
                 self._append_token(seq, token_id, logprobs)
                 progressed[seq.request.request_id] = seq.request
+        for seq, first_row in spec_rows:
+            num_rows = 1 + len(seq.spec_token_ids)
+            tokens, logprobs = self.spec.verify(seq, logits_RV[first_row : first_row + num_rows])
+            for token_id, token_logprobs in zip(tokens, logprobs, strict=True):
+                self._append_token(seq, token_id, token_logprobs)  # stops mid-run drop the rest
+                if seq.is_finished:
+                    break
+            self.spec.rollback(seq, self.block_manager)
+            progressed[seq.request.request_id] = seq.request
         outputs = []
         for request in progressed.values():
             outputs.append(request.output())
@@ -252,6 +282,8 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             tokens_per_expert=[layer.tokens_per_expert.tolist() for layer in self.model.moe_layers()],
+            spec_proposed_tokens_total=self.spec.num_proposed_total if self.spec else 0,
+            spec_accepted_tokens_total=self.spec.num_accepted_total if self.spec else 0,
         )
 
     def kv_cache_bytes(self) -> int:

@@ -71,3 +71,10 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [moe layer][expert], cumulative
+    spec_proposed_tokens_total: int = 0  # speculative decoding: draft tokens checked by the target
+    spec_accepted_tokens_total: int = 0  # ... and kept (bonus/recovered tokens not counted)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        total = self.spec_proposed_tokens_total
+        return self.spec_accepted_tokens_total / total if total else 0.0

@@ -93,7 +93,7 @@ class ModelRunner:
                     block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
                 )
             )
-            token_ids.extend(seq.token_ids[first : first + num_new])
+            token_ids.extend(seq.scheduled_token_ids(first, num_new))  # + draft tokens
             positions.extend(range(first, first + num_new))
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)

@@ -61,6 +61,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.spec_token_ids:  # a decode with draft tokens: all 1 + k rows, or fall back to k = 0
+                num_spec = 1 + len(seq.spec_token_ids)
+                if num_spec <= budget and self.block_manager.allocate(seq, num_spec):
+                    batch.add(seq, num_spec)
+                    budget -= num_spec
+                    i += 1
+                    continue
+                seq.spec_token_ids, seq.spec_probs = [], None
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()  # newest first
@@ -109,7 +117,8 @@ class Scheduler:
         Returns the sequences that reached their end (the ones with a token to sample)."""
         finished_prefill = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += num_new
+            # draft tokens are not computed yet: the engine advances past the accepted ones
+            seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
             self.block_manager.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 finished_prefill.append(seq)

@@ -53,6 +53,10 @@ class Sequence:
         self.sampling_state: Any = None
         self.detokenizer: Any = None
         self.stop_checker: Any = None
+        # Speculative decoding: draft tokens to check this step (never part of token_ids) and the
+        # draft's distributions they were drawn from (None: a point-mass proposer).
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,9 +74,15 @@ class Sequence:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
 
+    def scheduled_token_ids(self, first: int, num_new: int) -> list[int]:
+        """Tokens [first, first + num_new) of token_ids followed by this step's draft tokens."""
+        ids = self.token_ids[first : first + num_new]
+        return ids + self.spec_token_ids[: num_new - len(ids)] if len(ids) < num_new else ids
+
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: forget the KV cache (the caller frees the blocks)."""
         self.num_computed_tokens = 0
+        self.spec_token_ids, self.spec_probs = [], None
         self.block_table = []
         self.block_hashes = []
 
