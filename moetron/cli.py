@@ -181,7 +181,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         engine_overrides={
             k: v
-            for k in ("max_model_len", "max_num_seqs", "num_kv_blocks", "dtype", "device")
+            for k in (
+                "max_model_len",
+                "max_num_seqs",
+                "num_kv_blocks",
+                "dtype",
+                "device",
+                "speculative_method",
+                "num_speculative_tokens",
+                "draft_model_dir",
+            )
             if (v := getattr(args, k)) is not None
         },
     )
@@ -248,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks")
     srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (default: the engine's)")
+    srv.add_argument(
+        "--speculative-method", default=None, choices=["ngram", "draft"], help="speculative decoding"
+    )
+    srv.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step")
+    srv.add_argument("--draft-model-dir", default=None, help="draft model for --speculative-method=draft")
     srv.set_defaults(func=cmd_serve)
 
     from moetron.plan.cli import add_plan_parser
