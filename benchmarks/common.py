@@ -157,6 +157,16 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> f
     return 2 * n**3 / best / 1e9
 
 
+def read_bandwidth_gbs(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Best GB/s at which a sum streams a tensor far larger than the caches: the rate batch-1
+    decode can read weights at (it reads each once per token, writes almost nothing). Best
+    rather than median: like the matmul peak, an upper bound."""
+    x = torch.ones(num_bytes // 4)
+    x.sum()  # warmup: page faults
+    best = min(_sample(x.sum)[0] for _ in range(repeats))
+    return num_bytes / best / 1e9
+
+
 def measure_peaks(dtypes: Sequence[str], peaks: dict[str, float] | None = None) -> dict[str, float]:
     """Peak GFLOP/s per dtype name. Pass the dict from the start of a run again at its end: it is
     updated in place to the better of the two, so one busy moment cannot fake a low peak."""
