@@ -48,6 +48,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish(tmp: Path, final: Path) -> None:
+    """Make a fully written, fsynced checkpoint directory visible under its final name: after a
+    crash either the old state or the whole new checkpoint exists, never half of one."""
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -91,11 +101,7 @@ def save_checkpoint(
         for name in FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
+        publish(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(

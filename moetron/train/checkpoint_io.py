@@ -92,7 +92,7 @@ def _load_full(
     import shutil
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from moetron.train import dcp_checkpoint
 
@@ -103,17 +103,7 @@ def _load_full(
         model_sd, optim_sd = get_state_dict(full_model, full_optimizer, options=options)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=converted, no_dist=True)
     ctx.barrier()
-    view = dcp_checkpoint._state_dict_view(parts)
-    model_sd, optim_sd = get_state_dict(view, optimizer, options=options)
-    state_dict = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state_dict, checkpoint_id=converted)
-    set_state_dict(
-        view,
-        optimizer,
-        model_state_dict=state_dict["model"],
-        optim_state_dict=state_dict["optim"],
-        options=options,
-    )
+    dcp_checkpoint.load_into(dcp_checkpoint.state_dict_view(parts), optimizer, converted)
     ctx.barrier()
     if ctx.is_main:
         shutil.rmtree(converted, ignore_errors=True)

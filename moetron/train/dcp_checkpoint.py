@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from moetron.train.checkpoint import CheckpointSaveError, TrainingState, _fsync_dir
+from moetron.train.checkpoint import CheckpointSaveError, TrainingState, publish
 
 PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
@@ -83,7 +83,7 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _state_dict_view(model_parts: list[nn.Module]) -> nn.Module:
+def state_dict_view(model_parts: list[nn.Module]) -> nn.Module:
     """One module whose parameter names are the single-process model's, over all parts of this
     rank (pipeline stages hold disjoint `layers.<i>` and the embedding/head of their end).
     get_state_dict maps optimizer entries to names through it, so it must see every part."""
@@ -127,7 +127,7 @@ def save_dcp(
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(_state_dict_view(model_parts), optimizer, options=_OPTIONS)
+    model_sd, optim_sd = get_state_dict(state_dict_view(model_parts), optimizer, options=_OPTIONS)
     error: str | None = None
     try:
         # FileSystemWriter fsyncs each file it writes (sync_files=True by default).
@@ -172,11 +172,7 @@ def _finish(directory: Path, tmp: Path, final: Path, step: int, state: TrainingS
         f.write(json.dumps(body, indent=1))
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    publish(tmp, final)
 
 
 def list_dcp_checkpoints(directory: Path) -> list[Path]:
@@ -205,12 +201,28 @@ def _read_side_file(path: Path) -> dict[str, Any]:
     return body
 
 
+def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Collective. Load the DCP checkpoint at `path` into `model` (a whole model or a
+    `state_dict_view` of a rank's parts) and `optimizer`, resharding to their current layout."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    state_dict = {"model": model_sd, "optim": optim_sd}
+    with _quiet_single_process():
+        dcp.load(state_dict, checkpoint_id=path)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state_dict["model"],
+        optim_state_dict=state_dict["optim"],
+        options=_OPTIONS,
+    )
+
+
 def load_latest_dcp(
     directory: Path, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer
 ) -> TrainingState | None:
     """Collective. Restore model parts, optimizer and RNG from the newest checkpoint that loads;
     damaged newer ones are reported and skipped. None if there is none."""
-    view = _state_dict_view(model_parts)
+    view = state_dict_view(model_parts)
     for path in reversed(list_dcp_checkpoints(Path(directory))):
         body: dict[str, Any] | None = None
         reason = "unreadable on another rank"
@@ -220,17 +232,7 @@ def load_latest_dcp(
             reason = f"{type(e).__name__}: {e}"
         if _all_ranks_ok(body is not None):
             try:
-                model_sd, optim_sd = get_state_dict(view, optimizer, options=_OPTIONS)
-                state_dict = {"model": model_sd, "optim": optim_sd}
-                with _quiet_single_process():
-                    dcp.load(state_dict, checkpoint_id=path)
-                set_state_dict(
-                    view,
-                    optimizer,
-                    model_state_dict=state_dict["model"],
-                    optim_state_dict=state_dict["optim"],
-                    options=_OPTIONS,
-                )
+                load_into(view, optimizer, path)
             except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
                 body, reason = None, f"{type(e).__name__}: {e}"
             if _all_ranks_ok(body is not None):
