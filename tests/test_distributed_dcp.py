@@ -6,9 +6,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,17 +27,9 @@ shared = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shared)
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: float = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, str(ROOT / "tests" / "dist" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"torchrun {script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+_spec = importlib.util.spec_from_file_location("harness", ROOT / "tests" / "dist" / "harness.py")
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -162,7 +151,7 @@ def test_nothing_to_load_returns_none(tmp_path: Path) -> None:
 @pytest.mark.distributed
 def test_checkpoints_reshard_between_one_process_fsdp_pp_and_ep(reference: dict) -> None:
     work = reference["work"]
-    torchrun("dcp_reshard.py", 2, "--work", str(work))
+    harness.torchrun(2, [str(ROOT / "tests" / "dist" / "dcp_reshard.py"), "--work", str(work)], timeout=300)
     result = json.loads((work / "result.json").read_text())
     ref_losses = reference["losses"]
 

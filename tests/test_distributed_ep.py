@@ -5,10 +5,8 @@ with mesh.py's dp_shard_mod_ep × ep layout."""
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,27 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_spec = importlib.util.spec_from_file_location("harness", ROOT / "tests" / "dist" / "harness.py")
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+
+
 def run_ep_script(nproc: int, checkpoint_dir: Path, *cases: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(ROOT / "tests" / "dist" / "ep_layer.py"),
-            str(checkpoint_dir),
-            *cases,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"ep_layer.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert "EP CHECKS PASSED" in proc.stdout
-    return proc.stdout
+    script = str(ROOT / "tests" / "dist" / "ep_layer.py")
+    output = harness.torchrun(nproc, [script, str(checkpoint_dir), *cases], timeout=300)
+    assert "EP CHECKS PASSED" in output
+    return output
 
 
 def passed_cases(stdout: str, nproc: int) -> list[set[str]]:

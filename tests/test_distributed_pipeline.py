@@ -4,10 +4,8 @@ single-process gradient accumulation over the same microbatches."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,9 @@ from moetron.parallel.pipeline import split_stage, stage_layer_ids
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: float = 240) -> None:
-    """Launch tests/dist/<script> on `nproc` gloo processes; fail with its output if any rank fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, str(ROOT / "tests" / "dist" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"torchrun {script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+_spec = importlib.util.spec_from_file_location("harness", ROOT / "tests" / "dist" / "harness.py")
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
 
 
 def tiny(num_layers: int = 4) -> Transformer:
@@ -68,7 +57,7 @@ def test_stages_chained_equal_the_whole_model_and_keep_its_names() -> None:
 @pytest.mark.distributed
 def test_pipeline_schedules_match_single_process_accumulation(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    torchrun("pipeline_step.py", 2, "--out", str(out))
+    harness.torchrun(2, [str(ROOT / "tests" / "dist" / "pipeline_step.py"), "--out", str(out)])
     results = json.loads(out.read_text())
     assert set(results) == {"gpipe", "1f1b", "interleaved_1f1b"}
     for schedule, r in results.items():
