@@ -1,32 +1,27 @@
 """Batch-invariant kernels: a token's numbers must not depend on which other tokens share its step.
 
-Measured on this repo's CPU build (MKL sgemm/bmm, AVX2, 1-8 threads; benchmarks/batch_invariance.py
-re-runs the probes):
-  * A matmul's row results depend on the row count M: M = 1 runs gemv, small M other kernels, and
-    some shapes (e.g. an attention value product with head_dim 10) give odd and even M different
-    bits. Padding the rows with zeros to a multiple of ROW_GRANULE (= 4; 8 and 16 work too, 2 does
-    not) gave identical rows for every M from 1 to 700, at 1, 2, 4 and 8 threads, for every (K, N)
-    tried (K, N in 5..256, 211). So every token-dimension matmul of the serving path pads: the same
-    kernels then run for a row alone or in a batch. Cost (benchmarks/batch_invariance.py, dim 512,
-    4 layers, 1 thread, shared machine): decode about -45% tokens/s at batch 1, -8..-20% at batch
-    16. batch_invariant=False turns it all off. The profile puts it all in aten::mm (76% of a batch-1
-    step; 6.6 -> 12.9 ms per step): MKL's 4-row sgemm costs 2-4x a gemv on the same weight (likely
-    packing the weight each call), while padding copies, float64 silu and tiled attention are < 5%.
-    Cheaper formulations tried (the benchmark re-measures them): W @ x.T with the rows as columns,
-    MKL's prepacked _mkl_linear, and F.linear under MKL_CBWR=AVX2,STRICT all give M-dependent bits;
-    a per-row bmm (weight expanded, not copied) is invariant and near gemv speed for one row (batch
-    1: -15%) but 2.5-4x a gemm at 16 rows (batch 16: -35%); using it for the experts only (few rows
-    each per decode step) gave -37% / -18% but would slow prefill's expert products ~3x. None
-    reaches 10% at both batch sizes on this CPU, so the padded gemm stays.
-    Narrow outputs (N < 16) with a small K also made a row's bits depend on its *place* among the
-    rows; padding N to MIN_COLUMNS fixed every case found.
+  * Matmuls (fp32 on an AVX2 CPU): moetron's own kernel (moetron/kernels/linear_avx2.cpp) computes
+    every output element as one fixed-order dot product, so a row's bits do not depend on the row
+    count, its place or the thread split, by construction. It is also faster than MKL where decode
+    lives (1-32 rows: 1.3-5x, measured in benchmarks/batch_invariance.py) and on par at hundreds of
+    rows, so invariance costs nothing there; the engine uses it for small products even with
+    batch_invariant=False.
+  * Fallback (no AVX2, no compiler, other dtypes): MKL/oneDNN with padded shapes. A matmul's row
+    results depend on the row count M there: M = 1 runs gemv, small M other kernels, and some
+    shapes (e.g. an attention value product with head_dim 10) give odd and even M different bits.
+    Padding the rows with zeros to a multiple of ROW_GRANULE (= 4; 8 and 16 work too, 2 does not)
+    gave identical rows for every M from 1 to 700, at 1, 2, 4 and 8 threads, for every (K, N)
+    tried (K, N in 5..256, 211). Narrow outputs (N < 16) with a small K also made a row's bits
+    depend on its *place* among the rows; padding N to MIN_COLUMNS fixed every case found. This
+    path costs about -45% decode tokens/s at batch 1 and -8..-20% at batch 16 (MKL's 4-row sgemm
+    costs 2-4x a gemv on the same weight).
   * `F.silu`'s vectorised loop leaves a scalar tail (glibc expf instead of Sleef's), so an element's
     value depended on its position in the tensor; computing it in float64 and rounding makes both
     paths agree (they differ by < 1 float64 ulp, far below float32's rounding step).
   * Attention: paged_attention.py pads its query rows the same way and sums its value product
     over fixed-size key tiles (one product over all keys summed in an order set by the key count).
 Row-wise ops (RMSNorm, softmax, top-k, log_softmax, RoPE's cos/sin) measured invariant as they are.
-Training never sees any of this: the hooks in model/ops.py are installed only inside `enabled()`.
+Training never sees any of this: the hooks in model/ops.py are installed only inside `serving_kernels()`.
 
 Legend: M rows, K input width, N output width.
 """
@@ -39,6 +34,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from moetron.kernels import cpu_kernels
 from moetron.model import ops
 
 ROW_GRANULE = 4
@@ -54,8 +50,15 @@ def pad_rows(x_MK: torch.Tensor) -> torch.Tensor:
     return x_MK if padded == num_rows else F.pad(x_MK, (0, 0, 0, padded - num_rows))
 
 
+# Up to this many rows our kernel beats MKL's sgemm (benchmarks/batch_invariance.py); above it
+# the non-invariant mode hands products to MKL, which is a little faster on large prefills.
+SMALL_ROWS = 64
+
+
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T with per-row results independent of the number of rows and of a row's place."""
+    if cpu_kernels.supports(x, weight):
+        return cpu_kernels.linear_f32(x, weight)
     num_rows, num_out = x.numel() // x.shape[-1], weight.shape[0]
     if num_out < MIN_COLUMNS:  # e.g. a router over 4 experts (the weight is tiny: padding is free)
         weight = F.pad(weight, (0, 0, 0, MIN_COLUMNS - num_out))
@@ -63,18 +66,26 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out_MN[:num_rows, :num_out].reshape(*x.shape[:-1], num_out)
 
 
+def fast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T by whichever kernel is faster for its row count (not batch-invariant)."""
+    if x.numel() // x.shape[-1] <= SMALL_ROWS and cpu_kernels.supports(x, weight):
+        return cpu_kernels.linear_f32(x, weight)
+    return ops.plain_linear(x, weight)
+
+
 def invariant_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x.double()).to(x.dtype)
 
 
 @contextlib.contextmanager
-def enabled(on: bool = True) -> Iterator[None]:
-    """Install the invariant kernels in model/ops.py for the duration (no-op when `on` is False)."""
-    if not on:
-        yield
-        return
+def serving_kernels(invariant: bool = True) -> Iterator[None]:
+    """Install the serving kernels in model/ops.py for the duration: the batch-invariant ones, or
+    with `invariant=False` the fastest ones per shape."""
     saved = ops.serving_linear, ops.serving_silu
-    ops.serving_linear, ops.serving_silu = invariant_linear, invariant_silu
+    if invariant:
+        ops.serving_linear, ops.serving_silu = invariant_linear, invariant_silu
+    else:
+        ops.serving_linear = fast_linear
     try:
         yield
     finally:

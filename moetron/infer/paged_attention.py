@@ -5,7 +5,12 @@ sequences). For each layer it writes the new keys/values into their cache slots,
 sequence's queries attend over that sequence's cached keys, causally offset by what was cached
 before this step.
 
-Batch-invariant mode computes every query row the same way whatever the chunking: query rows padded
+With moetron's CPU kernels (fp32 on an AVX2 CPU), rows attend through `paged_attention_f32`
+(moetron/kernels/attention_avx2.cpp), which reads keys straight from the cache blocks and computes
+each query row on its own: batch-invariant by construction. Batch-invariant mode sends every row
+there; the other mode only decodes and later prefill chunks, and whole prompts go to SDPA.
+
+Without those kernels, batch-invariant mode computes every query row the same way whatever the chunking: query rows padded
 to a multiple of ROW_GRANULE (MKL's choice of kernel depends on the row count), keys padded with
 masked zeros to a multiple of KEY_TILE, and the value product done per KEY_TILE-key slice and summed
 over slices (a single product's summation order depended on the key count), so a row's result does
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from moetron.infer.batch_invariant import MIN_COLUMNS, pad_rows
+from moetron.kernels import cpu_kernels
 
 KEY_TILE = 256  # keys per value-product tile (invariant mode): MKL's sum depends on the key count
 QUERY_TILE = 128  # queries per score matrix at most
@@ -61,12 +67,48 @@ class PagedAttention:
         self.invariant = invariant
         # The model's backend signature carries no layer index; layers call in order, so count.
         self.layer = 0
+        cache = k_caches[0]
+        if cache.device.type == "cpu" and cache.dtype == torch.float32 and cpu_kernels.available():
+            whole_prompt = [s.num_new > 1 and s.context_len == s.num_new for s in seqs]
+            kernel_seqs = [s for s, whole in zip(seqs, whole_prompt, strict=True) if invariant or not whole]
+            seqs = [s for s, whole in zip(seqs, whole_prompt, strict=True) if whole and not invariant]
+            self.seqs_left = bool(seqs)
+            self._prepare_kernel(kernel_seqs, cache.shape[1])
+        else:
+            self.kernel_rows_T = None
         # Single-query sequences (decodes) attend together in one batched call; the rest one by one.
         decodes = [s for s in seqs if s.num_new == 1]
         self.decodes = decodes if len(decodes) > 1 else []
         self.seqs = [s for s in seqs if s.num_new > 1] if self.decodes else seqs
         if self.decodes:
             self._prepare_decodes(k_caches[0].shape[1], slot_mapping_T.device)
+
+    def _prepare_kernel(self, seqs: list[SeqSlice], block_size: int) -> None:
+        """Once per step: the kernel's tables (each row's sequence and position, block tables) and
+        its packed rows (kernel_rows_T; None when it has none)."""
+        self.kernel_rows_T: torch.Tensor | None = None
+        if not seqs:
+            return
+        width = max(s.block_table.numel() for s in seqs)
+        tables_QB = torch.zeros(len(seqs), width, dtype=torch.long)
+        rows: list[int] = []
+        seq_of_row: list[int] = []
+        pos_of_row: list[int] = []
+        for i, s in enumerate(seqs):
+            if s.context_len > s.block_table.numel() * block_size:
+                raise ValueError(
+                    f"a sequence of {s.context_len} tokens holds only {s.block_table.numel()} blocks"
+                )
+            tables_QB[i, : s.block_table.numel()] = s.block_table
+            first = s.context_len - s.num_new
+            rows.extend(range(s.start, s.start + s.num_new))
+            seq_of_row.extend([i] * s.num_new)
+            pos_of_row.extend(range(first, s.context_len))
+        self.kernel_tables_QB = tables_QB
+        self.kernel_seq_of_row_T = torch.tensor(seq_of_row, dtype=torch.long)
+        self.kernel_pos_of_row_T = torch.tensor(pos_of_row, dtype=torch.long)
+        self.kernel_rows_T = torch.tensor(rows, dtype=torch.long)
+        self.kernel_takes_all = not self.seqs_left and rows == list(range(len(rows)))
 
     def _prepare_decodes(self, block_size: int, device: torch.device) -> None:
         """Once per step: the decodes' block tables padded to one width, and which keys are theirs."""
@@ -92,7 +134,20 @@ class PagedAttention:
                 0, self.slot_mapping_T, new_BGTd[0].transpose(0, 1).to(cache.dtype)
             )
         q_HTd = q_BHTd[0]
+        if self.kernel_rows_T is not None and self.kernel_takes_all:
+            # Every row of the step through the kernel (the usual case): no gather, no scatter.
+            out_THd = cpu_kernels.paged_attention_f32(
+                q_HTd.transpose(0, 1), k_cache_NSGd, v_cache_NSGd, self.kernel_tables_QB,
+                self.kernel_seq_of_row_T, self.kernel_pos_of_row_T,
+            )  # fmt: skip
+            return out_THd.transpose(0, 1)[None]
         out_HTd = torch.empty_like(q_HTd)
+        if self.kernel_rows_T is not None:
+            q_THd = q_HTd.transpose(0, 1).index_select(0, self.kernel_rows_T)
+            out_HTd[:, self.kernel_rows_T] = cpu_kernels.paged_attention_f32(
+                q_THd, k_cache_NSGd, v_cache_NSGd, self.kernel_tables_QB,
+                self.kernel_seq_of_row_T, self.kernel_pos_of_row_T,
+            ).transpose(0, 1)  # fmt: skip
         for seq in self.seqs:
             end = seq.start + seq.num_new
             first_pos = seq.context_len - seq.num_new

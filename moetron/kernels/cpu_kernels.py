@@ -1,0 +1,195 @@
+"""moetron's own CPU kernels (the *.cpp beside this file), compiled on first use, loaded with ctypes.
+
+  * linear_avx2.cpp: fp32 x @ w.T, batch-invariant, fast at the few rows of a decode step;
+  * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache.
+
+Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
+the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
+its source and flags. It links the OpenMP runtime by its soname, which resolves to the libgomp
+torch has already loaded, so kernel and torch share one thread pool.
+
+Everything here is optional: without AVX2+FMA, without a compiler, or with MOETRON_CPU_KERNELS=0,
+`available()` is False and callers keep their torch path (a warning says why a build failed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+KERNEL_DIR = Path(__file__).parent
+SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp")
+HEADERS = ("simd_avx2.h",)
+# -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
+# scalar tail could round differently from the vector body.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
+ABI_VERSION = 3
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOETRON_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "moetron") / "kernels"
+
+
+def _cpu_supports_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(compiler: str) -> Path:
+    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    for name in (*SOURCES, *HEADERS):
+        digest.update((KERNEL_DIR / name).read_bytes())
+    target = _cache_dir() / f"moetron_kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent first uses (test workers, torchrun ranks)
+    # never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, *(str(KERNEL_DIR / name) for name in SOURCES), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or not _cpu_supports_avx2():
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        warnings.warn("no C++ compiler found: moetron's CPU kernels are off (torch's are used)", stacklevel=3)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"moetron's CPU kernels are off (torch's are used): {err}", stacklevel=3)
+        return None
+    if lib.moetron_kernels_abi() != ABI_VERSION:
+        warnings.warn("stale moetron CPU kernel library; torch's kernels are used", stacklevel=3)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.moetron_linear_f32.restype = None
+    lib.moetron_linear_f32.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.moetron_paged_attention_f32.restype = None
+    lib.moetron_paged_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.moetron_paged_attention_f32.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_f32` takes these operands (fp32 on the CPU, no autograd)."""
+    return (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and available()
+    )
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (fp32, CPU). Each output element is one fixed-order dot product, so a row's
+    result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    num_in = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != num_in:
+        raise ValueError(f"linear_f32: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    x_MK = x.reshape(-1, num_in)
+    if x_MK.stride(-1) != 1:
+        x_MK = x_MK.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    num_rows, num_out = x_MK.shape[0], weight.shape[0]
+    out_MN = torch.empty(num_rows, num_out, dtype=torch.float32)
+    if num_rows and num_out:
+        lib.moetron_linear_f32(
+            x_MK.data_ptr(),
+            x_MK.stride(0),
+            weight.data_ptr(),
+            weight.stride(0),
+            out_MN.data_ptr(),
+            num_out,
+            num_rows,
+            num_in,
+            num_out,
+            torch.get_num_threads(),
+        )
+    return out_MN.reshape(*x.shape[:-1], num_out)
+
+
+def paged_attention_f32(
+    q_THd: torch.Tensor,
+    k_cache_NSGd: torch.Tensor,
+    v_cache_NSGd: torch.Tensor,
+    block_tables_QB: torch.Tensor,
+    seq_of_row_T: torch.Tensor,
+    pos_of_row_T: torch.Tensor,
+) -> torch.Tensor:
+    """Causal attention of T packed query rows over the paged cache → [T, H, d] (fp32, CPU).
+
+    Row t belongs to sequence seq_of_row_T[t] (a row of block_tables_QB, int64) and attends that
+    sequence's cached keys 0..pos_of_row_T[t]. Those keys must already be in the cache. Each row's
+    result depends only on its query and those keys (see attention_avx2.cpp)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    num_rows, num_heads, head_dim = q_THd.shape
+    num_kv_heads, block_size = k_cache_NSGd.shape[2], k_cache_NSGd.shape[1]
+    if q_THd.stride(-1) != 1:
+        q_THd = q_THd.contiguous()
+    for name, t in (("k_cache", k_cache_NSGd), ("v_cache", v_cache_NSGd), ("block_tables", block_tables_QB)):
+        if not t.is_contiguous():
+            raise ValueError(f"paged_attention_f32: {name} must be contiguous")
+    tables = (block_tables_QB, seq_of_row_T, pos_of_row_T)
+    if any(t.dtype != torch.int64 for t in tables) or any(
+        t.dtype != torch.float32 for t in (k_cache_NSGd, v_cache_NSGd)
+    ):
+        raise ValueError("paged_attention_f32 takes float32 queries and caches and int64 tables")
+    seq_of_row_T, pos_of_row_T = seq_of_row_T.contiguous(), pos_of_row_T.contiguous()
+    out_THd = torch.empty(num_rows, num_heads, head_dim, dtype=torch.float32)
+    if num_rows:
+        lib.moetron_paged_attention_f32(
+            q_THd.data_ptr(),
+            q_THd.stride(0),
+            q_THd.stride(1),
+            k_cache_NSGd.data_ptr(),
+            v_cache_NSGd.data_ptr(),
+            block_tables_QB.data_ptr(),
+            block_tables_QB.shape[1],
+            seq_of_row_T.data_ptr(),
+            pos_of_row_T.data_ptr(),
+            out_THd.data_ptr(),
+            num_rows,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            1.0 / math.sqrt(head_dim),
+            torch.get_num_threads(),
+        )
+    return out_THd

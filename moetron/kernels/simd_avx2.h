@@ -1,0 +1,73 @@
+// Shared AVX2 helpers for moetron's CPU kernels. Each helper is a fixed sequence of operations, so
+// a value computed by it is the same bits wherever and with whatever neighbours it is computed:
+// the basis of the kernels' batch invariance.
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+
+namespace moetron {
+
+// Sum of the 8 lanes in one fixed tree.
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    __m128 s = _mm_add_ps(lo, hi);           // lanes (0+4, 1+5, 2+6, 3+7)
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));  // (0+4 + 2+6, 1+5 + 3+7)
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));   // their sum
+    return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Dot product of length n: 8 lanes accumulated with FMA in increasing index, summed by hsum, then
+// the n mod 8 tail in order.
+inline float dot(const float* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const int64_t n8 = n & ~int64_t(7);
+    for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (int64_t i = n8; i < n; ++i) s = __builtin_fmaf(a[i], b[i], s);
+    return s;
+}
+
+// exp(x) for 8 lanes (Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial;
+// relative error ~2e-7). Inputs below -87.3 give 0 (softmax's masked scores), above 88.3 saturate.
+inline __m256 exp8(__m256 x) {
+    const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f));
+    fx = _mm256_floor_ps(fx);
+    x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+    x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), x), _mm256_set1_ps(1.0f));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+    return _mm256_andnot_ps(too_small, y);
+}
+
+// silu(x) = x / (1 + exp(-x)) for 8 lanes.
+inline __m256 silu8(__m256 x) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// Lane mask: lanes [0, n) set (0 <= n <= 8).
+inline __m256 first_lanes(int64_t n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx));
+}
+
+}  // namespace moetron
