@@ -112,3 +112,80 @@ def test_disabled_by_environment_variable() -> None:
         check=True,
     )
     assert result.stdout.strip() == "False"
+
+
+def reference_moe(x, weights, ids, w1, w2, w3) -> torch.Tensor:
+    """The routed-expert layer in float64, one (token, expert) pair at a time."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e, x_t = ids[t, k], x[t].double()
+            hidden = torch.nn.functional.silu(w1[e].double() @ x_t) * (w3[e].double() @ x_t)
+            out[t] += weights[t, k].double() * (w2[e].double() @ hidden)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "num_tokens, top_k, dim, hidden, num_experts",
+    [(1, 2, 64, 128, 8), (37, 3, 40, 17, 5), (130, 1, 72, 9, 4)],
+)
+def test_moe_matches_reference_and_is_invariant(num_tokens, top_k, dim, hidden, num_experts) -> None:
+    gen = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, dim, generator=gen)
+    w1, w3 = (torch.randn(num_experts, hidden, dim, generator=gen) / dim**0.5 for _ in range(2))
+    w2 = torch.randn(num_experts, dim, hidden, generator=gen) / hidden**0.5
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    out = cpu_kernels.moe_swiglu_f32(x, weights, ids, w1, w2, w3)
+    # silu from a polynomial exp (~2e-7 relative) and fp32 sums: well inside 1e-5 at unit scale
+    torch.testing.assert_close(out.double(), reference_moe(x, weights, ids, w1, w2, w3), rtol=1e-5, atol=1e-5)
+    for start, stop in [(0, 1), (num_tokens - 1, num_tokens), (num_tokens // 3, num_tokens // 2 + 1)]:
+        part = cpu_kernels.moe_swiglu_f32(x[start:stop], weights[start:stop], ids[start:stop], w1, w2, w3)
+        assert torch.equal(part, out[start:stop])
+
+
+@needs_kernels
+def test_moe_rejects_bad_expert_ids_and_shapes() -> None:
+    x, w1, w2 = torch.randn(2, 8), torch.randn(3, 4, 8), torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match="expert ids"):
+        cpu_kernels.moe_swiglu_f32(x, torch.ones(2, 1), torch.tensor([[0], [3]]), w1, w2, w1)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.moe_swiglu_f32(x, torch.ones(2, 1), torch.tensor([[0], [1]]), w1, w1, w1)
+
+
+def paged_cache(keys_GCd: torch.Tensor, block_size: int, num_blocks: int, gen: torch.Generator, table=None):
+    """keys [G, C, d] scattered into a [N, S, G, d] cache along a shuffled block table (or `table`)."""
+    num_kv_heads, length, head_dim = keys_GCd.shape
+    if table is None:
+        table = torch.randperm(num_blocks, generator=gen)[: -(-length // block_size)]
+    cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)  # garbage elsewhere
+    for position in range(length):
+        cache[table[position // block_size], position % block_size] = keys_GCd[:, position]
+    return cache, table
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 2, 16), (6, 2, 10), (2, 1, 3), (8, 8, 64)])
+def test_paged_attention_matches_sdpa_and_is_invariant(num_heads, num_kv_heads, head_dim) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    length, block_size = 45, 8
+    q_HCd = torch.randn(num_heads, length, head_dim, generator=gen)
+    k_GCd, v_GCd = (torch.randn(num_kv_heads, length, head_dim, generator=gen) for _ in range(2))
+    k_cache, table = paged_cache(k_GCd, block_size, 12, gen)
+    v_cache = paged_cache(v_GCd, block_size, 12, torch.Generator().manual_seed(head_dim), table)[0]
+    expected_HCd = torch.nn.functional.scaled_dot_product_attention(
+        q_HCd[None], k_GCd[None], v_GCd[None], is_causal=True, enable_gqa=True
+    )[0]
+
+    def attend(rows: list[int]) -> torch.Tensor:
+        tables = table[None].contiguous()
+        seq_of_row = torch.zeros(len(rows), dtype=torch.long)
+        return cpu_kernels.paged_attention_f32(
+            q_HCd.transpose(0, 1)[rows], k_cache, v_cache, tables, seq_of_row, torch.tensor(rows)
+        )
+
+    all_rows = attend(list(range(length)))
+    torch.testing.assert_close(all_rows.transpose(0, 1), expected_HCd, rtol=1e-5, atol=1e-5)
+    for rows in ([length - 1], [0], [7, 8, 9], [44, 3, 20]):
+        assert torch.equal(attend(rows), all_rows[rows])

@@ -3,7 +3,8 @@
 
 Odd sizes on purpose (head_dim 10, GQA, expert width 17, top-3 of 5) so no kernel lands on a
 friendly shape by luck. The same runs with batch_invariant=False differ (checked below), which
-shows the test can fail."""
+shows the test can fail. Every test runs twice: with moetron's CPU kernels (invariant by
+construction) and without them (the padded-MKL fallback used where they cannot be built)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from moetron.config import ModelConfig, MoEConfig
 from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
+from moetron.kernels import cpu_kernels
 from moetron.model import Transformer
 
 CFG = ModelConfig(
@@ -26,6 +28,14 @@ PARAMS = [
     SamplingParams(temperature=0.0, max_tokens=12, logprobs=3),
     SamplingParams(temperature=0.8, top_p=0.9, seed=123, max_tokens=12, logprobs=3),
 ]
+
+
+@pytest.fixture(autouse=True, params=["kernels", "fallback"])
+def kernels(request, monkeypatch) -> None:
+    if request.param == "fallback":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    elif not cpu_kernels.available():
+        pytest.skip("moetron's CPU kernels need an AVX2 CPU and a C++ compiler")
 
 
 @pytest.fixture(scope="module")

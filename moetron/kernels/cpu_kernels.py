@@ -1,7 +1,8 @@
 """moetron's own CPU kernels (the *.cpp beside this file), compiled on first use, loaded with ctypes.
 
   * linear_avx2.cpp: fp32 x @ w.T, batch-invariant, fast at the few rows of a decode step;
-  * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache.
+  * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache;
+  * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call.
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp")
-HEADERS = ("simd_avx2.h",)
+SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp", "moe_avx2.cpp")
+HEADERS = ("simd_avx2.h", "linear_tiles.h")
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 def _cache_dir() -> Path:
@@ -91,6 +92,8 @@ def _library() -> ctypes.CDLL | None:
     lib.moetron_paged_attention_f32.restype = None
     lib.moetron_paged_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.moetron_paged_attention_f32.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.moetron_moe_swiglu_f32.restype = None
+    lib.moetron_moe_swiglu_f32.argtypes = [ptr] * 11 + [i64] * 5 + [ctypes.c_int]
     return lib
 
 
@@ -193,3 +196,45 @@ def paged_attention_f32(
             torch.get_num_threads(),
         )
     return out_THd
+
+
+def moe_swiglu_f32(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_k weights[t, k] · SwiGLU_{expert_ids[t, k]}(x[t]) → [T, D] in one call (fp32, CPU): what
+    MoELayer computes from the router's choices, dispatch and combine included (moe_avx2.cpp)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    num_tokens, dim = x_TD.shape
+    top_k = expert_ids_TK.shape[1]
+    num_experts, hidden = w1_EID.shape[0], w1_EID.shape[1]
+    if w1_EID.shape != w3_EID.shape or w2_EDI.shape != (num_experts, dim, hidden) or w1_EID.shape[2] != dim:
+        raise ValueError(f"moe_swiglu_f32: x {tuple(x_TD.shape)} does not match the expert weights")
+    x_TD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_TD, w1_EID, w2_EDI, w3_EID))
+    weights_TK = weights_TK.to(torch.float32).contiguous()
+    expert_ids_TK = expert_ids_TK.to(torch.int64).contiguous()
+    if num_tokens and not 0 <= int(expert_ids_TK.min()) <= int(expert_ids_TK.max()) < num_experts:
+        raise ValueError(f"moe_swiglu_f32: expert ids outside [0, {num_experts})")
+    pairs = num_tokens * top_k
+    out_TD = torch.empty(num_tokens, dim, dtype=torch.float32)
+    gathered_PD, up_PI, gate_PI, down_PD = (
+        torch.empty(pairs, width, dtype=torch.float32) for width in (dim, hidden, hidden, dim)
+    )
+    if num_tokens:
+        lib.moetron_moe_swiglu_f32(
+            *(t.data_ptr() for t in (x_TD, expert_ids_TK, weights_TK, w1_EID, w3_EID, w2_EDI, out_TD)),
+            *(t.data_ptr() for t in (gathered_PD, up_PI, gate_PI, down_PD)),
+            num_tokens,
+            top_k,
+            dim,
+            hidden,
+            num_experts,
+            torch.get_num_threads(),
+        )
+    return out_TD

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
+from moetron.model import ops
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear, silu
 
 
@@ -174,6 +175,19 @@ class MoELayer(nn.Module):
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
+        if ops.serving_routed_experts is not None and not self.training:
+            experts = self.experts
+            out_TD = ops.serving_routed_experts(
+                x_TD, weights_TK, expert_ids_TK, experts.w1, experts.w2, experts.w3
+            )
+            if out_TD is not None:
+                if self.record_stats:
+                    self.tokens_per_expert += torch.bincount(
+                        expert_ids_TK.flatten(), minlength=self.cfg.num_experts
+                    )
+                if self.shared_experts is not None:
+                    out_TD = out_TD + self.shared_experts(x_TD)
+                return out_TD.reshape(shape)
         order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
         if self.record_stats:
             with torch.no_grad():

@@ -1,0 +1,112 @@
+// A whole routed-expert SwiGLU layer in one call (fp32, AVX2): moetron's serving MoE.
+//
+// out[t] = sum_k weight[t, k] * w2[e] (silu(w1[e] x_t) * w3[e] x_t), e = expert_ids[t, k], with
+// three parallel phases over (expert, weight-row chunk) work items and one pass over tokens:
+//   1. each expert's rows (its tokens, gathered) times w1 and w3, fused into h = silu(a) * b;
+//   2. h times w2;
+//   3. each token's top-k results summed in k order, scaled by its routing weights.
+// Python would spend more time dispatching a decode step's few rows per expert (sort, gather,
+// three matmuls, silu, scatter per expert) than the matmuls take. Every matmul element comes from
+// linear_tiles.h, silu from exp8 lane-wise, the sum in a fixed order: a token's output has the same
+// bits whatever else is routed with it.
+//
+// Legend: T tokens, K experts per token, D width, I expert hidden width, E experts,
+// P = T * K routed pairs in expert order.
+#include <stdint.h>
+
+#include <vector>
+
+#include "linear_tiles.h"
+
+using namespace moetron;
+
+namespace {
+
+struct Item {
+    int64_t expert, n0, n1;
+};
+
+// Work items: each expert with rows, its weight rows cut into N_CHUNK chunks.
+std::vector<Item> chunk_items(const std::vector<int64_t>& counts, int64_t num_rows) {
+    std::vector<Item> items;
+    for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e)
+        if (counts[e] > 0)
+            for (int64_t n0 = 0; n0 < num_rows; n0 += N_CHUNK)
+                items.push_back({e, n0, n0 + N_CHUNK < num_rows ? n0 + N_CHUNK : num_rows});
+    return items;
+}
+
+// h[:, n0:n1] = silu(a) * b lane-wise; the last partial vector is masked, its lanes computed by the
+// same operations as any other.
+void silu_mul(float* h, const float* b, int64_t ld, int64_t rows, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < rows; ++m)
+        for (int64_t n = n0; n < n1; n += 8) {
+            const __m256i mask = _mm256_castps_si256(first_lanes(n1 - n));
+            const __m256 a = _mm256_maskload_ps(h + m * ld + n, mask);
+            const __m256 bv = _mm256_maskload_ps(b + m * ld + n, mask);
+            _mm256_maskstore_ps(h + m * ld + n, mask, _mm256_mul_ps(silu8(a), bv));
+        }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [T, D], expert_ids / weights [T, K] (int64 / fp32), w1 / w3 [E, I, D], w2 [E, D, I], all
+// contiguous. Workspace: xs [P, D], h and b [P, I], y [P, D]. Writes out [T, D].
+void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const float* weights,
+                            const float* w1, const float* w3, const float* w2, float* out,
+                            float* xs, float* h, float* b, float* y, int64_t T, int64_t K,
+                            int64_t D, int64_t I, int64_t E, int num_threads) {
+    const int64_t P = T * K;
+    // Pairs in expert order (stable: by token, then k): counting sort.
+    std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P);
+    for (int64_t p = 0; p < P; ++p) ++counts[expert_ids[p]];
+    for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < P; ++p) slot_of_pair[p] = fill[expert_ids[p]]++;
+    for (int64_t p = 0; p < P; ++p) {
+        const float* src = x + (p / K) * D;
+        float* dst = xs + slot_of_pair[p] * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
+    }
+    const std::vector<Item> up = chunk_items(counts, I), down = chunk_items(counts, D);
+    const int64_t num_up = static_cast<int64_t>(up.size()), num_down = static_cast<int64_t>(down.size());
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        // Dynamic: experts get unequal row counts, so equal item counts are not equal work.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < num_up; ++c) {
+            const Item& it = up[c];
+            const int64_t rows = counts[it.expert], first = start[it.expert];
+            const float* xe = xs + first * D;
+            linear_chunk(xe, D, w1 + it.expert * I * D, D, h + first * I, I, rows, D, it.n0, it.n1);
+            linear_chunk(xe, D, w3 + it.expert * I * D, D, b + first * I, I, rows, D, it.n0, it.n1);
+            silu_mul(h + first * I, b + first * I, I, rows, it.n0, it.n1);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < num_down; ++c) {
+            const Item& it = down[c];
+            const int64_t rows = counts[it.expert], first = start[it.expert];
+            linear_chunk(h + first * I, I, w2 + it.expert * D * I, I, y + first * D, D, rows, I, it.n0, it.n1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            // out[t] = weight_0 * y_0 + weight_1 * y_1 + ... in k order.
+            float* o = out + t * D;
+            const int64_t D8 = D & ~int64_t(7);
+            for (int64_t k = 0; k < K; ++k) {
+                const float* yk = y + slot_of_pair[t * K + k] * D;
+                const float wk = weights[t * K + k];
+                const __m256 wv = _mm256_set1_ps(wk);
+                for (int64_t i = 0; i < D8; i += 8) {
+                    const __m256 v = _mm256_loadu_ps(yk + i);
+                    _mm256_storeu_ps(o + i, k == 0 ? _mm256_mul_ps(wv, v) : _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(o + i)));
+                }
+                for (int64_t i = D8; i < D; ++i) o[i] = k == 0 ? wk * yk[i] : __builtin_fmaf(wk, yk[i], o[i]);
+            }
+        }
+    }
+}
+
+}  // extern "C"
