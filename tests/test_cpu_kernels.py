@@ -189,3 +189,17 @@ def test_paged_attention_matches_sdpa_and_is_invariant(num_heads, num_kv_heads, 
     torch.testing.assert_close(all_rows.transpose(0, 1), expected_HCd, rtol=1e-5, atol=1e-5)
     for rows in ([length - 1], [0], [7, 8, 9], [44, 3, 20]):
         assert torch.equal(attend(rows), all_rows[rows])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dim", [1, 7, 40, 1024])
+def test_rms_norm_matches_torch_and_is_row_wise(dim: int) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    x, weight = torch.randn(9, dim, generator=gen) * 3, torch.randn(dim, generator=gen)
+    out = cpu_kernels.rms_norm_f32(x, weight, 1e-5)
+    torch.testing.assert_close(
+        out, torch.nn.functional.rms_norm(x, (dim,), weight, eps=1e-5), rtol=2e-6, atol=2e-6
+    )
+    assert torch.equal(cpu_kernels.rms_norm_f32(x[4:5], weight, 1e-5), out[4:5])
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.rms_norm_f32(x, weight[:-1] if dim > 1 else torch.ones(2), 1e-5)

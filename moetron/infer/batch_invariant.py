@@ -87,6 +87,13 @@ def fused_routed_experts(
     return cpu_kernels.moe_swiglu_f32(x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID)
 
 
+def kernel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm by moetron's kernel (row-wise, so invariant either way; just faster), else None."""
+    if not cpu_kernels.supports(x, weight):
+        return None
+    return cpu_kernels.rms_norm_f32(x, weight, eps)
+
+
 def invariant_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x.double()).to(x.dtype)
 
@@ -95,14 +102,14 @@ def invariant_silu(x: torch.Tensor) -> torch.Tensor:
 def serving_kernels(invariant: bool = True) -> Iterator[None]:
     """Install the serving kernels in model/ops.py for the duration: the batch-invariant ones, or
     with `invariant=False` the fastest ones per shape."""
-    saved = ops.serving_linear, ops.serving_silu, ops.serving_routed_experts
+    saved = ops.serving_linear, ops.serving_silu, ops.serving_routed_experts, ops.serving_rms_norm
     if invariant:
         ops.serving_linear, ops.serving_silu = invariant_linear, invariant_silu
     else:
         ops.serving_linear = fast_linear
     # Invariant, and faster than PyTorch's dispatch at every batch size measured, so in both modes.
-    ops.serving_routed_experts = fused_routed_experts
+    ops.serving_routed_experts, ops.serving_rms_norm = fused_routed_experts, kernel_rms_norm
     try:
         yield
     finally:
-        ops.serving_linear, ops.serving_silu, ops.serving_routed_experts = saved
+        ops.serving_linear, ops.serving_silu, ops.serving_routed_experts, ops.serving_rms_norm = saved

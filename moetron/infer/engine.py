@@ -206,7 +206,9 @@ class LLMEngine:
         progressed: dict[str, Request] = {}
         done = [s for s in done if not s.spec_token_ids]
         if done:
-            sampled = self.sampler(logits_RV[sample_rows], [s.sampling_state for s in done])
+            every_row = sample_rows == list(range(logits_RV.shape[0]))  # decodes only: no gather copy
+            sample_logits_SV = logits_RV if every_row else logits_RV[sample_rows]
+            sampled = self.sampler(sample_logits_SV, [s.sampling_state for s in done])
             for seq, token_id, logprobs in zip(done, sampled.token_ids, sampled.logprobs, strict=True):
                 self._append_token(seq, token_id, logprobs)
                 progressed[seq.request.request_id] = seq.request

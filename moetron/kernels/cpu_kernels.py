@@ -2,7 +2,8 @@
 
   * linear_avx2.cpp: fp32 x @ w.T, batch-invariant, fast at the few rows of a decode step;
   * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache;
-  * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call.
+  * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
+  * norm_avx2.cpp: RMSNorm rows.
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -29,12 +30,12 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp", "moe_avx2.cpp")
+SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp", "moe_avx2.cpp", "norm_avx2.cpp")
 HEADERS = ("simd_avx2.h", "linear_tiles.h")
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 def _cache_dir() -> Path:
@@ -94,6 +95,8 @@ def _library() -> ctypes.CDLL | None:
     lib.moetron_paged_attention_f32.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.moetron_moe_swiglu_f32.restype = None
     lib.moetron_moe_swiglu_f32.argtypes = [ptr] * 11 + [i64] * 5 + [ctypes.c_int]
+    lib.moetron_rms_norm_f32.restype = None
+    lib.moetron_rms_norm_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
     return lib
 
 
@@ -238,3 +241,23 @@ def moe_swiglu_f32(
             torch.get_num_threads(),
         )
     return out_TD
+
+
+def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x², last dim) + eps), row by row (fp32, CPU; see norm_avx2.cpp)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    dim = x.shape[-1]
+    if weight.shape != (dim,):
+        raise ValueError(f"rms_norm_f32: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    x_MD = x.reshape(-1, dim)
+    if x_MD.stride(-1) != 1:
+        x_MD = x_MD.contiguous()
+    weight = weight.contiguous()
+    out_MD = torch.empty(x_MD.shape, dtype=torch.float32)
+    if x_MD.shape[0]:
+        lib.moetron_rms_norm_f32(
+            x_MD.data_ptr(), x_MD.stride(0), weight.data_ptr(), out_MD.data_ptr(), x_MD.shape[0], dim, eps
+        )
+    return out_MD.reshape(x.shape)

@@ -40,6 +40,8 @@ def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
 # forward (moetron/infer/batch_invariant.py); None everywhere else, so training numerics never change.
 serving_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 serving_silu: Callable[[torch.Tensor], torch.Tensor] | None = None
+# (x, weight, eps) -> RMSNorm(x), or None to decline.
+serving_rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None] | None = None
 # (x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID) -> out_TD, or None to decline (then
 # MoELayer dispatches in PyTorch): a fused routed-experts kernel for serving.
 serving_routed_experts: Callable[..., torch.Tensor | None] | None = None

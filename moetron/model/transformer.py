@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig
+from moetron.model import ops
 from moetron.model.moe import FeedForward, MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding, apply_rope
@@ -35,6 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            ops.serving_rms_norm is not None
+            and (out := ops.serving_rms_norm(x, self.weight, self.eps)) is not None
+        ):
+            return out
         # Normalise in fp32, scale in the input dtype (as Llama/Mixtral do).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
