@@ -86,9 +86,11 @@ class LLMEngine:
         from moetron.convert.hf import from_pretrained
         from moetron.data.errors import DataError
         from moetron.data.tokenizer import load_tokenizer
+        from moetron.kernels.huge_pages import move_to_huge_pages
 
         cfg = EngineConfig.from_overrides(**overrides)
         model = from_pretrained(model_dir, device=cfg.device, dtype=cfg.torch_dtype)
+        move_to_huge_pages(model)  # the engine owns these weights: stream them with fewer TLB misses
         try:
             tokenizer = load_tokenizer(model_dir)
         except DataError:

@@ -51,6 +51,43 @@ class SeqSlice:
     block_table: torch.Tensor  # int64 [num blocks held]
 
 
+@dataclass
+class KernelTables:
+    """What moetron's attention kernel needs for a step's rows: each row's sequence (a row of
+    tables_QB, the block tables padded to one width) and position, and the packed rows they are."""
+
+    tables_QB: torch.Tensor
+    seq_of_row_T: torch.Tensor
+    pos_of_row_T: torch.Tensor
+    rows: list[int]
+
+    @classmethod
+    def build(cls, seqs: list[SeqSlice], block_size: int) -> KernelTables:
+        width = max(s.block_table.numel() for s in seqs)
+        tables_QB = torch.zeros(len(seqs), width, dtype=torch.long)
+        rows: list[int] = []
+        seq_of_row: list[int] = []
+        pos_of_row: list[int] = []
+        for i, s in enumerate(seqs):
+            # The kernel reads the block table up to each row's position: it must be covered.
+            if s.context_len > s.block_table.numel() * block_size:
+                raise ValueError(
+                    f"a sequence of {s.context_len} tokens holds only {s.block_table.numel()} blocks"
+                )
+            tables_QB[i, : s.block_table.numel()] = s.block_table
+            rows.extend(range(s.start, s.start + s.num_new))
+            seq_of_row.extend([i] * s.num_new)
+            pos_of_row.extend(range(s.context_len - s.num_new, s.context_len))
+        return cls(tables_QB, torch.tensor(seq_of_row), torch.tensor(pos_of_row), rows)
+
+    def attend(
+        self, q_THd: torch.Tensor, k_cache_NSGd: torch.Tensor, v_cache_NSGd: torch.Tensor
+    ) -> torch.Tensor:
+        return cpu_kernels.paged_attention_f32(
+            q_THd, k_cache_NSGd, v_cache_NSGd, self.tables_QB, self.seq_of_row_T, self.pos_of_row_T
+        )
+
+
 class PagedAttention:
     """attention_backend(q_BHTd, k_BGTd, v_BGTd) -> out_BHTd for one engine step (all layers)."""
 
@@ -84,31 +121,14 @@ class PagedAttention:
             self._prepare_decodes(k_caches[0].shape[1], slot_mapping_T.device)
 
     def _prepare_kernel(self, seqs: list[SeqSlice], block_size: int) -> None:
-        """Once per step: the kernel's tables (each row's sequence and position, block tables) and
-        its packed rows (kernel_rows_T; None when it has none)."""
+        """Once per step: the kernel's tables and its packed rows (kernel_rows_T; None when it has none)."""
         self.kernel_rows_T: torch.Tensor | None = None
         if not seqs:
             return
-        width = max(s.block_table.numel() for s in seqs)
-        tables_QB = torch.zeros(len(seqs), width, dtype=torch.long)
-        rows: list[int] = []
-        seq_of_row: list[int] = []
-        pos_of_row: list[int] = []
-        for i, s in enumerate(seqs):
-            if s.context_len > s.block_table.numel() * block_size:
-                raise ValueError(
-                    f"a sequence of {s.context_len} tokens holds only {s.block_table.numel()} blocks"
-                )
-            tables_QB[i, : s.block_table.numel()] = s.block_table
-            first = s.context_len - s.num_new
-            rows.extend(range(s.start, s.start + s.num_new))
-            seq_of_row.extend([i] * s.num_new)
-            pos_of_row.extend(range(first, s.context_len))
-        self.kernel_tables_QB = tables_QB
-        self.kernel_seq_of_row_T = torch.tensor(seq_of_row, dtype=torch.long)
-        self.kernel_pos_of_row_T = torch.tensor(pos_of_row, dtype=torch.long)
-        self.kernel_rows_T = torch.tensor(rows, dtype=torch.long)
-        self.kernel_takes_all = not self.seqs_left and rows == list(range(len(rows)))
+        tables = KernelTables.build(seqs, block_size)
+        self.kernel_tables = tables
+        self.kernel_rows_T = torch.tensor(tables.rows, dtype=torch.long)
+        self.kernel_takes_all = not self.seqs_left and tables.rows == list(range(len(tables.rows)))
 
     def _prepare_decodes(self, block_size: int, device: torch.device) -> None:
         """Once per step: the decodes' block tables padded to one width, and which keys are theirs."""
@@ -136,18 +156,14 @@ class PagedAttention:
         q_HTd = q_BHTd[0]
         if self.kernel_rows_T is not None and self.kernel_takes_all:
             # Every row of the step through the kernel (the usual case): no gather, no scatter.
-            out_THd = cpu_kernels.paged_attention_f32(
-                q_HTd.transpose(0, 1), k_cache_NSGd, v_cache_NSGd, self.kernel_tables_QB,
-                self.kernel_seq_of_row_T, self.kernel_pos_of_row_T,
-            )  # fmt: skip
+            out_THd = self.kernel_tables.attend(q_HTd.transpose(0, 1), k_cache_NSGd, v_cache_NSGd)
             return out_THd.transpose(0, 1)[None]
         out_HTd = torch.empty_like(q_HTd)
         if self.kernel_rows_T is not None:
             q_THd = q_HTd.transpose(0, 1).index_select(0, self.kernel_rows_T)
-            out_HTd[:, self.kernel_rows_T] = cpu_kernels.paged_attention_f32(
-                q_THd, k_cache_NSGd, v_cache_NSGd, self.kernel_tables_QB,
-                self.kernel_seq_of_row_T, self.kernel_pos_of_row_T,
-            ).transpose(0, 1)  # fmt: skip
+            out_HTd[:, self.kernel_rows_T] = self.kernel_tables.attend(
+                q_THd, k_cache_NSGd, v_cache_NSGd
+            ).transpose(0, 1)
         for seq in self.seqs:
             end = seq.start + seq.num_new
             first_pos = seq.context_len - seq.num_new

@@ -15,7 +15,8 @@ import torch
 from moetron.config import ModelConfig
 from moetron.infer import batch_invariant
 from moetron.infer.config import EngineConfig
-from moetron.infer.paged_attention import PagedAttention, SeqSlice
+from moetron.infer.fused_layers import FusedLayers
+from moetron.infer.paged_attention import KernelTables, PagedAttention, SeqSlice
 from moetron.infer.scheduler import ScheduledBatch
 from moetron.model.accounting import kv_bytes_per_token
 from moetron.model.transformer import Transformer
@@ -73,6 +74,7 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
         ]
+        self.fused = FusedLayers(model) if FusedLayers.supports(model) else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logit_rows: list[int]) -> torch.Tensor:
@@ -98,14 +100,21 @@ class ModelRunner:
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
+        rows_R = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if self.fused is not None:
+            tables = KernelTables.build(seqs, size)
+            with batch_invariant.serving_kernels(self.invariant):
+                return self.fused.forward(
+                    ids_BT, positions_BT, slots_T, tables, self.k_caches, self.v_caches, rows_R
+                )
         attention = PagedAttention(
             self.k_caches,
             self.v_caches,
-            torch.tensor(slots, dtype=torch.long, device=self.device),
+            slots_T,
             seqs,
             self.invariant,
         )
-        rows_R = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         with batch_invariant.serving_kernels(self.invariant):
             return self._forward(ids_BT, positions_BT, attention, rows_R)
 

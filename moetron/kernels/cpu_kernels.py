@@ -3,7 +3,8 @@
   * linear_avx2.cpp: fp32 x @ w.T, batch-invariant, fast at the few rows of a decode step;
   * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache;
   * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
-  * norm_avx2.cpp: RMSNorm rows.
+  * norm_avx2.cpp: RMSNorm rows;
+  * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each.
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -30,12 +31,19 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("abi.cpp", "linear_avx2.cpp", "attention_avx2.cpp", "moe_avx2.cpp", "norm_avx2.cpp")
-HEADERS = ("simd_avx2.h", "linear_tiles.h")
+SOURCES = (
+    "abi.cpp",
+    "linear_avx2.cpp",
+    "attention_avx2.cpp",
+    "moe_avx2.cpp",
+    "norm_avx2.cpp",
+    "layer_avx2.cpp",
+)
+HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h")
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 def _cache_dir() -> Path:
@@ -94,14 +102,54 @@ def _library() -> ctypes.CDLL | None:
     lib.moetron_paged_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.moetron_paged_attention_f32.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.moetron_moe_swiglu_f32.restype = None
-    lib.moetron_moe_swiglu_f32.argtypes = [ptr] * 11 + [i64] * 5 + [ctypes.c_int]
+    lib.moetron_moe_swiglu_f32.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int]
     lib.moetron_rms_norm_f32.restype = None
     lib.moetron_rms_norm_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
+    f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.moetron_attention_block_f32.restype = None
+    lib.moetron_attention_block_f32.argtypes = [
+        ptr,
+        ptr,
+        f32,
+        *[ptr] * 10,
+        i64,
+        ptr,
+        ptr,
+        *[i64] * 6,
+        f32,
+        i32,
+    ]
+    lib.moetron_moe_block_f32.restype = None
+    lib.moetron_moe_block_f32.argtypes = [
+        ptr,
+        ptr,
+        f32,
+        ptr,
+        i64,
+        i32,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        i32,
+    ]
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library, for callers that prepare their own arguments (fused_layers.py)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    return lib
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -224,15 +272,10 @@ def moe_swiglu_f32(
     expert_ids_TK = expert_ids_TK.to(torch.int64).contiguous()
     if num_tokens and not 0 <= int(expert_ids_TK.min()) <= int(expert_ids_TK.max()) < num_experts:
         raise ValueError(f"moe_swiglu_f32: expert ids outside [0, {num_experts})")
-    pairs = num_tokens * top_k
     out_TD = torch.empty(num_tokens, dim, dtype=torch.float32)
-    gathered_PD, up_PI, gate_PI, down_PD = (
-        torch.empty(pairs, width, dtype=torch.float32) for width in (dim, hidden, hidden, dim)
-    )
     if num_tokens:
         lib.moetron_moe_swiglu_f32(
             *(t.data_ptr() for t in (x_TD, expert_ids_TK, weights_TK, w1_EID, w3_EID, w2_EDI, out_TD)),
-            *(t.data_ptr() for t in (gathered_PD, up_PI, gate_PI, down_PD)),
             num_tokens,
             top_k,
             dim,

@@ -54,17 +54,13 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 @torch.no_grad()
 def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     """Re-home every CPU parameter of at least `min_bytes` on huge pages; returns bytes moved.
-    Tied parameters stay tied (each tensor is moved once)."""
-    moved: dict[int, torch.Tensor] = {}
+    Tied parameters stay tied (`parameters()` yields a shared one once, and `.data` swaps in place)."""
     total = 0
     for param in model.parameters():
         if param.device.type != "cpu" or param.nbytes < min_bytes or not param.is_contiguous():
             continue
-        key = id(param)
-        if key not in moved:
-            fresh = huge_page_empty(param.numel(), param.dtype).view(param.shape)
-            fresh.copy_(param)
-            param.data = fresh
-            moved[key] = fresh
-            total += param.nbytes
+        fresh = huge_page_empty(param.numel(), param.dtype).view(param.shape)
+        fresh.copy_(param)
+        param.data = fresh
+        total += param.nbytes
     return total

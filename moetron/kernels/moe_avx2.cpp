@@ -14,9 +14,11 @@
 // P = T * K routed pairs in expert order.
 #include <stdint.h>
 
+#include <memory>
 #include <vector>
 
 #include "linear_tiles.h"
+#include "moe.h"
 
 using namespace moetron;
 
@@ -50,14 +52,11 @@ void silu_mul(float* h, const float* b, int64_t ld, int64_t rows, int64_t n0, in
 
 }  // namespace
 
-extern "C" {
+namespace moetron {
 
-// x [T, D], expert_ids / weights [T, K] (int64 / fp32), w1 / w3 [E, I, D], w2 [E, D, I], all
-// contiguous. Workspace: xs [P, D], h and b [P, I], y [P, D]. Writes out [T, D].
-void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const float* weights,
-                            const float* w1, const float* w3, const float* w2, float* out,
-                            float* xs, float* h, float* b, float* y, int64_t T, int64_t K,
-                            int64_t D, int64_t I, int64_t E, int num_threads) {
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const float* w1,
+                 const float* w3, const float* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I,
+                 int64_t E, int num_threads) {
     const int64_t P = T * K;
     // Pairs in expert order (stable: by token, then k): counting sort.
     std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P);
@@ -65,9 +64,11 @@ void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const flo
     for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t p = 0; p < P; ++p) slot_of_pair[p] = fill[expert_ids[p]]++;
+    // Workspace (uninitialised): gathered rows xs [P, D], h and b [P, I], y [P, D].
+    std::unique_ptr<float[]> xs(new float[P * D]), h(new float[P * I]), b(new float[P * I]), y(new float[P * D]);
     for (int64_t p = 0; p < P; ++p) {
         const float* src = x + (p / K) * D;
-        float* dst = xs + slot_of_pair[p] * D;
+        float* dst = xs.get() + slot_of_pair[p] * D;
         for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
     }
     const std::vector<Item> up = chunk_items(counts, I), down = chunk_items(counts, D);
@@ -79,16 +80,18 @@ void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const flo
         for (int64_t c = 0; c < num_up; ++c) {
             const Item& it = up[c];
             const int64_t rows = counts[it.expert], first = start[it.expert];
-            const float* xe = xs + first * D;
-            linear_chunk(xe, D, w1 + it.expert * I * D, D, h + first * I, I, rows, D, it.n0, it.n1);
-            linear_chunk(xe, D, w3 + it.expert * I * D, D, b + first * I, I, rows, D, it.n0, it.n1);
-            silu_mul(h + first * I, b + first * I, I, rows, it.n0, it.n1);
+            const float* xe = xs.get() + first * D;
+            float *he = h.get() + first * I, *be = b.get() + first * I;
+            linear_chunk(xe, D, w1 + it.expert * I * D, D, he, I, rows, D, it.n0, it.n1);
+            linear_chunk(xe, D, w3 + it.expert * I * D, D, be, I, rows, D, it.n0, it.n1);
+            silu_mul(he, be, I, rows, it.n0, it.n1);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_down; ++c) {
             const Item& it = down[c];
             const int64_t rows = counts[it.expert], first = start[it.expert];
-            linear_chunk(h + first * I, I, w2 + it.expert * D * I, I, y + first * D, D, rows, I, it.n0, it.n1);
+            linear_chunk(h.get() + first * I, I, w2 + it.expert * D * I, I, y.get() + first * D, D, rows, I,
+                         it.n0, it.n1);
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
@@ -96,7 +99,7 @@ void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const flo
             float* o = out + t * D;
             const int64_t D8 = D & ~int64_t(7);
             for (int64_t k = 0; k < K; ++k) {
-                const float* yk = y + slot_of_pair[t * K + k] * D;
+                const float* yk = y.get() + slot_of_pair[t * K + k] * D;
                 const float wk = weights[t * K + k];
                 const __m256 wv = _mm256_set1_ps(wk);
                 for (int64_t i = 0; i < D8; i += 8) {
@@ -107,6 +110,18 @@ void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const flo
             }
         }
     }
+}
+
+}  // namespace moetron
+
+extern "C" {
+
+// x [T, D], expert_ids / weights [T, K] (int64 / fp32), w1 / w3 [E, I, D], w2 [E, D, I], all
+// contiguous. Writes out [T, D].
+void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const float* weights,
+                            const float* w1, const float* w3, const float* w2, float* out, int64_t T,
+                            int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_experts(x, expert_ids, weights, w1, w3, w2, out, T, K, D, I, E, num_threads);
 }
 
 }  // extern "C"

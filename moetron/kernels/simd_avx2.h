@@ -3,6 +3,7 @@
 // the basis of the kernels' batch invariance.
 #pragma once
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 namespace moetron {
@@ -33,6 +34,16 @@ inline float dot(const float* a, const float* b, int64_t n) {
     float s = hsum(acc);
     for (int64_t i = n8; i < n; ++i) s = __builtin_fmaf(a[i], b[i], s);
     return s;
+}
+
+// out = weight * (x / sqrt(mean(x^2) + eps)) for one row of D.
+inline void rms_norm_row(const float* x, const float* weight, float* out, int64_t D, float eps) {
+    const float scale = 1.0f / sqrtf(dot(x, x, D) / static_cast<float>(D) + eps);
+    const __m256 s = _mm256_set1_ps(scale);
+    const int64_t D8 = D & ~int64_t(7);
+    for (int64_t i = 0; i < D8; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), s)));
+    for (int64_t i = D8; i < D; ++i) out[i] = weight[i] * (x[i] * scale);
 }
 
 // exp(x) for 8 lanes (Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial;

@@ -1,0 +1,103 @@
+"""The engine's fused decoder path: each layer as two kernel calls (moetron/kernels/layer_avx2.cpp).
+
+For fp32 models on an AVX2 CPU whose layers are all routed-expert MoE layers without shared
+experts (the Mixtral/GPT-4 shape), the runner skips the module-by-module forward: a decode step of a
+small model would otherwise spend more time in Python dispatch (~40 kernel and ~300 tensor-op calls)
+than in streaming its weights. The numbers are those of the separate serving kernels, so the
+path is batch-invariant too; anything it does not cover (dense or shared-expert layers, other
+dtypes, no kernels) takes the module path.
+
+Legend: T packed tokens, D width, d head_dim, R rows whose logits are wanted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moetron.infer.paged_attention import KernelTables
+from moetron.kernels import cpu_kernels
+from moetron.model.moe import MoELayer
+from moetron.model.transformer import Transformer
+
+
+class FusedLayers:
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        cfg = model.cfg
+        self.dims = (cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.lib = cpu_kernels.library()
+
+    def _layer_arguments(self, layer) -> tuple[tuple, tuple]:
+        """A layer's weight addresses, read every step (a weight re-homed or reloaded stays correct)."""
+        att, moe = layer.attention, layer.ffn
+        attention = (
+            layer.attention_norm.weight.data_ptr(),
+            layer.attention_norm.eps,
+            *(w.weight.data_ptr() for w in (att.wq, att.wk, att.wv, att.wo)),
+        )
+        experts = moe.experts
+        routed = (
+            layer.ffn_norm.weight.data_ptr(),
+            layer.ffn_norm.eps,
+            moe.router.gate.weight.data_ptr(),
+            moe.cfg.top_k,
+            int(moe.cfg.normalize_top_k),
+            experts.w1.data_ptr(),
+            experts.w3.data_ptr(),
+            experts.w2.data_ptr(),
+            moe.tokens_per_expert.data_ptr(),
+        )
+        return attention, routed
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        if not cpu_kernels.available() or model.tok_embeddings is None or model.output is None:
+            return False
+        for layer in model.layers:
+            ffn = layer.ffn
+            if not isinstance(ffn, MoELayer) or ffn.shared_experts is not None or ffn.training:
+                return False
+        params = list(model.parameters())
+        return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in params)
+
+    def forward(
+        self,
+        ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor,
+        slots_T: torch.Tensor,
+        tables: KernelTables,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        rows_R: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every packed row through all layers (keys/values into the caches) → float32 logits [R, V]."""
+        model, lib = self.model, self.lib
+        dim, num_heads, num_kv_heads, head_dim = self.dims
+        h_TD = model.tok_embeddings(ids_BT)[0].contiguous()
+        cos_BTd, sin_BTd = model.rope(positions_BT, torch.float32)
+        cos_Td, sin_Td = cos_BTd[0].contiguous(), sin_BTd[0].contiguous()
+        num_tokens = h_TD.shape[0]
+        if tables.rows != list(range(num_tokens)):
+            raise ValueError("the fused path attends every packed row, in order")
+        threads = torch.get_num_threads()
+        h, cos, sin, slots = h_TD.data_ptr(), cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr()
+        step_tables = (
+            tables.tables_QB.data_ptr(),
+            tables.tables_QB.shape[1],
+            tables.seq_of_row_T.data_ptr(),
+            tables.pos_of_row_T.data_ptr(),
+        )
+        block_size = k_caches[0].shape[1]
+        for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches, strict=True):
+            attention, routed = self._layer_arguments(layer)
+            lib.moetron_attention_block_f32(
+                h, *attention, cos, sin, k_cache.data_ptr(), v_cache.data_ptr(), slots, *step_tables, num_tokens,
+                dim, num_heads, num_kv_heads, head_dim, block_size, self.scale, threads,
+            )  # fmt: skip
+            hidden, num_experts = layer.ffn.experts.w1.shape[1], layer.ffn.cfg.num_experts
+            lib.moetron_moe_block_f32(h, *routed, num_tokens, dim, hidden, num_experts, threads)
+        h_RD = h_TD.index_select(0, rows_R)
+        return model.output(model.norm(h_RD)).float()

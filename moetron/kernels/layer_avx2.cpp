@@ -1,0 +1,158 @@
+// The two halves of a decoder layer as one call each (fp32, AVX2): the serving engine's fused path.
+//
+//   attention block: h += wo(attention(rope(wq, wk, wv (rmsnorm(h)))))  (keys/values into the cache)
+//   MoE block:       h += experts(router(rmsnorm(h)))                    (counts per expert added)
+//
+// A decode step of a small model is otherwise dominated by Python: ~40 kernel and ~300 tensor-op
+// calls per step, each costing microseconds of dispatch, against ~10 ms of weight streaming. Here a
+// layer is two calls, each one OpenMP region whose phases (norm, projections, rope + cache write,
+// attention, output projection) are split by barriers. The arithmetic is that of the separate
+// kernels (linear_tiles.h, attention_item.h, moe_experts), so every token's numbers stay independent
+// of the rest of the batch; rope and the residual adds are the model's own formulas, op for op.
+//
+// Legend: T tokens, D width, H query heads, G kv heads, d head_dim, S block size, E experts,
+// K experts per token, I expert width.
+#include <math.h>
+#include <stdint.h>
+
+#include <memory>
+#include <vector>
+
+#include "attention_item.h"
+#include "linear_tiles.h"
+#include "moe.h"
+
+using namespace moetron;
+
+namespace {
+
+struct Projection {
+    const float* w;
+    float* out;
+    int64_t ldo, n0, n1;
+};
+
+void add_chunks(std::vector<Projection>& items, const float* w, float* out, int64_t num_out) {
+    for (int64_t n0 = 0; n0 < num_out; n0 += N_CHUNK)
+        items.push_back({w, out, num_out, n0, n0 + N_CHUNK < num_out ? n0 + N_CHUNK : num_out});
+}
+
+// RoPE on `heads` rows of d in place, as the model computes it: x * cos + rotate_half(x) * sin with
+// rotate_half(x) = cat(-x[half:], x[:half]) (a product, then a sum, each rounded: no FMA).
+void rope_rows(float* x, int64_t heads, int64_t d, const float* cos, const float* sin, float* tmp) {
+    const int64_t half = d / 2, upper = d - half;
+    for (int64_t h = 0; h < heads; ++h) {
+        float* row = x + h * d;
+        for (int64_t i = 0; i < d; ++i) tmp[i] = row[i];
+        for (int64_t i = 0; i < d; ++i) {
+            const float rotated = i < upper ? -tmp[half + i] : tmp[i - upper];
+            const float a = tmp[i] * cos[i];
+            const float b = rotated * sin[i];
+            row[i] = a + b;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// h [T, D] is updated in place. wq [H*d, D], wk / wv [G*d, D], wo [D, H*d]; cos / sin [T, d];
+// caches [N, S, G, d]; slots [T] (cache row of each token); block_tables [Q, B]; seq_of_row,
+// pos_of_row [T]: as moetron_paged_attention_f32.
+void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const float* wq, const float* wk,
+                                 const float* wv, const float* wo, const float* cos, const float* sin,
+                                 float* k_cache, float* v_cache, const int64_t* slots, const int64_t* block_tables,
+                                 int64_t max_blocks, const int64_t* seq_of_row, const int64_t* pos_of_row,
+                                 int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S, float scale,
+                                 int num_threads) {
+    const int64_t HD = H * d, GD = G * d, r = H / G;
+    std::unique_ptr<float[]> xn(new float[T * D]), q(new float[T * HD]), k(new float[T * GD]),
+        v(new float[T * GD]), att(new float[T * HD]), o(new float[T * D]);
+    std::vector<Projection> qkv, out_proj;
+    add_chunks(qkv, wq, q.get(), HD);
+    add_chunks(qkv, wk, k.get(), GD);
+    add_chunks(qkv, wv, v.get(), GD);
+    add_chunks(out_proj, wo, o.get(), D);
+    const int64_t num_qkv = static_cast<int64_t>(qkv.size()), num_out = static_cast<int64_t>(out_proj.size());
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        std::vector<float> scratch, tmp(d);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) rms_norm_row(h + t * D, norm_w, xn.get() + t * D, D, eps);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < num_qkv; ++c) {
+            const Projection& p = qkv[c];
+            linear_chunk(xn.get(), D, p.w, D, p.out, p.ldo, T, D, p.n0, p.n1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            rope_rows(q.get() + t * HD, H, d, cos + t * d, sin + t * d, tmp.data());
+            rope_rows(k.get() + t * GD, G, d, cos + t * d, sin + t * d, tmp.data());
+            float* k_row = k_cache + slots[t] * GD;
+            float* v_row = v_cache + slots[t] * GD;
+            for (int64_t i = 0; i < GD; ++i) {
+                k_row[i] = k[t * GD + i];
+                v_row[i] = v[t * GD + i];
+            }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < T * G; ++item) {
+            const int64_t t = item / G, g = item % G;
+            attend_item(q.get() + t * HD + g * r * d, d, k_cache, v_cache, block_tables + seq_of_row[t] * max_blocks,
+                        pos_of_row[t] + 1, g, r, G, d, S, scale, att.get() + t * HD + g * r * d, scratch);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < num_out; ++c) {
+            const Projection& p = out_proj[c];
+            linear_chunk(att.get(), HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
+            for (int64_t t = 0; t < T; ++t)
+                for (int64_t n = p.n0; n < p.n1; ++n) h[t * D + n] = h[t * D + n] + o[t * D + n];
+        }
+    }
+}
+
+// h [T, D] is updated in place. gate [E, D]; w1 / w3 [E, I, D], w2 [E, D, I]; counts [E] int64 is
+// added to (the layer's tokens_per_expert). Router as the model's: fp32 softmax over E, top-K by
+// probability (lower expert first on ties), renormalised over the K when `normalize`.
+void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, int64_t K, int normalize,
+                           const float* w1, const float* w3, const float* w2, int64_t* counts, int64_t T,
+                           int64_t D, int64_t I, int64_t E, int num_threads) {
+    std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
+        out(new float[T * D]);
+    std::unique_ptr<int64_t[]> ids(new int64_t[T * K]);
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        std::vector<float> probs(E);
+        std::vector<char> taken(E);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            rms_norm_row(h + t * D, norm_w, xn.get() + t * D, D, eps);
+            linear_chunk(xn.get() + t * D, D, gate, D, logits.get() + t * E, E, 1, D, 0, E);
+            const float* l = logits.get() + t * E;
+            float top = l[0];
+            for (int64_t e = 1; e < E; ++e) top = l[e] > top ? l[e] : top;
+            float sum = 0.0f;
+            for (int64_t e = 0; e < E; ++e) sum += (probs[e] = expf(l[e] - top));
+            for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+            for (int64_t e = 0; e < E; ++e) taken[e] = 0;
+            float chosen = 0.0f;
+            for (int64_t j = 0; j < K; ++j) {
+                int64_t best = -1;
+                for (int64_t e = 0; e < E; ++e)
+                    if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+                taken[best] = 1;
+                ids[t * K + j] = best;
+                weights[t * K + j] = probs[best];
+                chosen += probs[best];
+            }
+            if (normalize)
+                for (int64_t j = 0; j < K; ++j) weights[t * K + j] /= chosen;
+        }
+    }
+    for (int64_t p = 0; p < T * K; ++p) ++counts[ids[p]];
+    moe_experts(xn.get(), ids.get(), weights.get(), w1, w3, w2, out.get(), T, K, D, I, E, num_threads);
+    for (int64_t i = 0; i < T * D; ++i) h[i] = h[i] + out[i];
+}
+
+}  // extern "C"

@@ -1,0 +1,12 @@
+// The routed-expert SwiGLU layer of moe_avx2.cpp, for the fused decoder layer (layer_avx2.cpp).
+#pragma once
+#include <stdint.h>
+
+namespace moetron {
+
+// out[t] = sum_k weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]); see moe_avx2.cpp.
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const float* w1,
+                 const float* w3, const float* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I,
+                 int64_t E, int num_threads);
+
+}  // namespace moetron

@@ -1,0 +1,80 @@
+"""The engine's fused decoder path (moetron/infer/fused_layers.py) computes what the module path
+computes: same greedy tokens, logprobs within 1e-5 (fp32; the router's softmax and the residual
+adds run in C instead of PyTorch), the same per-expert token counts; and it is used only for the
+models it covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetron.config import ModelConfig, MoEConfig
+from moetron.infer.config import EngineConfig
+from moetron.infer.engine import LLMEngine
+from moetron.infer.fused_layers import FusedLayers
+from moetron.infer.sampling_params import SamplingParams
+from moetron.kernels import cpu_kernels
+from moetron.model import Transformer
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="needs moetron's CPU kernels (AVX2, a compiler)"
+)
+
+CFG = ModelConfig(
+    vocab_size=97, dim=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, max_seq_len=128,
+    moe=MoEConfig(num_experts=6, top_k=2, expert_hidden_dim=40),
+)  # fmt: skip
+
+
+def generate(model: Transformer, fused: bool) -> tuple[list, list[torch.Tensor]]:
+    engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=64, block_size=8, max_num_batched_tokens=40))
+    assert (engine.runner.fused is not None) == FusedLayers.supports(model)
+    if not fused:
+        engine.runner.fused = None
+    for layer in model.moe_layers():
+        layer.tokens_per_expert.zero_()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=gen).tolist() for n in (5, 33, 17, 61)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    results = [
+        (done[i].token_ids, [{t: lp.logprob for t, lp in p.items()} for p in done[i].logprobs]) for i in ids
+    ]
+    return results, [layer.tokens_per_expert.clone() for layer in model.moe_layers()]
+
+
+def test_fused_path_matches_module_path() -> None:
+    torch.manual_seed(0)
+    model = Transformer.from_config(CFG).eval()
+    assert FusedLayers.supports(model)
+    fused, fused_counts = generate(model, fused=True)
+    plain, plain_counts = generate(model, fused=False)
+    for (fused_ids, fused_lps), (plain_ids, plain_lps) in zip(fused, plain, strict=True):
+        assert fused_ids == plain_ids
+        for a, b in zip(fused_lps, plain_lps, strict=True):
+            assert a.keys() == b.keys()
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
+    for a, b in zip(fused_counts, plain_counts, strict=True):
+        assert torch.equal(a, b) and int(a.sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        MoEConfig(
+            num_experts=4, top_k=2, expert_hidden_dim=16, num_shared_experts=1, shared_expert_hidden_dim=16
+        ),
+        MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=16, num_dense_layers=1, dense_hidden_dim=32),
+    ],
+    ids=["shared-experts", "dense-layer"],
+)
+def test_uncovered_models_take_the_module_path(moe: MoEConfig) -> None:
+    cfg = ModelConfig(vocab_size=50, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, moe=moe)
+    model = Transformer.from_config(cfg).eval()
+    assert not FusedLayers.supports(model)
+    assert not FusedLayers.supports(Transformer.from_config(CFG, dtype=torch.bfloat16).eval())
