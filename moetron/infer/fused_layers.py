@@ -30,27 +30,30 @@ class FusedLayers:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.lib = cpu_kernels.library()
 
-    def _layer_arguments(self, layer) -> tuple[tuple, tuple]:
-        """A layer's weight addresses, read every step (a weight re-homed or reloaded stays correct)."""
-        att, moe = layer.attention, layer.ffn
-        attention = (
-            layer.attention_norm.weight.data_ptr(),
-            layer.attention_norm.eps,
-            *(w.weight.data_ptr() for w in (att.wq, att.wk, att.wv, att.wo)),
-        )
-        experts = moe.experts
-        routed = (
-            layer.ffn_norm.weight.data_ptr(),
-            layer.ffn_norm.eps,
-            moe.router.gate.weight.data_ptr(),
-            moe.cfg.top_k,
-            int(moe.cfg.normalize_top_k),
-            experts.w1.data_ptr(),
-            experts.w3.data_ptr(),
-            experts.w2.data_ptr(),
-            moe.tokens_per_expert.data_ptr(),
-        )
-        return attention, routed
+        # Per layer: the tensors whose addresses each step passes (Parameter objects, so a weight
+        # re-homed or reloaded through .data stays correct) and the constants; nn.Module attribute
+        # lookups cost ~1 us each, too much to repeat per step.
+        self.layers = []
+        for layer in model.layers:
+            att, moe = layer.attention, layer.ffn
+            attention = (
+                layer.attention_norm.weight,
+                att.wq.weight,
+                att.wk.weight,
+                att.wv.weight,
+                att.wo.weight,
+            )
+            experts = moe.experts
+            routed = (layer.ffn_norm.weight, moe.router.gate.weight, experts.w1, experts.w3, experts.w2)
+            constants = (
+                layer.attention_norm.eps,
+                layer.ffn_norm.eps,
+                moe.cfg.top_k,
+                int(moe.cfg.normalize_top_k),
+                experts.w1.shape[1],
+                moe.cfg.num_experts,
+            )
+            self.layers.append((attention, routed, moe.tokens_per_expert, constants))
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -91,13 +94,20 @@ class FusedLayers:
             tables.pos_of_row_T.data_ptr(),
         )
         block_size = k_caches[0].shape[1]
-        for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches, strict=True):
-            attention, routed = self._layer_arguments(layer)
+        for (attention, routed, counts, constants), k_cache, v_cache in zip(
+            self.layers, k_caches, v_caches, strict=True
+        ):
+            attention_eps, ffn_eps, top_k, normalize, hidden, num_experts = constants
+            attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in attention)
             lib.moetron_attention_block_f32(
-                h, *attention, cos, sin, k_cache.data_ptr(), v_cache.data_ptr(), slots, *step_tables, num_tokens,
-                dim, num_heads, num_kv_heads, head_dim, block_size, self.scale, threads,
+                h, attn_norm, attention_eps, wq, wk, wv, wo, cos, sin, k_cache.data_ptr(), v_cache.data_ptr(),
+                slots, *step_tables, num_tokens, dim, num_heads, num_kv_heads, head_dim, block_size, self.scale,
+                threads,
             )  # fmt: skip
-            hidden, num_experts = layer.ffn.experts.w1.shape[1], layer.ffn.cfg.num_experts
-            lib.moetron_moe_block_f32(h, *routed, num_tokens, dim, hidden, num_experts, threads)
+            ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in routed)
+            lib.moetron_moe_block_f32(
+                h, ffn_norm, ffn_eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(), num_tokens, dim,
+                hidden, num_experts, threads,
+            )  # fmt: skip
         h_RD = h_TD.index_select(0, rows_R)
         return model.output(model.norm(h_RD)).float()

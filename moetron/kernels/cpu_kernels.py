@@ -44,6 +44,15 @@ HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h")
 # scalar tail could round differently from the vector body.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 6
+# Each C entry point's arguments: p pointer, i int64, n int, f float (the C signatures are in the .cpp).
+SIGNATURES = {
+    "moetron_linear_f32": "pipipiiiin",
+    "moetron_paged_attention_f32": "piipppipppiiiiifn",
+    "moetron_moe_swiglu_f32": "pppppppiiiiin",
+    "moetron_rms_norm_f32": "pippiif",
+    "moetron_attention_block_f32": "ppf" + "p" * 10 + "ipp" + "i" * 6 + "fn",
+    "moetron_moe_block_f32": "ppfpinppppiiiin",
+}
 
 
 def _cache_dir() -> Path:
@@ -95,48 +104,10 @@ def _library() -> ctypes.CDLL | None:
     if lib.moetron_kernels_abi() != ABI_VERSION:
         warnings.warn("stale moetron CPU kernel library; torch's kernels are used", stacklevel=3)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.moetron_linear_f32.restype = None
-    lib.moetron_linear_f32.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
-    lib.moetron_paged_attention_f32.restype = None
-    lib.moetron_paged_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
-    lib.moetron_paged_attention_f32.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-    lib.moetron_moe_swiglu_f32.restype = None
-    lib.moetron_moe_swiglu_f32.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int]
-    lib.moetron_rms_norm_f32.restype = None
-    lib.moetron_rms_norm_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
-    f32, i32 = ctypes.c_float, ctypes.c_int
-    lib.moetron_attention_block_f32.restype = None
-    lib.moetron_attention_block_f32.argtypes = [
-        ptr,
-        ptr,
-        f32,
-        *[ptr] * 10,
-        i64,
-        ptr,
-        ptr,
-        *[i64] * 6,
-        f32,
-        i32,
-    ]
-    lib.moetron_moe_block_f32.restype = None
-    lib.moetron_moe_block_f32.argtypes = [
-        ptr,
-        ptr,
-        f32,
-        ptr,
-        i64,
-        i32,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        i64,
-        i32,
-    ]
+    codes = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int, "f": ctypes.c_float}
+    for name, signature in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = None, [codes[c] for c in signature]
     return lib
 
 
@@ -145,7 +116,7 @@ def available() -> bool:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded kernel library, for callers that prepare their own arguments (fused_layers.py)."""
+    """The loaded kernel library (fused_layers.py prepares its own arguments)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
@@ -167,9 +138,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (fp32, CPU). Each output element is one fixed-order dot product, so a row's
     result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    lib = library()
     num_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != num_in:
         raise ValueError(f"linear_f32: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
@@ -209,9 +178,7 @@ def paged_attention_f32(
     Row t belongs to sequence seq_of_row_T[t] (a row of block_tables_QB, int64) and attends that
     sequence's cached keys 0..pos_of_row_T[t]. Those keys must already be in the cache. Each row's
     result depends only on its query and those keys (see attention_avx2.cpp)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    lib = library()
     num_rows, num_heads, head_dim = q_THd.shape
     num_kv_heads, block_size = k_cache_NSGd.shape[2], k_cache_NSGd.shape[1]
     if q_THd.stride(-1) != 1:
@@ -259,9 +226,7 @@ def moe_swiglu_f32(
 ) -> torch.Tensor:
     """Σ_k weights[t, k] · SwiGLU_{expert_ids[t, k]}(x[t]) → [T, D] in one call (fp32, CPU): what
     MoELayer computes from the router's choices, dispatch and combine included (moe_avx2.cpp)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    lib = library()
     num_tokens, dim = x_TD.shape
     top_k = expert_ids_TK.shape[1]
     num_experts, hidden = w1_EID.shape[0], w1_EID.shape[1]
@@ -288,9 +253,7 @@ def moe_swiglu_f32(
 
 def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x², last dim) + eps), row by row (fp32, CPU; see norm_avx2.cpp)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
+    lib = library()
     dim = x.shape[-1]
     if weight.shape != (dim,):
         raise ValueError(f"rms_norm_f32: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
