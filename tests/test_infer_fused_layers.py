@@ -73,8 +73,16 @@ def test_fused_path_matches_module_path() -> None:
     ],
     ids=["shared-experts", "dense-layer"],
 )
-def test_uncovered_models_take_the_module_path(moe: MoEConfig) -> None:
-    cfg = ModelConfig(vocab_size=50, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, moe=moe)
+def test_uncovered_models_take_the_module_path(moe: MoEConfig, monkeypatch) -> None:
+    """...where the per-op kernels still serve them, with the results of PyTorch's kernels."""
+    cfg = ModelConfig(vocab_size=97, dim=48, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, moe=moe)
+    torch.manual_seed(0)
     model = Transformer.from_config(cfg).eval()
     assert not FusedLayers.supports(model)
     assert not FusedLayers.supports(Transformer.from_config(CFG, dtype=torch.bfloat16).eval())
+    with_kernels, _ = generate(model, fused=False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    with_torch, _ = generate(model, fused=False)
+    for (ids_a, lps_a), (ids_b, lps_b) in zip(with_kernels, with_torch, strict=True):
+        assert ids_a == ids_b
+        assert all(max(abs(a[t] - b[t]) for t in a) < 1e-5 for a, b in zip(lps_a, lps_b, strict=True))
