@@ -203,3 +203,22 @@ def test_rms_norm_matches_torch_and_is_row_wise(dim: int) -> None:
     assert torch.equal(cpu_kernels.rms_norm_f32(x[4:5], weight, 1e-5), out[4:5])
     with pytest.raises(ValueError, match="does not match"):
         cpu_kernels.rms_norm_f32(x, weight[:-1] if dim > 1 else torch.ones(2), 1e-5)
+
+
+def test_a_failing_compiler_turns_the_kernels_off_with_a_warning(tmp_path) -> None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("CPU without AVX2: the kernels are off before any compiler runs")
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from moetron.kernels import cpu_kernels\n"
+        "    print(cpu_kernels.available())\n"
+        "print(' | '.join(str(w.message) for w in caught))\n"
+    )
+    env = {"CXX": "/bin/false", "MOETRON_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    available, message = result.stdout.strip().splitlines()
+    assert available == "False"
+    assert "CPU kernels are off" in message and "/bin/false failed" in message
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left to load

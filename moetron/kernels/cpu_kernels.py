@@ -73,17 +73,30 @@ def _build(compiler: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent first uses (test workers, torchrun ranks)
-    # never load a half-written library.
+    # never load a half-written library. One compiler process per source, in parallel, then a link.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = [Path(tmp) / f"{name}.o" for name in SOURCES]
+        compiles = [
+            subprocess.Popen(
+                [compiler, *FLAGS, "-c", str(KERNEL_DIR / name), "-o", str(obj)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, obj in zip(SOURCES, objects, strict=True)
+        ]
+        errors = [err for proc in compiles if (err := proc.communicate()[1]) and proc.returncode != 0]
         built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *FLAGS, *(str(KERNEL_DIR / name) for name in SOURCES), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        if not errors:
+            link = subprocess.run(
+                [compiler, *FLAGS, *map(str, objects), "-o", str(built)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            errors = [link.stderr] if link.returncode != 0 else []
+        if errors:
+            raise RuntimeError(f"{compiler} failed: {errors[0].strip()[-2000:]}")
         os.replace(built, target)
     return target
 
