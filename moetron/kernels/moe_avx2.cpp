@@ -14,7 +14,6 @@
 // P = T * K routed pairs in expert order.
 #include <stdint.h>
 
-#include <memory>
 #include <vector>
 
 #include "linear_tiles.h"
@@ -64,11 +63,18 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
     for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t p = 0; p < P; ++p) slot_of_pair[p] = fill[expert_ids[p]]++;
-    // Workspace (uninitialised): gathered rows xs [P, D], h and b [P, I], y [P, D].
-    std::unique_ptr<float[]> xs(new float[P * D]), h(new float[P * I]), b(new float[P * I]), y(new float[P * D]);
+    // Workspace: gathered rows xs [P, D], h and b [P, I], y [P, D]. Kept per calling thread and only
+    // grown: a fresh allocation per call page-faults (and zeroes) tens of MB per prefill layer.
+    static thread_local std::vector<float> workspace;
+    const size_t need = static_cast<size_t>(P * (2 * D + 2 * I));
+    if (workspace.size() < need) workspace.resize(need);
+    float* const xs = workspace.data();
+    float* const h = xs + P * D;
+    float* const b = h + P * I;
+    float* const y = b + P * I;
     for (int64_t p = 0; p < P; ++p) {
         const float* src = x + (p / K) * D;
-        float* dst = xs.get() + slot_of_pair[p] * D;
+        float* dst = xs + slot_of_pair[p] * D;
         for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
     }
     const std::vector<Item> up = chunk_items(counts, I), down = chunk_items(counts, D);
@@ -80,8 +86,8 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
         for (int64_t c = 0; c < num_up; ++c) {
             const Item& it = up[c];
             const int64_t rows = counts[it.expert], first = start[it.expert];
-            const float* xe = xs.get() + first * D;
-            float *he = h.get() + first * I, *be = b.get() + first * I;
+            const float* xe = xs + first * D;
+            float *he = h + first * I, *be = b + first * I;
             linear_chunk(xe, D, w1 + it.expert * I * D, D, he, I, rows, D, it.n0, it.n1);
             linear_chunk(xe, D, w3 + it.expert * I * D, D, be, I, rows, D, it.n0, it.n1);
             silu_mul(he, be, I, rows, it.n0, it.n1);
@@ -90,7 +96,7 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
         for (int64_t c = 0; c < num_down; ++c) {
             const Item& it = down[c];
             const int64_t rows = counts[it.expert], first = start[it.expert];
-            linear_chunk(h.get() + first * I, I, w2 + it.expert * D * I, I, y.get() + first * D, D, rows, I,
+            linear_chunk(h + first * I, I, w2 + it.expert * D * I, I, y + first * D, D, rows, I,
                          it.n0, it.n1);
         }
 #pragma omp for schedule(static)
@@ -99,7 +105,7 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
             float* o = out + t * D;
             const int64_t D8 = D & ~int64_t(7);
             for (int64_t k = 0; k < K; ++k) {
-                const float* yk = y.get() + slot_of_pair[t * K + k] * D;
+                const float* yk = y + slot_of_pair[t * K + k] * D;
                 const float wk = weights[t * K + k];
                 const __m256 wv = _mm256_set1_ps(wk);
                 for (int64_t i = 0; i < D8; i += 8) {
