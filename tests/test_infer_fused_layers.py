@@ -86,3 +86,19 @@ def test_uncovered_models_take_the_module_path(moe: MoEConfig, monkeypatch) -> N
     for (ids_a, lps_a), (ids_b, lps_b) in zip(with_kernels, with_torch, strict=True):
         assert ids_a == ids_b
         assert all(max(abs(a[t] - b[t]) for t in a) < 1e-5 for a, b in zip(lps_a, lps_b, strict=True))
+
+
+def test_paused_expert_stats_stay_untouched() -> None:
+    from moetron.model.moe import expert_stats_paused
+
+    torch.manual_seed(0)
+    model = Transformer.from_config(CFG).eval()
+    engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=16, block_size=8))
+    assert engine.runner.fused is not None
+    for layer in model.moe_layers():
+        layer.tokens_per_expert.zero_()
+    with expert_stats_paused(model):
+        engine.add_request([1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=3))
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert all(int(layer.tokens_per_expert.sum()) == 0 for layer in model.moe_layers())

@@ -53,7 +53,8 @@ class FusedLayers:
                 experts.w1.shape[1],
                 moe.cfg.num_experts,
             )
-            self.layers.append((attention, routed, moe.tokens_per_expert, constants))
+            self.layers.append((attention, routed, moe, constants))
+        self.discarded_counts = torch.zeros(max(1, cfg.moe.num_experts), dtype=torch.int64)
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -94,7 +95,7 @@ class FusedLayers:
             tables.pos_of_row_T.data_ptr(),
         )
         block_size = k_caches[0].shape[1]
-        for (attention, routed, counts, constants), k_cache, v_cache in zip(
+        for (attention, routed, moe, constants), k_cache, v_cache in zip(
             self.layers, k_caches, v_caches, strict=True
         ):
             attention_eps, ffn_eps, top_k, normalize, hidden, num_experts = constants
@@ -105,6 +106,7 @@ class FusedLayers:
                 threads,
             )  # fmt: skip
             ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in routed)
+            counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
             lib.moetron_moe_block_f32(
                 h, ffn_norm, ffn_eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(), num_tokens, dim,
                 hidden, num_experts, threads,
