@@ -55,6 +55,18 @@ class FusedLayers:
             )
             self.layers.append((attention, routed, moe, constants))
         self.discarded_counts = torch.zeros(max(1, cfg.moe.num_experts), dtype=torch.int64)
+        # RoPE's cos/sin per position, from the model's own rope, grown on demand: a decode step then
+        # indexes two rows instead of recomputing angles, cos, sin and concatenations.
+        self.cos_Pd = self.sin_Pd = torch.empty(0, cfg.head_dim)
+
+    def _rope_rows(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions_T = positions_BT[0]
+        needed = int(positions_T.max()) + 1
+        if needed > self.cos_Pd.shape[0]:
+            size = max(needed, 2 * self.cos_Pd.shape[0], 256)
+            cos_BPd, sin_BPd = self.model.rope(torch.arange(size)[None], torch.float32)
+            self.cos_Pd, self.sin_Pd = cos_BPd[0].contiguous(), sin_BPd[0].contiguous()
+        return self.cos_Pd.index_select(0, positions_T), self.sin_Pd.index_select(0, positions_T)
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -81,8 +93,7 @@ class FusedLayers:
         model, lib = self.model, self.lib
         dim, num_heads, num_kv_heads, head_dim = self.dims
         h_TD = model.tok_embeddings(ids_BT)[0].contiguous()
-        cos_BTd, sin_BTd = model.rope(positions_BT, torch.float32)
-        cos_Td, sin_Td = cos_BTd[0].contiguous(), sin_BTd[0].contiguous()
+        cos_Td, sin_Td = self._rope_rows(positions_BT)
         num_tokens = h_TD.shape[0]
         if tables.rows != list(range(num_tokens)):
             raise ValueError("the fused path attends every packed row, in order")
@@ -111,5 +122,5 @@ class FusedLayers:
                 h, ffn_norm, ffn_eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(), num_tokens, dim,
                 hidden, num_experts, threads,
             )  # fmt: skip
-        h_RD = h_TD.index_select(0, rows_R)
+        h_RD = h_TD if rows_R.numel() == num_tokens == 1 else h_TD.index_select(0, rows_R)
         return model.output(model.norm(h_RD)).float()
