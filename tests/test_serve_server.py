@@ -425,14 +425,19 @@ def test_disconnect_aborts_and_frees_kv_blocks(server, stream: bool) -> None:
             assert len(got) >= 2
             busy = server.metrics()
             assert busy["moetron_kv_blocks_used"] > 0 and busy["moetron_requests_in_flight"] == 1
-    else:  # the client gives up waiting for the whole body
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
-                f"{server.url}/v1/completions",
-                json=body,
-                headers=headers,
-                timeout=httpx.Timeout(10, read=0.15),
-            )
+    else:  # the client gives up waiting for the whole body: it hangs up while the request runs
+        # A raw socket, closed as soon as the server reports the request in flight: a client
+        # timeout would race the engine (240 tokens of the tiny model take ~0.1 s).
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head.encode() + payload)
+            deadline = time.monotonic() + 10
+            while server.metrics()["moetron_requests_in_flight"] < 1:
+                assert time.monotonic() < deadline, "the request never showed up as in flight"
     # The client is gone: the engine must drop the request and give back every block.
     after = _wait_for(server, lambda m: idle(m) and m.get(aborted, 0) > before.get(aborted, 0))
     assert after["moetron_kv_blocks_used"] == 0
@@ -548,7 +553,7 @@ def test_queue_full_429_then_sigterm_drains(server) -> None:
         client.completions.create(
             model=MODEL,
             prompt=PROMPTS[i % len(PROMPTS)],
-            max_tokens=160,  # long enough to still run after the 429 check and the SIGTERM
+            max_tokens=230,  # near the 256-token context: still running after the 429 and the SIGTERM
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
