@@ -26,8 +26,9 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def generate(model: Transformer, fused: bool) -> tuple[list, list[torch.Tensor]]:
-    engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=64, block_size=8, max_num_batched_tokens=40))
+def generate(model: Transformer, fused: bool, invariant: bool = True) -> tuple[list, list[torch.Tensor]]:
+    options = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=40, batch_invariant=invariant)
+    engine = LLMEngine(model, None, EngineConfig(**options))
     assert (engine.runner.fused is not None) == FusedLayers.supports(model)
     if not fused:
         engine.runner.fused = None
@@ -73,16 +74,18 @@ def test_fused_path_matches_module_path() -> None:
     ],
     ids=["shared-experts", "dense-layer"],
 )
-def test_uncovered_models_take_the_module_path(moe: MoEConfig, monkeypatch) -> None:
-    """...where the per-op kernels still serve them, with the results of PyTorch's kernels."""
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "plain"])
+def test_uncovered_models_take_the_module_path(moe: MoEConfig, invariant: bool, monkeypatch) -> None:
+    """...where the per-op kernels still serve them, with the results of PyTorch's kernels (in
+    plain mode whole prompts go to SDPA and the other rows, in the same steps, to the kernel)."""
     cfg = ModelConfig(vocab_size=97, dim=48, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, moe=moe)
     torch.manual_seed(0)
     model = Transformer.from_config(cfg).eval()
     assert not FusedLayers.supports(model)
     assert not FusedLayers.supports(Transformer.from_config(CFG, dtype=torch.bfloat16).eval())
-    with_kernels, _ = generate(model, fused=False)
+    with_kernels, _ = generate(model, fused=False, invariant=invariant)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    with_torch, _ = generate(model, fused=False)
+    with_torch, _ = generate(model, fused=False, invariant=invariant)
     for (ids_a, lps_a), (ids_b, lps_b) in zip(with_kernels, with_torch, strict=True):
         assert ids_a == ids_b
         assert all(max(abs(a[t] - b[t]) for t in a) < 1e-5 for a, b in zip(lps_a, lps_b, strict=True))

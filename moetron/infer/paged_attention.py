@@ -104,31 +104,25 @@ class PagedAttention:
         self.invariant = invariant
         # The model's backend signature carries no layer index; layers call in order, so count.
         self.layer = 0
+        # moetron's kernel takes every row, or (non-invariant mode) all but whole prompts, which
+        # SDPA does faster. kernel_rows_T: the packed rows it takes when that is not all of them.
+        self.kernel_tables: KernelTables | None = None
+        self.kernel_rows_T: torch.Tensor | None = None
         cache = k_caches[0]
         if cache.device.type == "cpu" and cache.dtype == torch.float32 and cpu_kernels.available():
-            whole_prompt = [s.num_new > 1 and s.context_len == s.num_new for s in seqs]
-            kernel_seqs = [s for s, whole in zip(seqs, whole_prompt, strict=True) if invariant or not whole]
-            seqs = [s for s, whole in zip(seqs, whole_prompt, strict=True) if whole and not invariant]
-            self.seqs_left = bool(seqs)
-            self._prepare_kernel(kernel_seqs, cache.shape[1])
-        else:
-            self.kernel_rows_T = None
+            to_sdpa = [not invariant and s.num_new > 1 and s.context_len == s.num_new for s in seqs]
+            kernel_seqs = [s for s, sdpa in zip(seqs, to_sdpa, strict=True) if not sdpa]
+            seqs = [s for s, sdpa in zip(seqs, to_sdpa, strict=True) if sdpa]
+            if kernel_seqs:
+                self.kernel_tables = KernelTables.build(kernel_seqs, cache.shape[1])
+                if seqs:
+                    self.kernel_rows_T = torch.tensor(self.kernel_tables.rows, dtype=torch.long)
         # Single-query sequences (decodes) attend together in one batched call; the rest one by one.
         decodes = [s for s in seqs if s.num_new == 1]
         self.decodes = decodes if len(decodes) > 1 else []
         self.seqs = [s for s in seqs if s.num_new > 1] if self.decodes else seqs
         if self.decodes:
             self._prepare_decodes(k_caches[0].shape[1], slot_mapping_T.device)
-
-    def _prepare_kernel(self, seqs: list[SeqSlice], block_size: int) -> None:
-        """Once per step: the kernel's tables and its packed rows (kernel_rows_T; None when it has none)."""
-        self.kernel_rows_T: torch.Tensor | None = None
-        if not seqs:
-            return
-        tables = KernelTables.build(seqs, block_size)
-        self.kernel_tables = tables
-        self.kernel_rows_T = torch.tensor(tables.rows, dtype=torch.long)
-        self.kernel_takes_all = not self.seqs_left and tables.rows == list(range(len(tables.rows)))
 
     def _prepare_decodes(self, block_size: int, device: torch.device) -> None:
         """Once per step: the decodes' block tables padded to one width, and which keys are theirs."""
@@ -154,12 +148,12 @@ class PagedAttention:
                 0, self.slot_mapping_T, new_BGTd[0].transpose(0, 1).to(cache.dtype)
             )
         q_HTd = q_BHTd[0]
-        if self.kernel_rows_T is not None and self.kernel_takes_all:
+        if self.kernel_tables is not None and self.kernel_rows_T is None:
             # Every row of the step through the kernel (the usual case): no gather, no scatter.
             out_THd = self.kernel_tables.attend(q_HTd.transpose(0, 1), k_cache_NSGd, v_cache_NSGd)
             return out_THd.transpose(0, 1)[None]
         out_HTd = torch.empty_like(q_HTd)
-        if self.kernel_rows_T is not None:
+        if self.kernel_tables is not None:
             q_THd = q_HTd.transpose(0, 1).index_select(0, self.kernel_rows_T)
             out_HTd[:, self.kernel_rows_T] = self.kernel_tables.attend(
                 q_THd, k_cache_NSGd, v_cache_NSGd

@@ -148,6 +148,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along a row (a view when it already is one)."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    return x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous()
+
+
 def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (fp32, CPU). Each output element is one fixed-order dot product, so a row's
     result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp)."""
@@ -155,9 +161,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     num_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != num_in:
         raise ValueError(f"linear_f32: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    x_MK = x.reshape(-1, num_in)
-    if x_MK.stride(-1) != 1:
-        x_MK = x_MK.contiguous()
+    x_MK = _rows(x)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     num_rows, num_out = x_MK.shape[0], weight.shape[0]
@@ -201,7 +205,7 @@ def paged_attention_f32(
             raise ValueError(f"paged_attention_f32: {name} must be contiguous")
     tables = (block_tables_QB, seq_of_row_T, pos_of_row_T)
     if any(t.dtype != torch.int64 for t in tables) or any(
-        t.dtype != torch.float32 for t in (k_cache_NSGd, v_cache_NSGd)
+        t.dtype != torch.float32 for t in (q_THd, k_cache_NSGd, v_cache_NSGd)
     ):
         raise ValueError("paged_attention_f32 takes float32 queries and caches and int64 tables")
     seq_of_row_T, pos_of_row_T = seq_of_row_T.contiguous(), pos_of_row_T.contiguous()
@@ -270,9 +274,7 @@ def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     dim = x.shape[-1]
     if weight.shape != (dim,):
         raise ValueError(f"rms_norm_f32: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    x_MD = x.reshape(-1, dim)
-    if x_MD.stride(-1) != 1:
-        x_MD = x_MD.contiguous()
+    x_MD = _rows(x)
     weight = weight.contiguous()
     out_MD = torch.empty(x_MD.shape, dtype=torch.float32)
     if x_MD.shape[0]:

@@ -37,7 +37,7 @@ def _madvise() -> ctypes._CFuncPtr | None:
 
 def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised 1-D CPU tensor whose 2 MiB-aligned pages were advised to be huge."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     slack = HUGE_PAGE // itemsize
     buffer = torch.empty(numel + slack, dtype=dtype)
     address = buffer.data_ptr()
