@@ -69,9 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrent", type=int, default=32, help="(b): number of requests")
     p.add_argument("--concurrent-new-tokens", type=int, default=32, help="(b): new tokens per request")
     p.add_argument(
-        "--hf-timed-requests", type=int, default=4,
-        help="(b): transformers' timed calls serve this many of the requests one at a time (its "
-        "check pass serves all of them and is timed too)",
+        "--hf-timed-requests", type=int, default=0,
+        help="(b): transformers' timed calls serve this many of the requests one at a time (default 0: "
+        "all of them; fewer is quicker but noisier). Its check pass serves all and is timed too",
     )  # fmt: skip
     p.add_argument(
         "--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -286,21 +286,29 @@ class Limits:
             f"weights + {kv / 1e6:.1f} MB KV per token) = {bound:.1f} tokens/s"
         )
 
-    def concurrent_bound(self, cfg: ModelConfig, args: argparse.Namespace) -> str:
-        """A step of B tokens reads once every expert some token picks (all of them once B >= E,
-        for uniform routing) plus every sequence's KV, and computes B tokens' forward FLOPs."""
+    def concurrent_bound(self, cfg: ModelConfig, args: argparse.Namespace) -> tuple[float, str]:
+        """Tokens/s of part (b) if every step only read its bytes at read bandwidth or only computed
+        its FLOPs at the matmul peak, whichever takes longer. The run is one prefill step (all
+        prompts; it also yields each request's first token) and then M - 1 decode steps of B rows.
+        A step of B tokens reads once every expert some token picks (all of them once B >= E, for
+        uniform routing) plus every sequence's KV."""
         batch, counts, moe = args.concurrent, param_counts(cfg), cfg.moe
+        prompt, new = args.prompt_len, args.concurrent_new_tokens
         picked = moe.num_experts * (1 - (1 - moe.top_k / moe.num_experts) ** batch)
         dense = counts.total - counts.embedding - counts.routed_experts
-        context = args.prompt_len + args.concurrent_new_tokens / 2
-        step = 4 * (dense + counts.routed_experts * picked / moe.num_experts)
-        step += batch * kv_bytes_per_token(cfg, 4) * context
+        context = prompt + new / 2
+        step_bytes = 4 * (dense + counts.routed_experts * picked / moe.num_experts)
+        step_bytes += batch * kv_bytes_per_token(cfg, 4) * context
+        read_s = step_bytes / (self.read_gbs * 1e9)
+        prefill_s = max(read_s, batch * prompt * forward_flops_per_token(cfg, prompt // 2) / self.peak_flops)
         flops = forward_flops_per_token(cfg, int(context))
-        bound = min(batch * self.read_gbs * 1e9 / step, self.peak_flops / flops)
-        return (
-            f"{batch}-request bound: min(bandwidth: {batch} x {self.read_gbs:.1f} GB/s / {step / 1e6:.0f} MB "
-            f"per step, compute: {self.peak_flops / 1e9:.0f} GFLOP/s / {flops / 1e6:.0f} MFLOP per token) "
-            f"= {bound:.0f} tokens/s"
+        step_s = max(read_s, batch * flops / self.peak_flops)
+        bound = batch * new / (prefill_s + (new - 1) * step_s)
+        return bound, (
+            f"{batch}-request bound: prefill of {batch} x {prompt} tokens at the matmul peak ({prefill_s:.2f} s) "
+            f"+ {new - 1} decode steps x max(bandwidth: {step_bytes / 1e6:.0f} MB / {self.read_gbs:.1f} GB/s, "
+            f"compute: {batch} x {flops / 1e6:.0f} MFLOP / {self.peak_flops / 1e9:.0f} GFLOP/s) "
+            f"({step_s * 1e3:.0f} ms) = {bound:.0f} tokens/s"
         )
 
     def line(self) -> str:
@@ -356,12 +364,15 @@ def main() -> None:
     print_table(
         ["system", "decode tok/s", "% of bound", f"e2e tok/s ({n} new)", "n (N + 1)", "ours/this"], rows_a
     )
+    bound_b, bound_b_line = limits.concurrent_bound(cfg, args)
     print(f"\n(b) {len(prompts)} requests x {m} new tokens, prompts of {args.prompt_len} tokens")
-    print_table(["system", "requests timed", "served", "total tok/s", "n", "ours/this"], rows_b)
+    for row in rows_b:
+        row.insert(4, f"{float(row[3]) / bound_b:.0%}")
+    print_table(["system", "requests timed", "served", "total tok/s", "% of bound", "n", "ours/this"], rows_b)
     print()
     print(limits.line())
     print(bound_line)
-    print(limits.concurrent_bound(cfg, args))
+    print(bound_b_line)
     report(decode, ratio_b, args)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(background.line())
@@ -433,7 +444,7 @@ def concurrent(
 ) -> tuple[float | None, list[list[object]]]:
     """Part (b): moetron serves all prompts at once, transformers one at a time. Returns the
     speed ratio (None without moetron) and the table rows."""
-    m, k = args.concurrent_new_tokens, min(args.hf_timed_requests, len(prompts))
+    m, k = args.concurrent_new_tokens, min(args.hf_timed_requests or len(prompts), len(prompts))
     hf = systems[hf_name]
     start = time.perf_counter()
     hf_all = hf(prompts, m)  # check pass over every request, timed once

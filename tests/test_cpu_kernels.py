@@ -25,7 +25,10 @@ def test_kernels_build_on_this_machine() -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_in, num_out", [(64, 48), (1027, 37), (5, 3), (8, 1), (256, 130), (1, 9)])
+# (2053, 101): wide rows get shorter weight chunks (chunk_rows: 36 here), so N spans 36 + 36 + 29
+@pytest.mark.parametrize(
+    "num_in, num_out", [(64, 48), (1027, 37), (5, 3), (8, 1), (256, 130), (1, 9), (2053, 101)]
+)
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 7, 64, 67, 130])
 def test_matches_torch(num_rows: int, num_in: int, num_out: int) -> None:
     gen = torch.Generator().manual_seed(num_rows * 1000 + num_in + num_out)
@@ -128,7 +131,12 @@ def reference_moe(x, weights, ids, w1, w2, w3) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize(
     "num_tokens, top_k, dim, hidden, num_experts",
-    [(1, 2, 64, 128, 8), (37, 3, 40, 17, 5), (130, 1, 72, 9, 4)],
+    [
+        (1, 2, 64, 128, 8),
+        (37, 3, 40, 17, 5),
+        (130, 1, 72, 9, 4),
+        (9, 2, 100, 1100, 4),
+    ],  # last: w2 in 84 + 16 rows
 )
 def test_moe_matches_reference_and_is_invariant(num_tokens, top_k, dim, hidden, num_experts) -> None:
     gen = torch.Generator().manual_seed(num_tokens)

@@ -32,9 +32,10 @@ struct Projection {
     int64_t ldo, n0, n1;
 };
 
-void add_chunks(std::vector<Projection>& items, const float* w, float* out, int64_t num_out) {
-    for (int64_t n0 = 0; n0 < num_out; n0 += N_CHUNK)
-        items.push_back({w, out, num_out, n0, n0 + N_CHUNK < num_out ? n0 + N_CHUNK : num_out});
+void add_chunks(std::vector<Projection>& items, const float* w, float* out, int64_t num_out, int64_t K) {
+    const int64_t rows = chunk_rows(K);
+    for (int64_t n0 = 0; n0 < num_out; n0 += rows)
+        items.push_back({w, out, num_out, n0, n0 + rows < num_out ? n0 + rows : num_out});
 }
 
 // RoPE on `heads` rows of d in place, as the model computes it: x * cos + rotate_half(x) * sin with
@@ -70,10 +71,10 @@ void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const
     std::unique_ptr<float[]> xn(new float[T * D]), q(new float[T * HD]), k(new float[T * GD]),
         v(new float[T * GD]), att(new float[T * HD]), o(new float[T * D]);
     std::vector<Projection> qkv, out_proj;
-    add_chunks(qkv, wq, q.get(), HD);
-    add_chunks(qkv, wk, k.get(), GD);
-    add_chunks(qkv, wv, v.get(), GD);
-    add_chunks(out_proj, wo, o.get(), D);
+    add_chunks(qkv, wq, q.get(), HD, D);
+    add_chunks(qkv, wk, k.get(), GD, D);
+    add_chunks(qkv, wv, v.get(), GD, D);
+    add_chunks(out_proj, wo, o.get(), D, HD);
     const int64_t num_qkv = static_cast<int64_t>(qkv.size()), num_out = static_cast<int64_t>(out_proj.size());
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {

@@ -22,13 +22,13 @@ extern "C" {
 void moetron_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out,
                         int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
     using namespace moetron;
-    const int64_t num_chunks = (N + N_CHUNK - 1) / N_CHUNK;
+    const int64_t rows = chunk_rows(K), num_chunks = (N + rows - 1) / rows;
     // The caller passes torch's thread count: omp_set_num_threads is per calling thread, and the
     // serving engine steps the model from its own thread.
     if (num_threads > num_chunks) num_threads = static_cast<int>(num_chunks);
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t c = 0; c < num_chunks; ++c) {
-        const int64_t n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;
+        const int64_t n0 = c * rows, n1 = n0 + rows < N ? n0 + rows : N;
         linear_chunk(x, ldx, w, ldw, out, ldo, M, K, n0, n1);
     }
 }

@@ -27,13 +27,14 @@ struct Item {
     int64_t expert, n0, n1;
 };
 
-// Work items: each expert with rows, its weight rows cut into N_CHUNK chunks.
-std::vector<Item> chunk_items(const std::vector<int64_t>& counts, int64_t num_rows) {
+// Work items: each expert with rows, its weight rows (of width K) cut into chunk_rows(K) chunks.
+std::vector<Item> chunk_items(const std::vector<int64_t>& counts, int64_t num_rows, int64_t K) {
+    const int64_t rows = chunk_rows(K);
     std::vector<Item> items;
     for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e)
         if (counts[e] > 0)
-            for (int64_t n0 = 0; n0 < num_rows; n0 += N_CHUNK)
-                items.push_back({e, n0, n0 + N_CHUNK < num_rows ? n0 + N_CHUNK : num_rows});
+            for (int64_t n0 = 0; n0 < num_rows; n0 += rows)
+                items.push_back({e, n0, n0 + rows < num_rows ? n0 + rows : num_rows});
     return items;
 }
 
@@ -77,7 +78,7 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
         float* dst = xs + slot_of_pair[p] * D;
         for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
     }
-    const std::vector<Item> up = chunk_items(counts, I), down = chunk_items(counts, D);
+    const std::vector<Item> up = chunk_items(counts, I, D), down = chunk_items(counts, D, I);
     const int64_t num_up = static_cast<int64_t>(up.size()), num_down = static_cast<int64_t>(down.size());
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
