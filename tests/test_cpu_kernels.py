@@ -102,7 +102,7 @@ def test_serving_kernels_route_small_products_to_the_kernel_in_both_modes() -> N
     for invariant in (True, False):
         with batch_invariant.serving_kernels(invariant):
             assert torch.equal(batch_invariant.ops.linear(x, w), expected)
-    assert batch_invariant.ops.serving_linear is None  # training numerics untouched outside
+    assert batch_invariant.ops.serving is None  # training numerics untouched outside
 
 
 def test_disabled_by_environment_variable() -> None:

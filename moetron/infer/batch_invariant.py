@@ -21,7 +21,7 @@
   * Attention: paged_attention.py pads its query rows the same way and sums its value product
     over fixed-size key tiles (one product over all keys summed in an order set by the key count).
 Row-wise ops (RMSNorm, softmax, top-k, log_softmax, RoPE's cos/sin) measured invariant as they are.
-Training never sees any of this: the hooks in model/ops.py are installed only inside `serving_kernels()`.
+Training never sees any of this: model/ops.py's `serving` kernels are installed only inside `serving_kernels()`.
 
 Legend: M rows, K input width, N output width.
 """
@@ -98,18 +98,21 @@ def invariant_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x.double()).to(x.dtype)
 
 
+# Moetron's routed-expert and RMSNorm kernels are invariant, and faster than PyTorch's dispatch at
+# every batch size measured, so both modes use them.
+INVARIANT_KERNELS = ops.ServingKernels(
+    invariant_linear, invariant_silu, kernel_rms_norm, fused_routed_experts
+)
+FAST_KERNELS = ops.ServingKernels(fast_linear, None, kernel_rms_norm, fused_routed_experts)
+
+
 @contextlib.contextmanager
 def serving_kernels(invariant: bool = True) -> Iterator[None]:
     """Install the serving kernels in model/ops.py for the duration: the batch-invariant ones, or
     with `invariant=False` the fastest ones per shape."""
-    saved = ops.serving_linear, ops.serving_silu, ops.serving_routed_experts, ops.serving_rms_norm
-    if invariant:
-        ops.serving_linear, ops.serving_silu = invariant_linear, invariant_silu
-    else:
-        ops.serving_linear = fast_linear
-    # Invariant, and faster than PyTorch's dispatch at every batch size measured, so in both modes.
-    ops.serving_routed_experts, ops.serving_rms_norm = fused_routed_experts, kernel_rms_norm
+    saved = ops.serving
+    ops.serving = INVARIANT_KERNELS if invariant else FAST_KERNELS
     try:
         yield
     finally:
-        ops.serving_linear, ops.serving_silu, ops.serving_routed_experts, ops.serving_rms_norm = saved
+        ops.serving = saved

@@ -175,9 +175,9 @@ class MoELayer(nn.Module):
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
-        if ops.serving_routed_experts is not None and not self.training:
+        if ops.serving is not None and not self.training:
             experts = self.experts
-            out_TD = ops.serving_routed_experts(
+            out_TD = ops.serving.routed_experts(
                 x_TD, weights_TK, expert_ids_TK, experts.w1, experts.w2, experts.w3
             )
             if out_TD is not None:

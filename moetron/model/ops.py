@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +37,35 @@ def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in _HALF else None
 
 
-# Serving hook: the inference engine installs batch-invariant kernels here for the length of a
-# forward (moetron/infer/batch_invariant.py); None everywhere else, so training numerics never change.
-serving_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-serving_silu: Callable[[torch.Tensor], torch.Tensor] | None = None
-# (x, weight, eps) -> RMSNorm(x), or None to decline.
-serving_rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None] | None = None
-# (x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID) -> out_TD, or None to decline (then
-# MoELayer dispatches in PyTorch): a fused routed-experts kernel for serving.
-serving_routed_experts: Callable[..., torch.Tensor | None] | None = None
+@dataclass(frozen=True)
+class ServingKernels:
+    """The kernels the inference engine installs for the length of a forward
+    (moetron/infer/batch_invariant.py). `rms_norm` and `routed_experts` may decline an input by
+    returning None (the PyTorch path runs then); `silu` None means F.silu."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    silu: Callable[[torch.Tensor], torch.Tensor] | None
+    # (x, weight, eps) -> RMSNorm(x)
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]
+    # (x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID) -> out_TD: a routed-expert layer
+    routed_experts: Callable[..., torch.Tensor | None]
+
+
+# None everywhere but inside the engine's forwards: training numerics never change.
+serving: ServingKernels | None = None
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """F.silu, or the serving engine's batch-invariant version while one is installed."""
-    return F.silu(x) if serving_silu is None else serving_silu(x)
+    if serving is not None and serving.silu is not None:
+        return serving.silu(x)
+    return F.silu(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, like F.linear without bias."""
-    if serving_linear is not None:
-        return serving_linear(x, weight)
+    if serving is not None:
+        return serving.linear(x, weight)
     return plain_linear(x, weight)
 
 

@@ -36,10 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            ops.serving_rms_norm is not None
-            and (out := ops.serving_rms_norm(x, self.weight, self.eps)) is not None
-        ):
+        if ops.serving is not None and (out := ops.serving.rms_norm(x, self.weight, self.eps)) is not None:
             return out
         # Normalise in fp32, scale in the input dtype (as Llama/Mixtral do).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
