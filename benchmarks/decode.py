@@ -261,8 +261,8 @@ def weight_bytes_per_token(cfg: ModelConfig) -> int:
 
 @dataclass
 class Limits:
-    """This machine's ceilings, measured at the start and (bandwidth) again at the end, the better
-    kept: one busy moment cannot fake a low ceiling."""
+    """This machine's ceilings, measured at the start and again at the end, the better kept: one
+    busy moment cannot fake a low ceiling."""
 
     read_gbs: float
     copy_gbs: float
@@ -275,6 +275,7 @@ class Limits:
     def remeasure(self) -> None:
         self.read_gbs = max(self.read_gbs, read_bandwidth_gbs())
         self.copy_gbs = max(self.copy_gbs, measure_copy_bandwidth() / 1e9)
+        self.peak_flops = max(self.peak_flops, measure_matmul_flops(torch.float32))
 
     def batch_one_bound(self, cfg: ModelConfig, args: argparse.Namespace) -> tuple[float, str]:
         """Tokens/s if every decoded token only streamed its weights and KV at read bandwidth."""
@@ -314,7 +315,7 @@ class Limits:
     def line(self) -> str:
         return (
             f"memory bandwidth: read {self.read_gbs:.1f} GB/s (sum over 512 MiB), copy {self.copy_gbs:.1f} "
-            f"GB/s (read+write); fp32 matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s (1024^3, at the start)"
+            f"GB/s (read+write); fp32 matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s (1024^3)"
         )
 
 
