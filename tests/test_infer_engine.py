@@ -1,7 +1,11 @@
 """LLMEngine / LLM end to end on a tiny random MoE model: continuous batching against a full
-recompute, abort, n > 1, finish reasons, prompt validation, preemption, stats, prompt logprobs."""
+recompute, abort, n > 1, finish reasons, prompt validation, preemption, stats, prompt logprobs, and
+the dtype a half-precision checkpoint is served in."""
 
 from __future__ import annotations
+
+import copy
+import logging
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
-from moetron.model import Transformer
+from moetron.model import Transformer, ops
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 30
 CFG = ModelConfig(
@@ -221,3 +225,23 @@ def test_prompt_and_sample_logprobs_match_a_full_forward(model) -> None:
         assert position[token].logprob == pytest.approx(
             float(logprobs_TV[len(prompt) - 1 + i, token]), abs=1e-5
         )
+
+
+def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(model, tmp_path, caplog) -> None:
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.save_pretrained(tmp_path)
+    upcast = not ops.cpu_has_native_half_matmul()  # no AMX / AVX512-BF16: PyTorch emulates bf16
+    with caplog.at_level(logging.INFO, logger="moetron.infer"):
+        engine = LLMEngine.from_pretrained(tmp_path, num_kv_blocks=64, block_size=8)
+    served = next(engine.model.parameters()).dtype
+    assert served == (torch.float32 if upcast else torch.bfloat16)
+    assert ("serving the bfloat16 checkpoint in float32" in caplog.text) == upcast
+    # the upcast is exact: the engine decodes what the bf16 weights compute in float32 (or in bf16)
+    reference = half.float() if upcast else half
+    prompt = prompts(9)[0]
+    engine.add_request(prompt, GREEDY)
+    (out,) = run_to_completion(engine).values()
+    assert out.outputs[0].token_ids == reference_greedy(reference, prompt, 10)
+    # a named dtype is kept
+    kept = LLMEngine.from_pretrained(tmp_path, dtype="bfloat16", num_kv_blocks=64, block_size=8)
+    assert next(kept.model.parameters()).dtype == torch.bfloat16

@@ -24,7 +24,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Bit-identical results for a request whatever shares its batch (see batch_invariant.py).
     batch_invariant: bool = True
-    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None keeps the checkpoint's
+    # "float32" | "bfloat16" | "float16". None keeps the checkpoint's, except that a bf16/fp16
+    # checkpoint on a CPU without half-precision matmul instructions is served in float32
+    # (LLMEngine.from_pretrained says so in its log); name the dtype to keep it.
+    dtype: str | None = None
     device: str = "cpu"
     # Speculative decoding (spec_decode.py): None | "ngram" (prompt lookup) | "draft" (a small model
     # with the target's vocabulary, from draft_model_dir). Exact: greedy output stays bit-identical.

@@ -15,6 +15,7 @@ The HTTP server drives this same object (moetron/serve); `LLM` (llm.py) is the o
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -32,7 +33,25 @@ from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
 from moetron.infer.spec_decode import SpecDecoder
+from moetron.model import ops
 from moetron.model.transformer import Transformer
+
+log = logging.getLogger("moetron.infer")
+
+
+def upcast_half_on_plain_cpu(model: Transformer) -> str | None:
+    """A bf16/fp16 model on a CPU without half-precision matmul instructions (no AMX or
+    AVX512-BF16) is converted to float32 in place, and its dtype's name returned; else None.
+    There PyTorch emulates half matmuls, and moetron's fp32 kernels and fused decoder path decode
+    ~9x faster (measured: 7.1 vs 66 tokens/s at batch 1, benchmarks/decode.py's model). The
+    upcast is exact and the arithmetic more precise than bf16's; the weights and KV cache take
+    twice the memory."""
+    dtype = next(model.parameters()).dtype
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu or dtype not in (torch.bfloat16, torch.float16) or ops.cpu_has_native_half_matmul():
+        return None
+    model.float()
+    return str(dtype).removeprefix("torch.")
 
 
 class LLMEngine:
@@ -90,6 +109,8 @@ class LLMEngine:
 
         cfg = EngineConfig.from_overrides(**overrides)
         model = from_pretrained(model_dir, device=cfg.device, dtype=cfg.torch_dtype)
+        if cfg.torch_dtype is None and (half := upcast_half_on_plain_cpu(model)) is not None:
+            log.info("serving the %s checkpoint in float32: this CPU has no %s matmul", half, half)
         move_to_huge_pages(model)  # the engine owns these weights: stream them with fewer TLB misses
         try:
             tokenizer = load_tokenizer(model_dir)
