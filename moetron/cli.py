@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks")
     srv.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-        help="default: the checkpoint's, but float32 for a bf16/fp16 checkpoint on a CPU without "
-        "half-precision matmul instructions (~9x faster decode there)",
+        help="activations and KV cache; default: the checkpoint's, but float32 for a bf16/fp16 "
+        "checkpoint on a CPU without half-precision matmul instructions (bf16 weights then stay bf16)",
     )  # fmt: skip
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (default: the engine's)")
     srv.add_argument(

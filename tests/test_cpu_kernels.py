@@ -42,6 +42,17 @@ def test_matches_torch(num_rows: int, num_in: int, num_out: int) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("num_rows", [1, 5, 8, 67])
+def test_bf16_weights_give_their_float32_copys_bits(num_rows: int) -> None:
+    gen = torch.Generator().manual_seed(num_rows)
+    w = torch.randn(101, 2053, generator=gen).bfloat16()  # K tail, several weight chunks
+    x = torch.randn(num_rows, 2053, generator=gen)
+    assert torch.equal(cpu_kernels.linear_f32(x, w), cpu_kernels.linear_f32(x, w.float()))
+    with pytest.raises(ValueError, match="want float32"):
+        cpu_kernels.linear_f32(x.double(), w)
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_rows_are_invariant_to_row_count_place_and_threads(threads: int) -> None:
     gen = torch.Generator().manual_seed(threads)

@@ -14,6 +14,7 @@ from moetron.config import ModelConfig, MoEConfig
 from moetron.data.tokenizer import train_bpe
 from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
+from moetron.infer.fused_layers import FusedLayers
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
 from moetron.model import Transformer, ops
@@ -227,21 +228,27 @@ def test_prompt_and_sample_logprobs_match_a_full_forward(model) -> None:
         )
 
 
-def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(model, tmp_path, caplog) -> None:
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    half.save_pretrained(tmp_path)
-    upcast = not ops.cpu_has_native_half_matmul()  # no AMX / AVX512-BF16: PyTorch emulates bf16
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(
+    model, half: torch.dtype, tmp_path, caplog
+) -> None:
+    checkpoint = copy.deepcopy(model).to(half)
+    checkpoint.save_pretrained(tmp_path)
+    plain_cpu = not ops.cpu_has_native_half_matmul()  # no AMX / AVX512-BF16: PyTorch emulates it
     with caplog.at_level(logging.INFO, logger="moetron.infer"):
         engine = LLMEngine.from_pretrained(tmp_path, num_kv_blocks=64, block_size=8)
-    served = next(engine.model.parameters()).dtype
-    assert served == (torch.float32 if upcast else torch.bfloat16)
-    assert ("serving the bfloat16 checkpoint in float32" in caplog.text) == upcast
-    # the upcast is exact: the engine decodes what the bf16 weights compute in float32 (or in bf16)
-    reference = half.float() if upcast else half
+    name = str(half).removeprefix("torch.")
+    assert engine.runner.dtype == (torch.float32 if plain_cpu else half)
+    assert (f"serving the {name} checkpoint in float32" in caplog.text) == plain_cpu
+    if plain_cpu:  # bf16 weights stay bf16 on the fused path (widened in the kernels); fp16 ones convert
+        kept_bf16 = half == torch.bfloat16 and FusedLayers.supports(engine.model)
+        assert next(engine.model.parameters()).dtype == (half if kept_bf16 else torch.float32)
+    # exact widening: the engine decodes what the checkpoint's values compute in float32
+    reference = copy.deepcopy(checkpoint).float() if plain_cpu else checkpoint
     prompt = prompts(9)[0]
     engine.add_request(prompt, GREEDY)
     (out,) = run_to_completion(engine).values()
     assert out.outputs[0].token_ids == reference_greedy(reference, prompt, 10)
     # a named dtype is kept
-    kept = LLMEngine.from_pretrained(tmp_path, dtype="bfloat16", num_kv_blocks=64, block_size=8)
-    assert next(kept.model.parameters()).dtype == torch.bfloat16
+    kept = LLMEngine.from_pretrained(tmp_path, dtype=name, num_kv_blocks=64, block_size=8)
+    assert next(kept.model.parameters()).dtype == half and kept.runner.dtype == half

@@ -1,9 +1,11 @@
 """The engine's fused decoder path (moetron/infer/fused_layers.py) computes what the module path
 computes: same greedy tokens, logprobs within 1e-5 (fp32; the router's softmax and the residual
-adds run in C instead of PyTorch), the same per-expert token counts; and it is used only for the
-models it covers."""
+adds run in C instead of PyTorch), the same per-expert token counts; it is used only for the
+models it covers; and a bf16 model served in float32 gives its float32 copy's exact bits."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -26,8 +28,12 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def generate(model: Transformer, fused: bool, invariant: bool = True) -> tuple[list, list[torch.Tensor]]:
-    options = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=40, batch_invariant=invariant)
+def generate(
+    model: Transformer, fused: bool, invariant: bool = True, dtype: str | None = None
+) -> tuple[list, list[torch.Tensor]]:
+    options = dict(
+        num_kv_blocks=64, block_size=8, max_num_batched_tokens=40, batch_invariant=invariant, dtype=dtype
+    )
     engine = LLMEngine(model, None, EngineConfig(**options))
     assert (engine.runner.fused is not None) == FusedLayers.supports(model)
     if not fused:
@@ -82,13 +88,31 @@ def test_uncovered_models_take_the_module_path(moe: MoEConfig, invariant: bool, 
     torch.manual_seed(0)
     model = Transformer.from_config(cfg).eval()
     assert not FusedLayers.supports(model)
-    assert not FusedLayers.supports(Transformer.from_config(CFG, dtype=torch.bfloat16).eval())
+    bf16 = Transformer.from_config(CFG, dtype=torch.bfloat16).eval()  # computed in bf16: module path
+    assert LLMEngine(bf16, None, EngineConfig(num_kv_blocks=16, block_size=8)).runner.fused is None
     with_kernels, _ = generate(model, fused=False, invariant=invariant)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     with_torch, _ = generate(model, fused=False, invariant=invariant)
     for (ids_a, lps_a), (ids_b, lps_b) in zip(with_kernels, with_torch, strict=True):
         assert ids_a == ids_b
         assert all(max(abs(a[t] - b[t]) for t in a) < 1e-5 for a, b in zip(lps_a, lps_b, strict=True))
+
+
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "plain"])
+def test_bf16_weights_served_in_float32_give_their_float32_copys_bits(invariant: bool) -> None:
+    """bf16 weights widened in the kernels' registers: the same products, sums and tokens as the
+    weights widened in memory, from half the bytes; activations and KV cache are fp32."""
+    torch.manual_seed(0)
+    bf16 = Transformer.from_config(CFG).eval().to(torch.bfloat16)
+    widened = copy.deepcopy(bf16).float()
+    engine = LLMEngine(bf16, None, EngineConfig(num_kv_blocks=16, block_size=8, dtype="float32"))
+    assert engine.runner.fused is not None and engine.runner.k_caches[0].dtype == torch.float32
+    ours, our_counts = generate(bf16, fused=True, invariant=invariant, dtype="float32")
+    theirs, their_counts = generate(widened, fused=True, invariant=invariant, dtype="float32")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # served, not converted
+    assert ours == theirs  # token ids and every logprob, exactly
+    for a, b in zip(our_counts, their_counts, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_paused_expert_stats_stay_untouched() -> None:

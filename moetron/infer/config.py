@@ -24,9 +24,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Bit-identical results for a request whatever shares its batch (see batch_invariant.py).
     batch_invariant: bool = True
-    # "float32" | "bfloat16" | "float16". None keeps the checkpoint's, except that a bf16/fp16
-    # checkpoint on a CPU without half-precision matmul instructions is served in float32
-    # (LLMEngine.from_pretrained says so in its log); name the dtype to keep it.
+    # "float32" | "bfloat16" | "float16": activations and KV cache. None keeps the checkpoint's,
+    # except that a bf16/fp16 checkpoint on a CPU without half-precision matmul instructions is
+    # served in float32 (LLMEngine.from_pretrained logs it); name a dtype to choose. Served in
+    # float32, bf16 weights stay bf16 where the fused path runs the model (engine.serving_dtype).
     dtype: str | None = None
     device: str = "cpu"
     # Speculative decoding (spec_decode.py): None | "ngram" (prompt lookup) | "draft" (a small model

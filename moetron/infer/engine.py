@@ -14,6 +14,7 @@ The HTTP server drives this same object (moetron/serve); `LLM` (llm.py) is the o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -26,6 +27,7 @@ import torch
 from moetron.infer.block_manager import BlockManager
 from moetron.infer.config import EngineConfig
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
+from moetron.infer.fused_layers import FusedLayers
 from moetron.infer.outputs import EngineStats, PositionLogprobs, RequestMetrics, RequestOutput
 from moetron.infer.runner import ModelRunner, num_kv_blocks
 from moetron.infer.sampling import Sampler, SamplingState, check_token_ids, make_generator, position_logprobs
@@ -39,19 +41,32 @@ from moetron.model.transformer import Transformer
 log = logging.getLogger("moetron.infer")
 
 
-def upcast_half_on_plain_cpu(model: Transformer) -> str | None:
-    """A bf16/fp16 model on a CPU without half-precision matmul instructions (no AMX or
-    AVX512-BF16) is converted to float32 in place, and its dtype's name returned; else None.
-    There PyTorch emulates half matmuls, and moetron's fp32 kernels and fused decoder path decode
-    ~9x faster (measured: 7.1 vs 66 tokens/s at batch 1, benchmarks/decode.py's model). The
-    upcast is exact and the arithmetic more precise than bf16's; the weights and KV cache take
-    twice the memory."""
-    dtype = next(model.parameters()).dtype
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if not on_cpu or dtype not in (torch.bfloat16, torch.float16) or ops.cpu_has_native_half_matmul():
-        return None
-    model.float()
-    return str(dtype).removeprefix("torch.")
+def plain_cpu_half(model: Transformer) -> bool:
+    """Whether `model` is bf16/fp16 on a CPU without half-precision matmul instructions (no AMX or
+    AVX512-BF16). PyTorch emulates half matmuls there; served in float32 (the default for such a
+    checkpoint, see EngineConfig.dtype) through the kernels and the fused path, a bf16 checkpoint
+    decodes 13x faster (95 vs 7.1 tokens/s at batch 1 on benchmarks/decode.py's model), and
+    exactly: bf16 and fp16 values widen to fp32 without rounding."""
+    param = next(model.parameters())
+    return (
+        param.device.type == "cpu"
+        and param.dtype in (torch.bfloat16, torch.float16)
+        and not ops.cpu_has_native_half_matmul()
+    )
+
+
+def serving_dtype(model: Transformer, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype of the engine's activations and KV cache for `requested` (None: the model's).
+    A bf16 model served in float32 keeps its bf16 weights when the fused path runs it (half the
+    memory and bytes per token, the same numbers); any other mismatch converts the model in place."""
+    weights = next(model.parameters()).dtype
+    if requested is None or requested == weights:
+        return weights
+    if requested == torch.float32 and weights == torch.bfloat16 and FusedLayers.supports(model):
+        log.info("serving in float32 from bf16 weights, widened in the kernels")
+        return torch.float32
+    model.to(requested)
+    return requested
 
 
 class LLMEngine:
@@ -78,11 +93,11 @@ class LLMEngine:
             )
         self.config = cfg
         self.vocab_size = model.cfg.vocab_size
-        dtype = next(model.parameters()).dtype
+        dtype = serving_dtype(model, cfg.torch_dtype)
         blocks = num_kv_blocks(model.cfg, cfg, dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, cfg, blocks)
+        self.runner = ModelRunner(model, cfg, blocks, dtype)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
         self.sampler = Sampler(self.eos_token_id)
         self.requests: dict[str, Request] = {}
@@ -108,9 +123,14 @@ class LLMEngine:
         from moetron.kernels.huge_pages import move_to_huge_pages
 
         cfg = EngineConfig.from_overrides(**overrides)
-        model = from_pretrained(model_dir, device=cfg.device, dtype=cfg.torch_dtype)
-        if cfg.torch_dtype is None and (half := upcast_half_on_plain_cpu(model)) is not None:
-            log.info("serving the %s checkpoint in float32: this CPU has no %s matmul", half, half)
+        # Served in float32, a bf16 checkpoint may keep its bf16 weights (serving_dtype): load as is.
+        model = from_pretrained(
+            model_dir, device=cfg.device, dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype
+        )
+        if cfg.dtype is None and plain_cpu_half(model):
+            weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+            log.info("serving the %s checkpoint in float32: this CPU has no %s matmul", weights, weights)
+            cfg = dataclasses.replace(cfg, dtype="float32")
         move_to_huge_pages(model)  # the engine owns these weights: stream them with fewer TLB misses
         try:
             tokenizer = load_tokenizer(model_dir)

@@ -7,6 +7,10 @@ than in streaming its weights. The numbers are those of the separate serving ker
 path is batch-invariant too; anything it does not cover (dense or shared-expert layers, other
 dtypes, no kernels) takes the module path.
 
+A bf16 model runs here too when the engine serves it in float32 (a CPU without bf16 matmul
+instructions): its weights stay bf16 and are widened in the kernels' registers, so every number is
+the one its float32 copy would give, from half the bytes. Activations and the KV cache are fp32.
+
 Legend: T packed tokens, D width, d head_dim, R rows whose logits are wanted.
 """
 
@@ -28,7 +32,11 @@ class FusedLayers:
         cfg = model.cfg
         self.dims = (cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.lib = cpu_kernels.library()
+        lib = cpu_kernels.library()
+        self.bf16_weights = model.output.weight.dtype == torch.bfloat16
+        suffix = "bf16w" if self.bf16_weights else "f32"
+        self.attention_block = getattr(lib, f"moetron_attention_block_{suffix}")
+        self.moe_block = getattr(lib, f"moetron_moe_block_{suffix}")
 
         # Per layer: the tensors whose addresses each step passes (Parameter objects, so a weight
         # re-homed or reloaded through .data stays correct) and the constants; nn.Module attribute
@@ -37,14 +45,20 @@ class FusedLayers:
         for layer in model.layers:
             att, moe = layer.attention, layer.ffn
             attention = (
-                layer.attention_norm.weight,
+                self._fp32(layer.attention_norm.weight),
                 att.wq.weight,
                 att.wk.weight,
                 att.wv.weight,
                 att.wo.weight,
             )
             experts = moe.experts
-            routed = (layer.ffn_norm.weight, moe.router.gate.weight, experts.w1, experts.w3, experts.w2)
+            routed = (
+                self._fp32(layer.ffn_norm.weight),
+                moe.router.gate.weight,
+                experts.w1,
+                experts.w3,
+                experts.w2,
+            )
             constants = (
                 layer.attention_norm.eps,
                 layer.ffn_norm.eps,
@@ -54,10 +68,15 @@ class FusedLayers:
                 moe.cfg.num_experts,
             )
             self.layers.append((attention, routed, moe, constants))
+        self.final_norm = (self._fp32(model.norm.weight), model.norm.eps)
         self.discarded_counts = torch.zeros(max(1, cfg.moe.num_experts), dtype=torch.int64)
         # RoPE's cos/sin per position, from the model's own rope, grown on demand: a decode step then
         # indexes two rows instead of recomputing angles, cos, sin and concatenations.
         self.cos_Pd = self.sin_Pd = torch.empty(0, cfg.head_dim)
+
+    def _fp32(self, norm_weight: torch.Tensor) -> torch.Tensor:
+        """Norm weights enter the kernels as fp32: a widened copy when the model is bf16 (a few KB)."""
+        return norm_weight.float() if self.bf16_weights else norm_weight
 
     def _rope_rows(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions_T = positions_BT[0]
@@ -70,6 +89,8 @@ class FusedLayers:
 
     @staticmethod
     def supports(model: Transformer) -> bool:
+        """Whether the fused path runs this model: all its layers routed-expert MoE without shared
+        experts, all its parameters fp32 (or all bf16, to be served in float32) on the CPU."""
         if not cpu_kernels.available() or model.tok_embeddings is None or model.output is None:
             return False
         for layer in model.layers:
@@ -77,7 +98,10 @@ class FusedLayers:
             if not isinstance(ffn, MoELayer) or ffn.shared_experts is not None or ffn.training:
                 return False
         params = list(model.parameters())
-        return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in params)
+        dtypes = {p.dtype for p in params}
+        return (dtypes == {torch.float32} or dtypes == {torch.bfloat16}) and all(
+            p.device.type == "cpu" and p.is_contiguous() for p in params
+        )
 
     def forward(
         self,
@@ -90,9 +114,9 @@ class FusedLayers:
         rows_R: torch.Tensor,
     ) -> torch.Tensor:
         """Every packed row through all layers (keys/values into the caches) → float32 logits [R, V]."""
-        model, lib = self.model, self.lib
+        model = self.model
         dim, num_heads, num_kv_heads, head_dim = self.dims
-        h_TD = model.tok_embeddings(ids_BT)[0].contiguous()
+        h_TD = model.tok_embeddings(ids_BT)[0].float().contiguous()
         cos_Td, sin_Td = self._rope_rows(positions_BT)
         num_tokens = h_TD.shape[0]
         if tables.rows != list(range(num_tokens)):
@@ -111,16 +135,21 @@ class FusedLayers:
         ):
             attention_eps, ffn_eps, top_k, normalize, hidden, num_experts = constants
             attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in attention)
-            lib.moetron_attention_block_f32(
+            self.attention_block(
                 h, attn_norm, attention_eps, wq, wk, wv, wo, cos, sin, k_cache.data_ptr(), v_cache.data_ptr(),
                 slots, *step_tables, num_tokens, dim, num_heads, num_kv_heads, head_dim, block_size, self.scale,
                 threads,
             )  # fmt: skip
             ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in routed)
             counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
-            lib.moetron_moe_block_f32(
+            self.moe_block(
                 h, ffn_norm, ffn_eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(), num_tokens, dim,
                 hidden, num_experts, threads,
             )  # fmt: skip
         h_RD = h_TD if rows_R.numel() == num_tokens == 1 else h_TD.index_select(0, rows_R)
+        if self.bf16_weights:  # the ops the fp32 model's norm and head take under serving_kernels()
+            norm_weight, eps = self.final_norm
+            return cpu_kernels.linear_f32(
+                cpu_kernels.rms_norm_f32(h_RD, norm_weight, eps), model.output.weight
+            )
         return model.output(model.norm(h_RD)).float()

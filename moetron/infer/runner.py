@@ -59,12 +59,16 @@ def num_kv_blocks(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cfg: EngineConfig, num_blocks: int) -> None:
+    def __init__(
+        self, model: Transformer, cfg: EngineConfig, num_blocks: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """`dtype`: activations and KV cache, default the parameters'. float32 with a bf16 model
+        runs the fused path on the bf16 weights (serving_dtype() in engine.py decides)."""
         self.model = model
         self.block_size = cfg.block_size
         self.invariant = cfg.batch_invariant
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = param.device, dtype or param.dtype
         mc = model.cfg
         shape = (num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
         # Zeros, not empty: padded attention reads (masked) slots never written, and 0 * NaN is NaN.
@@ -74,7 +78,11 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
         ]
-        self.fused = FusedLayers(model) if FusedLayers.supports(model) else None
+        self.fused = (
+            FusedLayers(model) if self.dtype == torch.float32 and FusedLayers.supports(model) else None
+        )
+        if self.dtype != param.dtype and self.fused is None:
+            raise ValueError(f"{self.dtype} activations over {param.dtype} weights need the fused path")
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logit_rows: list[int]) -> torch.Tensor:

@@ -43,15 +43,18 @@ HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h")
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 # Each C entry point's arguments: p pointer, i int64, n int, f float (the C signatures are in the .cpp).
 SIGNATURES = {
     "moetron_linear_f32": "pipipiiiin",
+    "moetron_linear_bf16w": "pipipiiiin",
     "moetron_paged_attention_f32": "piipppipppiiiiifn",
     "moetron_moe_swiglu_f32": "pppppppiiiiin",
     "moetron_rms_norm_f32": "pippiif",
     "moetron_attention_block_f32": "ppf" + "p" * 10 + "ipp" + "i" * 6 + "fn",
+    "moetron_attention_block_bf16w": "ppf" + "p" * 10 + "ipp" + "i" * 6 + "fn",
     "moetron_moe_block_f32": "ppfpinppppiiiin",
+    "moetron_moe_block_bf16w": "ppfpinppppiiiin",
 }
 
 
@@ -156,18 +159,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (fp32, CPU). Each output element is one fixed-order dot product, so a row's
-    result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp)."""
+    result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp).
+    A bf16 `weight` (with fp32 x) gives the same bits as its fp32 copy, reading half the bytes."""
     lib = library()
     num_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != num_in:
         raise ValueError(f"linear_f32: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    if x.dtype != torch.float32 or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"linear_f32: x {x.dtype} and weight {weight.dtype}; want float32 and float32/bfloat16"
+        )
     x_MK = _rows(x)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     num_rows, num_out = x_MK.shape[0], weight.shape[0]
     out_MN = torch.empty(num_rows, num_out, dtype=torch.float32)
+    kernel = lib.moetron_linear_f32 if weight.dtype == torch.float32 else lib.moetron_linear_bf16w
     if num_rows and num_out:
-        lib.moetron_linear_f32(
+        kernel(
             x_MK.data_ptr(),
             x_MK.stride(0),
             weight.data_ptr(),

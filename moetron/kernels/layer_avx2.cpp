@@ -26,13 +26,15 @@ using namespace moetron;
 
 namespace {
 
+template <typename W>
 struct Projection {
-    const float* w;
+    const W* w;
     float* out;
     int64_t ldo, n0, n1;
 };
 
-void add_chunks(std::vector<Projection>& items, const float* w, float* out, int64_t num_out, int64_t K) {
+template <typename W>
+void add_chunks(std::vector<Projection<W>>& items, const W* w, float* out, int64_t num_out, int64_t K) {
     const int64_t rows = chunk_rows(K);
     for (int64_t n0 = 0; n0 < num_out; n0 += rows)
         items.push_back({w, out, num_out, n0, n0 + rows < num_out ? n0 + rows : num_out});
@@ -54,23 +56,19 @@ void rope_rows(float* x, int64_t heads, int64_t d, const float* cos, const float
     }
 }
 
-}  // namespace
-
-extern "C" {
-
 // h [T, D] is updated in place. wq [H*d, D], wk / wv [G*d, D], wo [D, H*d]; cos / sin [T, d];
 // caches [N, S, G, d]; slots [T] (cache row of each token); block_tables [Q, B]; seq_of_row,
 // pos_of_row [T]: as moetron_paged_attention_f32.
-void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const float* wq, const float* wk,
-                                 const float* wv, const float* wo, const float* cos, const float* sin,
-                                 float* k_cache, float* v_cache, const int64_t* slots, const int64_t* block_tables,
-                                 int64_t max_blocks, const int64_t* seq_of_row, const int64_t* pos_of_row,
-                                 int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S, float scale,
-                                 int num_threads) {
+template <typename W>
+void attention_block(float* h, const float* norm_w, float eps, const W* wq, const W* wk, const W* wv, const W* wo,
+                     const float* cos, const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
+                     const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S,
+                     float scale, int num_threads) {
     const int64_t HD = H * d, GD = G * d, r = H / G;
     std::unique_ptr<float[]> xn(new float[T * D]), q(new float[T * HD]), k(new float[T * GD]),
         v(new float[T * GD]), att(new float[T * HD]), o(new float[T * D]);
-    std::vector<Projection> qkv, out_proj;
+    std::vector<Projection<W>> qkv, out_proj;
     add_chunks(qkv, wq, q.get(), HD, D);
     add_chunks(qkv, wk, k.get(), GD, D);
     add_chunks(qkv, wv, v.get(), GD, D);
@@ -83,7 +81,7 @@ void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const
         for (int64_t t = 0; t < T; ++t) rms_norm_row(h + t * D, norm_w, xn.get() + t * D, D, eps);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_qkv; ++c) {
-            const Projection& p = qkv[c];
+            const Projection<W>& p = qkv[c];
             linear_chunk(xn.get(), D, p.w, D, p.out, p.ldo, T, D, p.n0, p.n1);
         }
 #pragma omp for schedule(static)
@@ -105,7 +103,7 @@ void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_out; ++c) {
-            const Projection& p = out_proj[c];
+            const Projection<W>& p = out_proj[c];
             linear_chunk(att.get(), HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t n = p.n0; n < p.n1; ++n) h[t * D + n] = h[t * D + n] + o[t * D + n];
@@ -116,8 +114,9 @@ void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const
 // h [T, D] is updated in place. gate [E, D]; w1 / w3 [E, I, D], w2 [E, D, I]; counts [E] int64 is
 // added to (the layer's tokens_per_expert). Router as the model's: fp32 softmax over E, top-K by
 // probability (lower expert first on ties), renormalised over the K when `normalize`.
-void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, int64_t K, int normalize,
-                           const float* w1, const float* w3, const float* w2, int64_t* counts, int64_t T,
+template <typename W>
+void moe_block(float* h, const float* norm_w, float eps, const W* gate, int64_t K, int normalize,
+                           const W* w1, const W* w3, const W* w2, int64_t* counts, int64_t T,
                            int64_t D, int64_t I, int64_t E, int num_threads) {
     std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
         out(new float[T * D]);
@@ -154,6 +153,45 @@ void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float
     for (int64_t p = 0; p < T * K; ++p) ++counts[ids[p]];
     moe_experts(xn.get(), ids.get(), weights.get(), w1, w3, w2, out.get(), T, K, D, I, E, num_threads);
     for (int64_t i = 0; i < T * D; ++i) h[i] = h[i] + out[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// The entry points: fp32 weights, or bf16 ones (norm weights stay fp32) giving the same numbers as
+// the fp32 entries on the weights widened to fp32.
+
+void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const float* wq, const float* wk,
+                                 const float* wv, const float* wo, const float* cos, const float* sin,
+                                 float* k_cache, float* v_cache, const int64_t* slots, const int64_t* block_tables,
+                                 int64_t max_blocks, const int64_t* seq_of_row, const int64_t* pos_of_row,
+                                 int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S, float scale,
+                                 int num_threads) {
+    attention_block(h, norm_w, eps, wq, wk, wv, wo, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,
+                    seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
+}
+
+void moetron_attention_block_bf16w(float* h, const float* norm_w, float eps, const bf16* wq, const bf16* wk,
+                                   const bf16* wv, const bf16* wo, const float* cos, const float* sin,
+                                   float* k_cache, float* v_cache, const int64_t* slots,
+                                   const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
+                                   const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G,
+                                   int64_t d, int64_t S, float scale, int num_threads) {
+    attention_block(h, norm_w, eps, wq, wk, wv, wo, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,
+                    seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
+}
+
+void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, int64_t K, int normalize,
+                           const float* w1, const float* w3, const float* w2, int64_t* counts, int64_t T,
+                           int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_block(h, norm_w, eps, gate, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
+}
+
+void moetron_moe_block_bf16w(float* h, const float* norm_w, float eps, const bf16* gate, int64_t K, int normalize,
+                             const bf16* w1, const bf16* w3, const bf16* w2, int64_t* counts, int64_t T,
+                             int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_block(h, norm_w, eps, gate, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
 }
 
 }  // extern "C"

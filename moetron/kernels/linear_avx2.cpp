@@ -17,10 +17,11 @@
 
 #include "linear_tiles.h"
 
-extern "C" {
+namespace {
 
-void moetron_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out,
-                        int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
+template <typename W>
+void linear(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
+            int64_t K, int64_t N, int num_threads) {
     using namespace moetron;
     const int64_t rows = chunk_rows(K), num_chunks = (N + rows - 1) / rows;
     // The caller passes torch's thread count: omp_set_num_threads is per calling thread, and the
@@ -31,6 +32,22 @@ void moetron_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw
         const int64_t n0 = c * rows, n1 = n0 + rows < N ? n0 + rows : N;
         linear_chunk(x, ldx, w, ldw, out, ldo, M, K, n0, n1);
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+void moetron_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out,
+                        int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
+    linear(x, ldx, w, ldw, out, ldo, M, K, N, num_threads);
+}
+
+// The same with bf16 weights (fp32 x and out): bit-identical to moetron_linear_f32 on the weights
+// widened to fp32.
+void moetron_linear_bf16w(const float* x, int64_t ldx, const moetron::bf16* w, int64_t ldw, float* out,
+                          int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
+    linear(x, ldx, w, ldw, out, ldo, M, K, N, num_threads);
 }
 
 }  // extern "C"

@@ -12,9 +12,11 @@ namespace moetron {
 
 // out[i, j] for i < MR rows of x and j < NR rows of w, all with the same per-element arithmetic.
 // PREFETCH: ask for the next NR weight rows' lines into L2 while this tile computes.
-template <int MR, int NR, bool PREFETCH = false>
-inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out, int64_t ldo,
+// W: float or bf16 weights (simd_avx2.h), the same arithmetic on the same values.
+template <int MR, int NR, bool PREFETCH = false, typename W>
+inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
                  int64_t K) {
+    constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -22,10 +24,10 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float
     for (int64_t k = 0; k < K8; k += 8) {
         // With a few rows of x, compute could hide the weights' DRAM latency but the hardware
         // prefetcher does not run far enough ahead. Prefetches never fault past the end.
-        if (PREFETCH && (k & 15) == 0)
+        if (PREFETCH && (k & (LINE - 1)) == 0)
             for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NR) * ldw + k), _MM_HINT_T1);
         __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+        for (int j = 0; j < NR; ++j) wv[j] = load_w(w + j * ldw + k);
         for (int i = 0; i < MR; ++i) {
             __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
             for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -34,14 +36,14 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) {
             float s = hsum(acc[i][j]);
-            for (int64_t k = K8; k < K; ++k) s = __builtin_fmaf(x[i * ldx + k], w[j * ldw + k], s);
+            for (int64_t k = K8; k < K; ++k) s = __builtin_fmaf(x[i * ldx + k], w_at(w + j * ldw + k), s);
             out[i * ldo + j] = s;
         }
 }
 
 // Rows [m0, m0 + MR) of x against weight rows [n0, n1), NR at a time, then one at a time.
-template <int MR, int NR>
-inline void row_block(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out,
+template <int MR, int NR, typename W>
+inline void row_block(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out,
                       int64_t ldo, int64_t K, int64_t m0, int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + NR <= n1; n += NR)
@@ -68,8 +70,8 @@ constexpr int64_t M_CHUNK = 64;
 constexpr int64_t STREAMING_ROWS = 16;
 
 // Rows [0, M) of x against one NR-row weight tile at n.
-template <int NR>
-inline void weight_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out, int64_t ldo,
+template <int NR, typename W>
+inline void weight_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
                         int64_t M, int64_t K, int64_t n) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) tile<4, NR, true>(x + m * ldx, ldx, w + n * ldw, ldw, out + m * ldo + n, ldo, K);
@@ -78,7 +80,8 @@ inline void weight_tile(const float* x, int64_t ldx, const float* w, int64_t ldw
 }
 
 // out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T.
-inline void linear_chunk(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out, int64_t ldo,
+template <typename W>
+inline void linear_chunk(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
                          int64_t M, int64_t K, int64_t n0, int64_t n1) {
     if (M == 1) {  // decode at batch 1: 8 weight rows at a time stream fastest
         row_block<1, 8>(x, ldx, w, ldw, out, ldo, K, 0, n0, n1);

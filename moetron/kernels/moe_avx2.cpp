@@ -54,9 +54,10 @@ void silu_mul(float* h, const float* b, int64_t ld, int64_t rows, int64_t n0, in
 
 namespace moetron {
 
-void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const float* w1,
-                 const float* w3, const float* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I,
-                 int64_t E, int num_threads) {
+template <typename W>
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const W* w1, const W* w3,
+                 const W* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E,
+                 int num_threads) {
     const int64_t P = T * K;
     // Pairs in expert order (stable: by token, then k): counting sort.
     std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P);
@@ -118,6 +119,11 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
         }
     }
 }
+
+template void moe_experts<float>(const float*, const int64_t*, const float*, const float*, const float*,
+                                 const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+template void moe_experts<bf16>(const float*, const int64_t*, const float*, const bf16*, const bf16*,
+                                const bf16*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 
 }  // namespace moetron
 

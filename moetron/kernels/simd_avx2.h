@@ -8,6 +8,25 @@
 
 namespace moetron {
 
+// Weights are fp32 or bf16 (the upper half of an fp32: widening is exact, so a bf16 weight gives
+// the same products and sums as its fp32 copy, from half the bytes).
+struct bf16 {
+    uint16_t bits;
+};
+
+inline __m256 load_w(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w(const bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float w_at(const float* p) { return *p; }
+inline float w_at(const bf16* p) {
+    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 // Sum of the 8 lanes in one fixed tree.
 inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
