@@ -26,11 +26,23 @@ inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* ou
         // prefetcher does not run far enough ahead. Prefetches never fault past the end.
         if (PREFETCH && (k & (LINE - 1)) == 0)
             for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NR) * ldw + k), _MM_HINT_T1);
-        __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = load_w(w + j * ldw + k);
-        for (int i = 0; i < MR; ++i) {
-            __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-            for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        if constexpr (MR <= 2 && sizeof(W) == 2) {
+            // bf16: x held, one weight vector widened at a time (MR * NR + MR + 1 registers; the
+            // order below spilled an accumulator of the 1x8 tile to the stack). For fp32 weights
+            // the order below is faster: its weight loads fold into the FMAs (1 row: +12% GB/s).
+            __m256 xv[MR];
+            for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+            for (int j = 0; j < NR; ++j) {
+                const __m256 wv = load_w(w + j * ldw + k);
+                for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+            }
+        } else {
+            __m256 wv[NR];
+            for (int j = 0; j < NR; ++j) wv[j] = load_w(w + j * ldw + k);
+            for (int i = 0; i < MR; ++i) {
+                __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+                for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+            }
         }
     }
     for (int i = 0; i < MR; ++i)
@@ -42,12 +54,12 @@ inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* ou
 }
 
 // Rows [m0, m0 + MR) of x against weight rows [n0, n1), NR at a time, then one at a time.
-template <int MR, int NR, typename W>
+template <int MR, int NR, typename W, bool PREFETCH = false>
 inline void row_block(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out,
                       int64_t ldo, int64_t K, int64_t m0, int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + NR <= n1; n += NR)
-        tile<MR, NR>(x + m0 * ldx, ldx, w + n * ldw, ldw, out + m0 * ldo + n, ldo, K);
+        tile<MR, NR, PREFETCH>(x + m0 * ldx, ldx, w + n * ldw, ldw, out + m0 * ldo + n, ldo, K);
     for (; n < n1; ++n) tile<MR, 1>(x + m0 * ldx, ldx, w + n * ldw, ldw, out + m0 * ldo + n, ldo, K);
 }
 
@@ -84,7 +96,7 @@ template <typename W>
 inline void linear_chunk(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
                          int64_t M, int64_t K, int64_t n0, int64_t n1) {
     if (M == 1) {  // decode at batch 1: 8 weight rows at a time stream fastest
-        row_block<1, 8>(x, ldx, w, ldw, out, ldo, K, 0, n0, n1);
+        row_block<1, 8, W, sizeof(W) == 2>(x, ldx, w, ldw, out, ldo, K, 0, n0, n1);
         return;
     }
     if (M <= STREAMING_ROWS) {
