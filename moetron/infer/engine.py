@@ -63,7 +63,6 @@ def serving_dtype(model: Transformer, requested: torch.dtype | None) -> torch.dt
     if requested is None or requested == weights:
         return weights
     if requested == torch.float32 and weights == torch.bfloat16 and FusedLayers.supports(model):
-        log.info("serving in float32 from bf16 weights, widened in the kernels")
         return torch.float32
     model.to(requested)
     return requested
@@ -128,9 +127,12 @@ class LLMEngine:
             model_dir, device=cfg.device, dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype
         )
         if cfg.dtype is None and plain_cpu_half(model):
-            weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-            log.info("serving the %s checkpoint in float32: this CPU has no %s matmul", weights, weights)
+            half = str(next(model.parameters()).dtype).removeprefix("torch.")
             cfg = dataclasses.replace(cfg, dtype="float32")
+            kept = serving_dtype(model, torch.float32) != next(model.parameters()).dtype
+            how = "weights kept, widened in the kernels" if kept else "weights converted"
+            log.info("serving the %s checkpoint in float32 (%s): this CPU has no %s matmul", half, how, half)
+        serving_dtype(model, cfg.torch_dtype)  # any conversion before the weights move to huge pages
         move_to_huge_pages(model)  # the engine owns these weights: stream them with fewer TLB misses
         try:
             tokenizer = load_tokenizer(model_dir)
