@@ -1,4 +1,4 @@
-"""Decode speed in fp32 on one set of weights: moetron's engine vs transformers' `generate` vs llama.cpp.
+"""Decode speed on one set of weights (fp32; `--weights bf16`): moetron vs transformers vs llama.cpp.
 
     python -m benchmarks.decode                       # ~230M-param Mixtral, ~4 min on 2 cores
     python -m benchmarks.decode --num-layers 8 --new-tokens 128 --concurrent 64 --skip-llama-cpp
@@ -15,6 +15,11 @@ transformers loads that directory with `MixtralForCausalLM.from_pretrained`, lla
 GGUF that llama.cpp's own converter writes from it (`moetron.convert.gguf.export_gguf`). The
 tokenizer is a SentencePiece model trained on the bundled Shakespeare (the converter accepts it);
 every system is fed the same token ids, never text. Greedy tokens are compared before timing.
+
+`--weights bf16`: the same seeded weights rounded to bf16 and saved as a bf16 checkpoint, the usual
+Hugging Face format. moetron serves it in float32 from the bf16 weights (widened in its kernels),
+transformers loads it in float32 (the same numbers, so greedy tokens must still match), llama.cpp
+runs the bf16 GGUF its converter writes. The issue's targets, and the verdict lines, are for f32.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from moetron.plan.hardware import measure_copy_bandwidth
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, new tokens) -> new ids
 TARGET_VS_LLAMA_CPP = 1.0  # batch-1 decode, moetron / llama.cpp f32 (issue 6)
 TARGET_VS_HF_CONCURRENT = 10.0  # concurrent total tokens/s, moetron / transformers one at a time
+WEIGHT_BYTES = {"f32": 4, "bf16": 2}
 PROBE_TOKENS = 4  # new tokens per call when choosing transformers' experts implementation
 
 
@@ -76,6 +82,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--engine-option", action="append", default=[], metavar="KEY=VALUE",
         help="an EngineConfig field for moetron, e.g. batch_invariant=false (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights", choices=["f32", "bf16"], default="f32",
+        help="checkpoint dtype (see above); the targets are for f32",
     )  # fmt: skip
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the model and GGUF here and reuse them")
@@ -104,9 +114,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 # --- The model directory and the prompts -------------------------------------------------------
 
 
-def build_model_dir(cfg: ModelConfig, directory: Path, seed: int) -> None:
-    """Seeded random weights + a SentencePiece tokenizer, reused when `directory` already holds
-    this config (a --workdir from an earlier run)."""
+def build_model_dir(cfg: ModelConfig, directory: Path, seed: int, weights: str) -> None:
+    """Seeded random weights (in `weights`: f32 or bf16) + a SentencePiece tokenizer, reused when
+    `directory` already holds this config (a --workdir from an earlier run)."""
     config = directory / "config.json"
     if config.exists() and json.loads(config.read_text()).get("moetron") == cfg.to_dict():
         return
@@ -116,7 +126,8 @@ def build_model_dir(cfg: ModelConfig, directory: Path, seed: int) -> None:
 
     write_sentencepiece_tokenizer(documents()[:300], cfg.vocab_size, directory)
     torch.manual_seed(seed)
-    Transformer.from_config(cfg).save_pretrained(directory)
+    model = Transformer.from_config(cfg)
+    model.to(torch.bfloat16 if weights == "bf16" else torch.float32).save_pretrained(directory)
 
 
 def make_prompts(directory: Path, count: int, length: int) -> list[list[int]]:
@@ -133,12 +144,12 @@ def make_prompts(directory: Path, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
-def export(directory: Path, gguf: Path) -> Path:
+def export(directory: Path, gguf: Path, outtype: str) -> Path:
     from moetron.convert.gguf import export_gguf
 
     config = directory / "config.json"
     if not gguf.exists() or gguf.stat().st_mtime < config.stat().st_mtime:
-        export_gguf(directory, gguf, outtype="f32")
+        export_gguf(directory, gguf, outtype=outtype)
     return gguf
 
 
@@ -152,7 +163,9 @@ def moetron_generate(directory: Path, options: list[str]) -> Generate:
     from moetron.infer.engine import LLMEngine
     from moetron.infer.sampling_params import SamplingParams
 
-    overrides: dict[str, object] = {"enable_prefix_caching": False}
+    # float32 named: a bf16 checkpoint then keeps bf16 weights on any CPU (the default only where
+    # the CPU has no bf16 matmul), and is computed like transformers' float32 load of it.
+    overrides: dict[str, object] = {"enable_prefix_caching": False, "dtype": "float32"}
     for option in options:
         key, _, value = option.partition("=")
         try:
@@ -253,10 +266,10 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
     return f"{same}/{len(ours)} sequences identical; first difference: sequence {first[0]}, token {first[1]}"
 
 
-def weight_bytes_per_token(cfg: ModelConfig) -> int:
-    """fp32 weights one decoded token reads: the active ones, of the embedding only its row."""
+def weight_bytes_per_token(cfg: ModelConfig, weight_bytes: int) -> int:
+    """Weight bytes one decoded token reads: the active ones, of the embedding only its row."""
     counts = param_counts(cfg)
-    return 4 * (counts.active - counts.embedding + cfg.dim)
+    return weight_bytes * (counts.active - counts.embedding + cfg.dim)
 
 
 @dataclass
@@ -280,10 +293,11 @@ class Limits:
     def batch_one_bound(self, cfg: ModelConfig, args: argparse.Namespace) -> tuple[float, str]:
         """Tokens/s if every decoded token only streamed its weights and KV at read bandwidth."""
         context = args.prompt_len + args.new_tokens / 2  # mean tokens attended while decoding
-        weights, kv = weight_bytes_per_token(cfg), kv_bytes_per_token(cfg, 4) * context
+        weights = weight_bytes_per_token(cfg, WEIGHT_BYTES[args.weights])
+        kv = kv_bytes_per_token(cfg, 4) * context
         bound = self.read_gbs * 1e9 / (weights + kv)
         return bound, (
-            f"batch-1 bandwidth bound: {self.read_gbs:.1f} GB/s / ({weights / 1e6:.0f} MB of active "
+            f"batch-1 bandwidth bound: {self.read_gbs:.1f} GB/s / ({weights / 1e6:.0f} MB of active {args.weights} "
             f"weights + {kv / 1e6:.1f} MB KV per token) = {bound:.1f} tokens/s"
         )
 
@@ -298,7 +312,7 @@ class Limits:
         picked = moe.num_experts * (1 - (1 - moe.top_k / moe.num_experts) ** batch)
         dense = counts.total - counts.embedding - counts.routed_experts
         context = prompt + new / 2
-        step_bytes = 4 * (dense + counts.routed_experts * picked / moe.num_experts)
+        step_bytes = WEIGHT_BYTES[args.weights] * (dense + counts.routed_experts * picked / moe.num_experts)
         step_bytes += batch * kv_bytes_per_token(cfg, 4) * context
         read_s = step_bytes / (self.read_gbs * 1e9)
         prefill_s = max(read_s, batch * prompt * forward_flops_per_token(cfg, prompt // 2) / self.peak_flops)
@@ -336,7 +350,8 @@ def main() -> None:
         f"model: Mixtral layout, {cfg.num_layers} layers, dim {cfg.dim}, {cfg.moe.num_experts} experts "
         f"top-{cfg.moe.top_k} (width {cfg.moe.expert_hidden_dim}), {cfg.num_heads} heads / "
         f"{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}: {counts.total / 1e6:.0f}M params "
-        f"({4 * counts.total / 2**20:.0f} MiB fp32), {counts.active / 1e6:.0f}M active; random seeded weights"
+        f"({WEIGHT_BYTES[args.weights] * counts.total / 2**20:.0f} MiB {args.weights}), "
+        f"{counts.active / 1e6:.0f}M active; random seeded weights"
     )
     use_llama = not args.skip_llama_cpp
     if use_llama and importlib.util.find_spec("llama_cpp") is None:
@@ -344,11 +359,13 @@ def main() -> None:
         use_llama = False
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moetron-decode-"))
     try:
-        directory = workdir / "model"
+        directory = workdir / ("model" if args.weights == "f32" else f"model-{args.weights}")
         start = time.perf_counter()
-        build_model_dir(cfg, directory, args.seed)
-        gguf = export(directory, workdir / "model-f32.gguf") if use_llama else None
-        print(f"model directory{' + f32 GGUF' if gguf else ''} ready in {time.perf_counter() - start:.0f} s")
+        build_model_dir(cfg, directory, args.seed, args.weights)
+        gguf = export(directory, workdir / f"model-{args.weights}.gguf", args.weights) if use_llama else None
+        print(
+            f"model directory{f' + {args.weights} GGUF' if gguf else ''} ready in {time.perf_counter() - start:.0f} s"
+        )
         prompts = make_prompts(directory, max(1, args.concurrent), args.prompt_len)
         systems, hf_name = load_systems(directory, gguf, args, prompts[0], threads)
         decode, rows_a = batch_one(systems, hf_name, prompts[0], args)
@@ -359,7 +376,10 @@ def main() -> None:
     limits.remeasure()
     bound, bound_line = limits.batch_one_bound(cfg, args)
     n, m = args.new_tokens, args.concurrent_new_tokens
-    print(f"\n(a) batch 1: prompt {args.prompt_len} tokens, {n} new tokens, greedy, fp32, {threads} threads")
+    print(
+        f"\n(a) batch 1: prompt {args.prompt_len} tokens, {n} new tokens, greedy, {args.weights} weights, "
+        f"{threads} threads"
+    )
     for row in rows_a:
         row.insert(2, f"{float(row[1]) / bound:.0%}")
     print_table(
@@ -401,7 +421,7 @@ def load_systems(
     systems[hf_name] = hf_run
     if gguf is not None:
         n_ctx = args.prompt_len + args.new_tokens + 8
-        systems["llama.cpp f32"] = llama_cpp_generate(gguf, n_ctx, args.llama_threads or threads)
+        systems[f"llama.cpp {args.weights}"] = llama_cpp_generate(gguf, n_ctx, args.llama_threads or threads)
     return systems, hf_name
 
 
@@ -476,13 +496,12 @@ def report(decode: dict[str, float], ratio_b: float | None, args: argparse.Names
     for name, rate in decode.items():
         if name != "moetron":
             ratio = decode["moetron"] / rate
-            target = f"; {verdict(ratio, TARGET_VS_LLAMA_CPP)}" if name.startswith("llama.cpp") else ""
+            judged = name == "llama.cpp f32" and args.weights == "f32"
+            target = f"; {verdict(ratio, TARGET_VS_LLAMA_CPP)}" if judged else ""
             print(f"(a) batch-1 decode: moetron {ratio:.2f}x {name}{target}")
     if ratio_b is not None:
-        print(
-            f"(b) {args.concurrent} concurrent: moetron {ratio_b:.1f}x transformers one at a time; "
-            f"{verdict(ratio_b, TARGET_VS_HF_CONCURRENT)}"
-        )
+        target = f"; {verdict(ratio_b, TARGET_VS_HF_CONCURRENT)}" if args.weights == "f32" else ""
+        print(f"(b) {args.concurrent} concurrent: moetron {ratio_b:.1f}x transformers one at a time{target}")
 
 
 if __name__ == "__main__":
