@@ -126,13 +126,16 @@ class LLMEngine:
         model = from_pretrained(
             model_dir, device=cfg.device, dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype
         )
-        if cfg.dtype is None and plain_cpu_half(model):
-            half = str(next(model.parameters()).dtype).removeprefix("torch.")
+        loaded = next(model.parameters()).dtype
+        auto_half = cfg.dtype is None and plain_cpu_half(model)
+        if auto_half:
             cfg = dataclasses.replace(cfg, dtype="float32")
-            kept = serving_dtype(model, torch.float32) != next(model.parameters()).dtype
-            how = "weights kept, widened in the kernels" if kept else "weights converted"
-            log.info("serving the %s checkpoint in float32 (%s): this CPU has no %s matmul", half, how, half)
         serving_dtype(model, cfg.torch_dtype)  # any conversion before the weights move to huge pages
+        if auto_half:
+            kept = next(model.parameters()).dtype != torch.float32
+            how = "weights kept, widened in the kernels" if kept else "weights converted"
+            half = str(loaded).removeprefix("torch.")
+            log.info("serving the %s checkpoint in float32 (%s): this CPU has no %s matmul", half, how, half)
         move_to_huge_pages(model)  # the engine owns these weights: stream them with fewer TLB misses
         try:
             tokenizer = load_tokenizer(model_dir)

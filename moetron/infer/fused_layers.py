@@ -39,8 +39,9 @@ class FusedLayers:
         self.moe_block = getattr(lib, f"moetron_moe_block_{suffix}")
 
         # Per layer: the tensors whose addresses each step passes (Parameter objects, so a weight
-        # re-homed or reloaded through .data stays correct) and the constants; nn.Module attribute
-        # lookups cost ~1 us each, too much to repeat per step.
+        # re-homed or reloaded through .data stays correct; a bf16 model's norm weights are fp32
+        # copies taken here) and the constants; nn.Module attribute lookups cost ~1 us each, too much
+        # to repeat per step.
         self.layers = []
         for layer in model.layers:
             att, moe = layer.attention, layer.ffn

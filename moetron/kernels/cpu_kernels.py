@@ -140,7 +140,8 @@ def library() -> ctypes.CDLL:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear_f32` takes these operands (fp32 on the CPU, no autograd)."""
+    """Whether the serving hooks' kernels take these operands: fp32 on the CPU, no autograd
+    (`linear_f32` also takes bf16 weights; only the fused path passes them)."""
     return (
         x.dtype == torch.float32
         and weight.dtype == torch.float32

@@ -115,9 +115,9 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
 // added to (the layer's tokens_per_expert). Router as the model's: fp32 softmax over E, top-K by
 // probability (lower expert first on ties), renormalised over the K when `normalize`.
 template <typename W>
-void moe_block(float* h, const float* norm_w, float eps, const W* gate, int64_t K, int normalize,
-                           const W* w1, const W* w3, const W* w2, int64_t* counts, int64_t T,
-                           int64_t D, int64_t I, int64_t E, int num_threads) {
+void moe_block(float* h, const float* norm_w, float eps, const W* gate, int64_t K, int normalize, const W* w1,
+               const W* w3, const W* w2, int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E,
+               int num_threads) {
     std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
         out(new float[T * D]);
     std::unique_ptr<int64_t[]> ids(new int64_t[T * K]);
