@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_line, setup_threads
-from moetron.config import ModelConfig, MoEConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.infer.batch_invariant import invariant_linear
-from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.paged_attention import invariant_attention
 from moetron.infer.sampling_params import SamplingParams

@@ -49,9 +49,9 @@ from benchmarks.common import (
     time_interleaved,
 )
 from moetron.config import ModelConfig, MoEConfig
+from moetron.convert.hf import save_pretrained
 from moetron.model.accounting import forward_flops_per_token, kv_bytes_per_token, param_counts
-from moetron.model.ops import measure_matmul_flops
-from moetron.plan.hardware import measure_copy_bandwidth
+from moetron.plan.hardware import measure_copy_bandwidth, measure_matmul_flops
 
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, new tokens) -> new ids
 TARGET_VS_LLAMA_CPP = 1.0  # batch-1 decode, moetron / llama.cpp f32 (issue 6)
@@ -127,7 +127,7 @@ def build_model_dir(cfg: ModelConfig, directory: Path, seed: int, weights: str) 
     write_sentencepiece_tokenizer(documents()[:300], cfg.vocab_size, directory)
     torch.manual_seed(seed)
     model = Transformer.from_config(cfg)
-    model.to(torch.bfloat16 if weights == "bf16" else torch.float32).save_pretrained(directory)
+    save_pretrained(model.to(torch.bfloat16 if weights == "bf16" else torch.float32), directory)
 
 
 def make_prompts(directory: Path, count: int, length: int) -> list[list[int]]:
@@ -279,7 +279,7 @@ class Limits:
 
     read_gbs: float
     copy_gbs: float
-    peak_flops: float  # fp32 matmul, moetron.model.ops.measure_matmul_flops
+    peak_flops: float  # fp32 matmul, moetron.plan.hardware.measure_matmul_flops
 
     @classmethod
     def measure(cls) -> Limits:

@@ -37,6 +37,7 @@ def build_random_model_dir(directory: Path, preset: str, seed: int = 0) -> Path:
     import torch
 
     from moetron.config import get_preset
+    from moetron.convert.hf import save_pretrained
     from moetron.data.shakespeare import documents
     from moetron.data.tokenizer import train_bpe
     from moetron.model.transformer import Transformer
@@ -44,7 +45,7 @@ def build_random_model_dir(directory: Path, preset: str, seed: int = 0) -> Path:
     tokenizer = train_bpe([documents()[0][:50_000]], vocab_size=min(get_preset(preset).vocab_size, 1024))
     cfg = dataclasses.replace(get_preset(preset), vocab_size=tokenizer.vocab_size)
     torch.manual_seed(seed)
-    Transformer.from_config(cfg).save_pretrained(directory)
+    save_pretrained(Transformer.from_config(cfg), directory)
     tokenizer.save(directory)
     return directory
 

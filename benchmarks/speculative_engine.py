@@ -20,8 +20,8 @@ import time
 
 from benchmarks.common import machine_line, print_table, setup_threads
 from benchmarks.speculative_acceptance import corpus, train_tiny
+from moetron.config import EngineConfig
 from moetron.data.tokenizer import train_bpe
-from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moetron.config import PRESETS, ConfigError, ModelConfig, get_preset
-from moetron.convert.hf import CheckpointError, from_pretrained, load_config
+from moetron.convert.hf import CheckpointError, from_pretrained, load_config, save_pretrained
 from moetron.data.errors import DataError
 from moetron.model.accounting import forward_flops_per_token, kv_bytes_per_token, param_counts
 from moetron.model.transformer import Transformer
@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"      tokens routed per expert, per layer: {loads}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         reloaded = from_pretrained(tmp)
         with torch.no_grad():
             same = torch.equal(reloaded(input_ids.cpu()), logits.cpu())

@@ -383,6 +383,95 @@ class ParallelConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The serving engine (moetron/infer): KV-cache geometry, scheduler budgets, numerics. A TOML's
+    `[engine]` table, `moetron serve` flags, or `LLM(model_dir, **fields)`."""
+
+    block_size: int = 16  # tokens per KV block
+    # KV pool: an explicit block count wins; else bytes; else this fraction of free memory.
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.25
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) in one step
+    max_model_len: int | None = None  # prompt + output; defaults to the model's max_seq_len
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    # Bit-identical results for a request whatever shares its batch (infer/batch_invariant.py).
+    batch_invariant: bool = True
+    # The fused C++ decoder layers where they cover the model (infer/fused_layers.py); false runs
+    # the module path with the same serving kernels (same tokens; logprobs within 1e-5).
+    fused_layers: bool = True
+    # Activations and KV cache. None keeps the checkpoint's, except that a bf16/fp16 checkpoint on a
+    # CPU without half-precision matmul instructions is served in float32 (LLMEngine.from_pretrained
+    # logs it); name a dtype to choose. Served in float32, bf16 weights stay bf16 where the fused
+    # path runs the model (engine.serving_dtype).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    device: str = "cpu"
+    # Speculative decoding (infer/spec_decode.py): "ngram" (prompt lookup) or "draft" (a small model
+    # with the target's vocabulary, from draft_model_dir). Exact: greedy output stays bit-identical.
+    speculative_method: Literal["ngram", "draft"] | None = None
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+    draft_model_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "engine.")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
+            _check(getattr(self, name) >= 1, f"engine.{name}={getattr(self, name)} must be >= 1")
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"engine.{name}={value} must be >= 1 (or None)")
+        _check(
+            0.0 < self.kv_cache_memory_fraction <= 0.95,
+            f"engine.kv_cache_memory_fraction={self.kv_cache_memory_fraction} must lie in (0, 0.95]",
+        )
+        if self.max_model_len is not None:
+            self._check_prompt_fits_a_step(self.max_model_len)
+        _check(
+            1 <= self.ngram_min <= self.ngram_max,
+            f"n-gram sizes need 1 <= engine.ngram_min={self.ngram_min} <= engine.ngram_max={self.ngram_max}",
+        )
+        _check(
+            self.draft_model_dir is None or self.speculative_method == "draft",
+            "engine.draft_model_dir is only used with engine.speculative_method='draft'",
+        )
+
+    def _check_prompt_fits_a_step(self, max_model_len: int) -> None:
+        _check(
+            self.enable_chunked_prefill or self.max_num_batched_tokens >= max_model_len,
+            f"engine.max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="
+            f"{max_model_len} without chunked prefill (a whole prompt must fit in one step)",
+        )
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        """max_model_len for serving `model`: the configured one, or the model's max_seq_len."""
+        _check(
+            self.max_model_len is None or self.max_model_len <= model.max_seq_len,
+            f"engine.max_model_len={self.max_model_len} exceeds the model's max_seq_len={model.max_seq_len}",
+        )
+        max_model_len = self.max_model_len or model.max_seq_len
+        self._check_prompt_fits_a_step(max_model_len)
+        return max_model_len
+
+    @property
+    def torch_dtype(self) -> Any:
+        """`dtype` as a torch.dtype (None: the checkpoint's)."""
+        import torch
+
+        return None if self.dtype is None else getattr(torch, self.dtype)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return from_dict(EngineConfig, {**dataclasses.asdict(self), **changes}, "engine")
+
+    @classmethod
+    def from_overrides(cls, **overrides: Any) -> EngineConfig:
+        """Fields by keyword (LLM(...), LLMEngine.from_pretrained(...)), checked like a TOML table."""
+        return from_dict(cls, overrides, "engine")
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved resolved beside every checkpoint."""
 
@@ -390,6 +479,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # `moetron serve --config`
 
     def __post_init__(self) -> None:
         _check(

@@ -153,16 +153,17 @@ def test_kv_bytes_match_what_attention_produces(name: str) -> None:
     """Sum the K and V tensors every layer hands to its attention backend."""
     cfg = ODD_CONFIGS[name]
     model = Transformer.from_config(cfg).eval()
-    kv_bytes = []
+    kv_bytes, layer_ids = [], []
 
-    def recording_backend(q_BHTd, k_BGTd, v_BGTd):
+    def recording_backend(q_BHTd, k_BGTd, v_BGTd, layer_id):
+        layer_ids.append(layer_id)
         kv_bytes.append(k_BGTd.numel() * k_BGTd.element_size() + v_BGTd.numel() * v_BGTd.element_size())
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=True)
 
     B, T = 2, 5
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (B, T)), attention_backend=recording_backend)
-    assert len(kv_bytes) == cfg.num_layers
+    assert layer_ids == list(range(cfg.num_layers))  # each layer tells the backend its index
     assert sum(kv_bytes) == B * T * kv_bytes_per_token(cfg, bytes_per_element=4)
 
 
@@ -184,7 +185,7 @@ def test_forward_flops_are_two_per_active_weight_plus_attention(name: str) -> No
     assert train_flops_per_token(cfg, seq_len) == pytest.approx(3 * expected, rel=1e-12)
 
 
-def _naive_attention(q_BHTd, k_BGTd, v_BGTd):
+def _naive_attention(q_BHTd, k_BGTd, v_BGTd, layer_id):
     """Full (unmasked-cost) matmul attention, so the FLOP counter sees QK^T and AV."""
     repeat = q_BHTd.shape[1] // k_BGTd.shape[1]
     k_BHTd, v_BHTd = k_BGTd.repeat_interleave(repeat, 1), v_BGTd.repeat_interleave(repeat, 1)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import moetron
 from moetron import CheckpointError
 from moetron.config import ModelConfig, MoEConfig
+from moetron.convert.hf import save_pretrained
 from moetron.model import Transformer
 
 CFG = ModelConfig(
@@ -24,7 +25,7 @@ CFG = ModelConfig(
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    Transformer.from_config(CFG).save_pretrained(tmp_path / "m")
+    save_pretrained(Transformer.from_config(CFG), tmp_path / "m")
     return tmp_path / "m"
 
 
@@ -148,7 +149,7 @@ def test_garbage_header(model_dir: Path) -> None:
 
 def test_index_pointing_to_missing_shard(model_dir: Path) -> None:
     model = moetron.from_pretrained(model_dir)
-    model.save_pretrained(model_dir, max_shard_bytes=20_000)
+    save_pretrained(model, model_dir, max_shard_bytes=20_000)
     shards = sorted(model_dir.glob("model-*.safetensors"))
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"{shards[-1].name} is listed.*but missing"):

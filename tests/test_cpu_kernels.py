@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from moetron.infer import batch_invariant
 from moetron.kernels import cpu_kernels
 
 needs_kernels = pytest.mark.skipif(
@@ -104,16 +103,6 @@ def test_supports_only_fp32_cpu_without_autograd() -> None:
     assert not cpu_kernels.supports(torch.randn(2, 8, requires_grad=True), w)
     with torch.no_grad():
         assert cpu_kernels.supports(torch.randn(2, 8, requires_grad=True), w)
-
-
-@needs_kernels
-def test_serving_kernels_route_small_products_to_the_kernel_in_both_modes() -> None:
-    x, w = torch.randn(3, 64), torch.randn(32, 64)
-    expected = cpu_kernels.linear_f32(x, w)
-    for invariant in (True, False):
-        with batch_invariant.serving_kernels(invariant):
-            assert torch.equal(batch_invariant.ops.linear(x, w), expected)
-    assert batch_invariant.ops.serving is None  # training numerics untouched outside
 
 
 def test_disabled_by_environment_variable() -> None:

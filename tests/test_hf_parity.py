@@ -13,6 +13,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 import moetron
 from moetron.config import ModelConfig, MoEConfig, RopeConfig
+from moetron.convert.hf import save_pretrained
 from moetron.model import Transformer
 
 ATOL = 1e-4
@@ -67,7 +68,7 @@ def _inputs(cfg: ModelConfig, length: int = 48) -> torch.Tensor:
 def test_moetron_to_transformers(case: str, tmp_path) -> None:
     cfg = CASES[case]
     ours = _random_model(cfg)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     hf = MixtralForCausalLM.from_pretrained(tmp_path, **HF_KWARGS).eval()
     ids = _inputs(cfg)
@@ -124,7 +125,7 @@ def _hf_kwargs(cfg: ModelConfig) -> dict:
 def test_round_trip_preserves_every_tensor(tmp_path) -> None:
     cfg = CASES["gqa-top1-tied"]
     ours = _random_model(cfg)
-    ours.save_pretrained(tmp_path / "a")
+    save_pretrained(ours, tmp_path / "a")
     hf = MixtralForCausalLM.from_pretrained(tmp_path / "a", **HF_KWARGS)
     hf.save_pretrained(tmp_path / "b")  # transformers writes it back in its own way
     back = moetron.from_pretrained(tmp_path / "b")
@@ -137,7 +138,7 @@ def test_round_trip_preserves_every_tensor(tmp_path) -> None:
 def test_sharded_checkpoint_loads_in_both(tmp_path) -> None:
     cfg = CASES["mha-top2"]
     ours = _random_model(cfg)
-    ours.save_pretrained(tmp_path, max_shard_bytes=40_000)
+    save_pretrained(ours, tmp_path, max_shard_bytes=40_000)
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     assert not (tmp_path / "model.safetensors").exists()
@@ -148,7 +149,7 @@ def test_sharded_checkpoint_loads_in_both(tmp_path) -> None:
         assert (hf(ids).logits - expected).abs().max().item() <= ATOL
         assert torch.equal(moetron.from_pretrained(tmp_path)(ids), expected)
     # re-saving unsharded removes the stale shards and index
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert (
         not list(tmp_path.glob("model-*.safetensors"))
         and not (tmp_path / "model.safetensors.index.json").exists()
@@ -181,7 +182,7 @@ def test_moetron_only_features_round_trip(tmp_path) -> None:
                       num_shared_experts=1, num_dense_layers=1, z_loss_weight=0.01),
     )  # fmt: skip
     ours = _random_model(cfg)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MoetronForCausalLM"]
     back = moetron.from_pretrained(tmp_path)
     assert back.cfg == cfg
@@ -193,7 +194,7 @@ def test_moetron_only_features_round_trip(tmp_path) -> None:
 def test_bf16_checkpoint_keeps_dtype(tmp_path) -> None:
     cfg = CASES["mha-top2"]
     ours = _random_model(cfg).to(torch.bfloat16)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf = MixtralForCausalLM.from_pretrained(tmp_path)
     assert hf.dtype == torch.bfloat16
     back = moetron.from_pretrained(tmp_path)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 
 from moetron.infer.block_manager import BlockManager
+from moetron.infer.detokenizer import StopChecker
 from moetron.infer.outputs import RequestMetrics
+from moetron.infer.sampling import SamplingState
 from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.sequence import Request, Sequence
 
 
 def make_seq(token_ids: list[int]) -> Sequence:
     request = Request("r", None, token_ids, SamplingParams(), RequestMetrics(arrival_time=0.0))
-    return Sequence(request, 0)
+    return Sequence(request, 0, SamplingState(request.params, token_ids, []), StopChecker(request.params, None))
 
 
 def compute(bm: BlockManager, seq: Sequence, num_tokens: int | None = None) -> None:

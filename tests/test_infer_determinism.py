@@ -13,8 +13,7 @@ import random
 import pytest
 import torch
 
-from moetron.config import ModelConfig, MoEConfig
-from moetron.infer.config import EngineConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 from moetron.kernels import cpu_kernels

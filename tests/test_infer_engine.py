@@ -10,11 +10,11 @@ import logging
 import pytest
 import torch
 
-from moetron.config import ModelConfig, MoEConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
+from moetron.convert.hf import save_pretrained
 from moetron.data.tokenizer import train_bpe
-from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
-from moetron.infer.fused_layers import FusedLayers
+from moetron.infer import fused_layers
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
 from moetron.model import Transformer, ops
@@ -89,7 +89,7 @@ def test_continuous_batching_matches_full_recompute(model, invariant: bool) -> N
 
 
 def test_llm_generate_text_in_input_order(model, tokenizer, tmp_path) -> None:
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tokenizer.save(tmp_path)
     llm = LLM(tmp_path, num_kv_blocks=64, block_size=8)
     texts = ["the quick brown", "a cat", "over the lazy dog while"]
@@ -180,7 +180,7 @@ def test_bad_requests_get_clear_errors(model) -> None:
     engine.add_request([1, 2], GREEDY, request_id="x")
     with pytest.raises(ValueError, match="already running"):
         engine.add_request([1, 2], GREEDY, request_id="x")
-    with pytest.raises(ValueError, match="unknown engine option"):
+    with pytest.raises(ValueError, match="unknown config key .engine.no_such_option."):
         LLMEngine.from_pretrained("unused", no_such_option=1)
 
 
@@ -233,7 +233,7 @@ def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(
     model, half: torch.dtype, tmp_path, caplog
 ) -> None:
     checkpoint = copy.deepcopy(model).to(half)
-    checkpoint.save_pretrained(tmp_path)
+    save_pretrained(checkpoint, tmp_path)
     plain_cpu = not ops.cpu_has_native_half_matmul()  # no AMX / AVX512-BF16: PyTorch emulates it
     with caplog.at_level(logging.INFO, logger="moetron.infer"):
         engine = LLMEngine.from_pretrained(tmp_path, num_kv_blocks=64, block_size=8)
@@ -241,7 +241,7 @@ def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(
     assert engine.runner.dtype == (torch.float32 if plain_cpu else half)
     assert (f"serving the {name} checkpoint in float32" in caplog.text) == plain_cpu
     if plain_cpu:  # bf16 weights stay bf16 on the fused path (widened in the kernels); fp16 ones convert
-        kept_bf16 = half == torch.bfloat16 and FusedLayers.supports(engine.model)
+        kept_bf16 = half == torch.bfloat16 and fused_layers.supports(engine.model)
         assert next(engine.model.parameters()).dtype == (half if kept_bf16 else torch.float32)
     # exact widening: the engine decodes what the checkpoint's values compute in float32
     reference = copy.deepcopy(checkpoint).float() if plain_cpu else checkpoint

@@ -10,10 +10,9 @@ import copy
 import pytest
 import torch
 
-from moetron.config import ModelConfig, MoEConfig
-from moetron.infer.config import EngineConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.infer.engine import LLMEngine
-from moetron.infer.fused_layers import FusedLayers
+from moetron.infer import fused_layers
 from moetron.infer.sampling_params import SamplingParams
 from moetron.kernels import cpu_kernels
 from moetron.model import Transformer
@@ -34,10 +33,8 @@ def generate(
     options = dict(
         num_kv_blocks=64, block_size=8, max_num_batched_tokens=40, batch_invariant=invariant, dtype=dtype
     )
-    engine = LLMEngine(model, None, EngineConfig(**options))
-    assert (engine.runner.fused is not None) == FusedLayers.supports(model)
-    if not fused:
-        engine.runner.fused = None
+    engine = LLMEngine(model, None, EngineConfig(**options, fused_layers=fused))
+    assert engine.runner.fused == (fused and fused_layers.supports(model))
     for layer in model.moe_layers():
         layer.tokens_per_expert.zero_()
     gen = torch.Generator().manual_seed(3)
@@ -58,7 +55,7 @@ def generate(
 def test_fused_path_matches_module_path() -> None:
     torch.manual_seed(0)
     model = Transformer.from_config(CFG).eval()
-    assert FusedLayers.supports(model)
+    assert fused_layers.supports(model)
     fused, fused_counts = generate(model, fused=True)
     plain, plain_counts = generate(model, fused=False)
     for (fused_ids, fused_lps), (plain_ids, plain_lps) in zip(fused, plain, strict=True):
@@ -87,9 +84,9 @@ def test_uncovered_models_take_the_module_path(moe: MoEConfig, invariant: bool, 
     cfg = ModelConfig(vocab_size=97, dim=48, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, moe=moe)
     torch.manual_seed(0)
     model = Transformer.from_config(cfg).eval()
-    assert not FusedLayers.supports(model)
+    assert not fused_layers.supports(model)
     bf16 = Transformer.from_config(CFG, dtype=torch.bfloat16).eval()  # computed in bf16: module path
-    assert LLMEngine(bf16, None, EngineConfig(num_kv_blocks=16, block_size=8)).runner.fused is None
+    assert LLMEngine(bf16, None, EngineConfig(num_kv_blocks=16, block_size=8)).runner.fused is False
     with_kernels, _ = generate(model, fused=False, invariant=invariant)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     with_torch, _ = generate(model, fused=False, invariant=invariant)
@@ -106,7 +103,7 @@ def test_bf16_weights_served_in_float32_give_their_float32_copys_bits(invariant:
     bf16 = Transformer.from_config(CFG).eval().to(torch.bfloat16)
     widened = copy.deepcopy(bf16).float()
     engine = LLMEngine(bf16, None, EngineConfig(num_kv_blocks=16, block_size=8, dtype="float32"))
-    assert engine.runner.fused is not None and engine.runner.k_caches[0].dtype == torch.float32
+    assert engine.runner.fused and engine.runner.k_caches[0].dtype == torch.float32
     ours, our_counts = generate(bf16, fused=True, invariant=invariant, dtype="float32")
     theirs, their_counts = generate(widened, fused=True, invariant=invariant, dtype="float32")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # served, not converted
@@ -121,7 +118,7 @@ def test_paused_expert_stats_stay_untouched() -> None:
     torch.manual_seed(0)
     model = Transformer.from_config(CFG).eval()
     engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=16, block_size=8))
-    assert engine.runner.fused is not None
+    assert engine.runner.fused
     for layer in model.moe_layers():
         layer.tokens_per_expert.zero_()
     with expert_stats_paused(model):

@@ -12,6 +12,7 @@ import torch
 from transformers import MixtralForCausalLM
 
 from moetron.config import ModelConfig, MoEConfig, RopeConfig
+from moetron.convert.hf import save_pretrained
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
 from moetron.model import Transformer
@@ -41,7 +42,7 @@ def _save_random_model(cfg: ModelConfig, path) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moetron.config import ModelConfig, MoEConfig, RopeConfig
-from moetron.infer.config import EngineConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig, RopeConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 from moetron.model import Transformer
@@ -51,7 +50,8 @@ def test_32k_prompt_matches_full_forward() -> None:
         ),
     )
     assert engine.block_manager.num_blocks > 2 * LENGTH // block_size
-    engine.sampler = recorder = RecordingSampler(engine.sampler)
+    processor = engine.output_processor
+    processor.sampler = recorder = RecordingSampler(processor.sampler)
     engine.add_request(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=2))
     for step in range(1, LENGTH // chunk + 1):
         engine.step()  # one chunk of the prefill per step

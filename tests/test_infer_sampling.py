@@ -171,14 +171,17 @@ def test_logprobs_from_raw_logits() -> None:
 
 
 def test_prompt_logprobs() -> None:
-    logits_TV = torch.randn(4, VOCAB)
+    logits_TV = torch.randn(3, VOCAB)  # rows at positions 0..2 of a 4-token prompt
     prompt = [5, 9, 2, 7]
-    result = prompt_logprobs(logits_TV, prompt, 2)
-    assert result[0] is None and len(result) == 4
+    result = prompt_logprobs(logits_TV, prompt, 0, 2)
+    assert len(result) == 3
     for t in range(1, 4):
         expected = torch.log_softmax(logits_TV[t - 1], dim=-1)[prompt[t]].item()
-        assert result[t][prompt[t]].logprob == pytest.approx(expected)
-        assert len(result[t]) in (2, 3)
+        assert result[t - 1][prompt[t]].logprob == pytest.approx(expected)
+        assert len(result[t - 1]) in (2, 3)
+    # a later chunk: rows at positions 2.. score tokens 3..
+    (last,) = prompt_logprobs(logits_TV[2:], prompt, 2, 0)
+    assert last[prompt[3]].logprob == result[2][prompt[3]].logprob
     assert position_logprobs(torch.tensor([0.0, 0.0, -1.0]), 1, 0)[1].rank == 1  # ties rank as the best
 
 

@@ -10,9 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from moetron.config import ModelConfig, MoEConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.data.tokenizer import train_bpe
-from moetron.infer.config import EngineConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling import Sampler, SamplingState
 from moetron.infer.sampling_params import SamplingParams

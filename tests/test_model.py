@@ -532,7 +532,7 @@ def test_attention_matches_naive_causal_softmax(
         vocab_size=64, dim=32, num_layers=1, rope=RopeConfig(theta=500.0),
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
     )  # fmt: skip
-    attention = Attention(cfg)
+    attention = Attention(0, cfg)
     attention.init_weights(std=0.2, out_std=0.2)
     rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
     x_BTD = torch.randn(2, 7, 32)
@@ -547,7 +547,7 @@ def test_attention_matches_naive_causal_softmax(
 
 def test_attention_depends_only_on_relative_positions() -> None:
     cfg = tiny()
-    attention = Attention(cfg)
+    attention = Attention(0, cfg)
     attention.init_weights(std=0.2, out_std=0.2)
     rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
     x_BTD = torch.randn(1, 8, cfg.dim)

@@ -21,15 +21,13 @@
   * Attention: paged_attention.py pads its query rows the same way and sums its value product
     over fixed-size key tiles (one product over all keys summed in an order set by the key count).
 Row-wise ops (RMSNorm, softmax, top-k, log_softmax, RoPE's cos/sin) measured invariant as they are.
-Training never sees any of this: model/ops.py's `serving` kernels are installed only inside `serving_kernels()`.
+Training never sees any of this: the engine's runner installs these kernels into the model it serves
+by swapping module classes (serving_kernels.py).
 
 Legend: M rows, K input width, N output width.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +60,7 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     num_rows, num_out = x.numel() // x.shape[-1], weight.shape[0]
     if num_out < MIN_COLUMNS:  # e.g. a router over 4 experts (the weight is tiny: padding is free)
         weight = F.pad(weight, (0, 0, 0, MIN_COLUMNS - num_out))
-    out_MN = ops.plain_linear(pad_rows(x.reshape(num_rows, x.shape[-1])), weight)
+    out_MN = ops.linear(pad_rows(x.reshape(num_rows, x.shape[-1])), weight)
     return out_MN[:num_rows, :num_out].reshape(*x.shape[:-1], num_out)
 
 
@@ -70,7 +68,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T by whichever kernel is faster for its row count (not batch-invariant)."""
     if x.numel() // x.shape[-1] <= SMALL_ROWS and cpu_kernels.supports(x, weight):
         return cpu_kernels.linear_f32(x, weight)
-    return ops.plain_linear(x, weight)
+    return ops.linear(x, weight)
 
 
 def fused_routed_experts(
@@ -96,23 +94,3 @@ def kernel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def invariant_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x.double()).to(x.dtype)
-
-
-# Moetron's routed-expert and RMSNorm kernels are invariant, and faster than PyTorch's dispatch at
-# every batch size measured, so both modes use them.
-INVARIANT_KERNELS = ops.ServingKernels(
-    invariant_linear, invariant_silu, kernel_rms_norm, fused_routed_experts
-)
-FAST_KERNELS = ops.ServingKernels(fast_linear, None, kernel_rms_norm, fused_routed_experts)
-
-
-@contextlib.contextmanager
-def serving_kernels(invariant: bool = True) -> Iterator[None]:
-    """Install the serving kernels in model/ops.py for the duration: the batch-invariant ones, or
-    with `invariant=False` the fastest ones per shape."""
-    saved = ops.serving
-    ops.serving = INVARIANT_KERNELS if invariant else FAST_KERNELS
-    try:
-        yield
-    finally:
-        ops.serving = saved

@@ -54,7 +54,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence without blocks the cached blocks of its longest registered prefix; returns
-        the tokens they hold (now computed). At least one token is always left to compute: the step
+        the tokens they hold (the scheduler marks them computed). At least one token is always left to compute: the step
         that computes it yields the logits for the next token."""
         assert not seq.block_table, "match_prefix is for a sequence without blocks"
         parent: int | None = None
@@ -71,8 +71,7 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
             parent = h
-        seq.num_computed_tokens = len(seq.block_table) * size
-        return seq.num_computed_tokens
+        return len(seq.block_table) * size
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow seq's block table to hold num_new_tokens more tokens; False (nothing taken) if the

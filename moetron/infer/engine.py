@@ -1,10 +1,9 @@
-"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time (see `step`).
 
-    batch = scheduler.schedule()              # which tokens of which sequences run now
-    logits = runner.run(batch, rows)          # one packed forward through the paged KV cache
-    finished_prefill = scheduler.update(batch)
-    tokens = sampler(logits, states)          # batch-invariant, per-sequence generators
-    -> append, detokenize, check stops, free finished sequences
+    scheduler (scheduler.py)       which tokens of which sequences run now, and their logits rows
+    runner (runner.py)             one packed forward through the paged KV cache
+    output processor               sampling, logprobs, draft verification, text, stops
+      (output_processor.py)
 
 With speculative decoding on (EngineConfig.speculative_method), decode sequences first get draft
 tokens, run 1 + k rows in the same forward, and keep the verified ones (spec_decode.py).
@@ -14,7 +13,6 @@ The HTTP server drives this same object (moetron/serve); `LLM` (llm.py) is the o
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -24,13 +22,14 @@ from typing import Any
 
 import torch
 
+from moetron.config import EngineConfig
+from moetron.infer import fused_layers
 from moetron.infer.block_manager import BlockManager
-from moetron.infer.config import EngineConfig
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
-from moetron.infer.fused_layers import FusedLayers
-from moetron.infer.outputs import EngineStats, PositionLogprobs, RequestMetrics, RequestOutput
+from moetron.infer.output_processor import OutputProcessor
+from moetron.infer.outputs import EngineStats, RequestMetrics, RequestOutput
 from moetron.infer.runner import ModelRunner, num_kv_blocks
-from moetron.infer.sampling import Sampler, SamplingState, check_token_ids, make_generator, position_logprobs
+from moetron.infer.sampling import Sampler, SamplingState, check_token_ids, make_generator
 from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
@@ -62,7 +61,7 @@ def serving_dtype(model: Transformer, requested: torch.dtype | None) -> torch.dt
     weights = next(model.parameters()).dtype
     if requested is None or requested == weights:
         return weights
-    if requested == torch.float32 and weights == torch.bfloat16 and FusedLayers.supports(model):
+    if requested == torch.float32 and weights == torch.bfloat16 and fused_layers.supports(model):
         return torch.float32
     model.to(requested)
     return requested
@@ -78,19 +77,11 @@ class LLMEngine:
         draft_model: Transformer | None = None,
     ) -> None:
         cfg = config or EngineConfig()
+        self.config = cfg
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model, "name_or_path", None) or "moetron"
-        limit = model.cfg.max_seq_len
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_seq_len={limit}")
-        self.max_model_len = cfg.max_model_len or limit
-        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_model_len="
-                f"{self.max_model_len} without chunked prefill (a whole prompt must fit in one step)"
-            )
-        self.config = cfg
+        self.max_model_len = cfg.resolve_max_model_len(model.cfg)
         self.vocab_size = model.cfg.vocab_size
         dtype = serving_dtype(model, cfg.torch_dtype)
         blocks = num_kv_blocks(model.cfg, cfg, dtype, self.max_model_len)
@@ -98,11 +89,10 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(model, cfg, blocks, dtype)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
-        self.sampler = Sampler(self.eos_token_id)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
+        sampler = Sampler(self.eos_token_id)
         self.spec: SpecDecoder | None = None
         if cfg.speculative_method is not None:
             if cfg.speculative_method == "draft" and draft_model is None:
@@ -111,7 +101,10 @@ class LLMEngine:
                 from moetron.convert.hf import from_pretrained
 
                 draft_model = from_pretrained(cfg.draft_model_dir, device=cfg.device, dtype=dtype)
-            self.spec = SpecDecoder(cfg, model, self.sampler, draft_model)
+            self.spec = SpecDecoder(cfg, model, sampler, draft_model)
+        self.output_processor = OutputProcessor(
+            self.scheduler, sampler, self.requests, self.max_model_len, self.spec
+        )
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
@@ -119,7 +112,7 @@ class LLMEngine:
         from moetron.convert.hf import from_pretrained
         from moetron.data.errors import DataError
         from moetron.data.tokenizer import load_tokenizer
-        from moetron.kernels.huge_pages import move_to_huge_pages
+        from moetron.infer.huge_pages import move_to_huge_pages
 
         cfg = EngineConfig.from_overrides(**overrides)
         # Served in float32, a bf16 checkpoint may keep its bf16 weights (serving_dtype): load as is.
@@ -129,7 +122,7 @@ class LLMEngine:
         loaded = next(model.parameters()).dtype
         auto_half = cfg.dtype is None and plain_cpu_half(model)
         if auto_half:
-            cfg = dataclasses.replace(cfg, dtype="float32")
+            cfg = cfg.replace(dtype="float32")
         serving_dtype(model, cfg.torch_dtype)  # any conversion before the weights move to huge pages
         if auto_half:
             kept = next(model.parameters()).dtype != torch.float32
@@ -162,13 +155,15 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         for index in range(params.n):
-            seq = Sequence(request, index)
-            seq.sampling_state = SamplingState(
-                params, ids, seq.output_token_ids, make_generator(params.seed, index), self.eos_token_id
+            seq = Sequence(
+                request,
+                index,
+                SamplingState(params, ids, [], make_generator(params.seed, index), self.eos_token_id),
+                StopChecker(params, self.eos_token_id),
+                None
+                if self.tokenizer is None
+                else IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
             )
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            seq.stop_checker = StopChecker(params, self.eos_token_id)
             request.seqs.append(seq)
             if index > 0:
                 seq.status = SequenceStatus.PENDING  # joins when sequence 0 has prefilled
@@ -225,97 +220,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        now = time.monotonic()
-        rows: list[int] = []  # packed rows whose logits we need
-        sample_rows: list[int] = []  # indices into `rows`, one per sequence that samples
-        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first index into rows, count)
-        spec_rows: list[tuple[Sequence, int]] = []  # (seq with draft tokens, first index into rows)
-        start = 0
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
-            samples = seq.num_computed_tokens + num_new == seq.num_tokens
-            if seq.spec_token_ids:  # 1 + k rows: the last real token and each draft token
-                spec_rows.append((seq, len(rows)))
-                rows.extend(range(start, start + num_new))
-            elif seq.index == 0 and seq.request.prompt_logprobs is not None and not seq.output_token_ids:
-                prompt_rows.append((seq, len(rows), num_new))
-                rows.extend(range(start, start + num_new))
-                if samples:
-                    sample_rows.append(len(rows) - 1)
-            elif samples:
-                sample_rows.append(len(rows))
-                rows.append(start + num_new - 1)
-            start += num_new
-        logits_RV = self.runner.run(batch, rows)
-        for seq, first_row, num_new in prompt_rows:
-            self._add_prompt_logprobs(seq, logits_RV[first_row : first_row + num_new])
-        done = self.scheduler.update(batch)
-        progressed: dict[str, Request] = {}
-        done = [s for s in done if not s.spec_token_ids]
-        if done:
-            every_row = sample_rows == list(range(logits_RV.shape[0]))  # decodes only: no gather copy
-            sample_logits_SV = logits_RV if every_row else logits_RV[sample_rows]
-            sampled = self.sampler(sample_logits_SV, [s.sampling_state for s in done])
-            for seq, token_id, logprobs in zip(done, sampled.token_ids, sampled.logprobs, strict=True):
-                self._append_token(seq, token_id, logprobs)
-                progressed[seq.request.request_id] = seq.request
-        for seq, first_row in spec_rows:
-            num_rows = 1 + len(seq.spec_token_ids)
-            tokens, logprobs = self.spec.verify(seq, logits_RV[first_row : first_row + num_rows])
-            for token_id, token_logprobs in zip(tokens, logprobs, strict=True):
-                self._append_token(seq, token_id, token_logprobs)  # stops mid-run drop the rest
-                if seq.is_finished:
-                    break
-            self.spec.rollback(seq, self.block_manager)
-            progressed[seq.request.request_id] = seq.request
-        outputs = []
-        for request in progressed.values():
-            outputs.append(request.output())
-            if request.finished:
-                request.metrics.finished_time = time.monotonic()
-                self.requests.pop(request.request_id, None)
-        return outputs
-
-    def _add_prompt_logprobs(self, seq: Sequence, logits_nV: torch.Tensor) -> None:
-        """Row i of this chunk (position p) scores prompt token p + 1."""
-        first = seq.num_computed_tokens
-        if first == 0:  # a recompute after preemption starts the list over
-            seq.request.prompt_logprobs = [None]
-        logprobs_nV = torch.log_softmax(logits_nV, dim=-1)
-        num_top = seq.request.params.prompt_logprobs
-        for i in range(logits_nV.shape[0]):
-            if first + i + 1 < seq.num_prompt_tokens:
-                token = seq.token_ids[first + i + 1]
-                seq.request.prompt_logprobs.append(position_logprobs(logprobs_nV[i], token, num_top))
-
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: PositionLogprobs | None) -> None:
-        request, now = seq.request, time.monotonic()
-        first = not seq.output_token_ids
-        seq.append_token(token_id)
-        self.generation_tokens_total += 1
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-            request.metrics.num_cached_prompt_tokens = seq.num_cached_tokens
-        request.metrics.last_token_time = now
-        if seq.logprobs is not None and logprobs is not None:
-            seq.logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token_id].logprob
-        if seq.detokenizer is not None:
-            seq.detokenizer.add(token_id)
-            seq.text = seq.detokenizer.text
-        finish_reason, stop_reason, text = seq.stop_checker.check(seq.output_token_ids, seq.text)
-        if finish_reason is None and seq.num_tokens >= self.max_model_len:
-            finish_reason = "length"
-        if finish_reason is not None:
-            if seq.detokenizer is not None and not isinstance(stop_reason, str):
-                seq.detokenizer.flush()  # bytes held back for a character that will never complete
-                text = seq.detokenizer.text
-            seq.text, seq.finish_reason, seq.stop_reason = text, finish_reason, stop_reason
-            self.scheduler.finish(seq)
-        if first and seq.index == 0:  # the prompt is in the cache: siblings can share its blocks
-            for sibling in reversed(request.seqs[1:]):
-                self.scheduler.add(sibling, front=True)
+        logits_RV = self.runner.run(batch)
+        self.scheduler.update(batch)
+        return self.output_processor.process(batch, logits_RV)
 
     # --- introspection ---
 
@@ -330,7 +237,7 @@ class LLMEngine:
             kv_blocks_cached_free=bm.num_cached_free_blocks,
             prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens_total,
             prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total,
+            generation_tokens_total=self.output_processor.generation_tokens_total,
             tokens_per_expert=[layer.tokens_per_expert.tolist() for layer in self.model.moe_layers()],
             spec_proposed_tokens_total=self.spec.num_proposed_total if self.spec else 0,
             spec_accepted_tokens_total=self.spec.num_accepted_total if self.spec else 0,

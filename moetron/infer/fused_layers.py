@@ -1,156 +1,198 @@
 """The engine's fused decoder path: each layer as two kernel calls (moetron/kernels/layer_avx2.cpp).
 
 For fp32 models on an AVX2 CPU whose layers are all routed-expert MoE layers without shared
-experts (the Mixtral/GPT-4 shape), the runner skips the module-by-module forward: a decode step of a
-small model would otherwise spend more time in Python dispatch (~40 kernel and ~300 tensor-op calls)
-than in streaming its weights. The numbers are those of the separate serving kernels, so the
-path is batch-invariant too; anything it does not cover (dense or shared-expert layers, other
-dtypes, no kernels) takes the module path.
+experts (the Mixtral/GPT-4 shape), a decode step of a small model would otherwise spend more time
+in Python dispatch (~40 kernel and ~300 tensor-op calls) than in streaming its weights. So the
+runner installs, on top of the serving kernels (serving_kernels.py), a `FusedBlock` class for each
+decoder layer: `Transformer.hidden_states` still runs the step, layer by layer, with the engine's
+paged-attention backend, and each layer is two kernel calls that read that backend's caches and
+tables for the layer's index. The numbers are those of the separate serving kernels, so the path is
+batch-invariant too; anything it does not cover (dense or shared-expert layers, other dtypes, no
+kernels) takes the module path.
 
 A bf16 model runs here too when the engine serves it in float32 (a CPU without bf16 matmul
 instructions): its weights stay bf16 and are widened in the kernels' registers, so every number is
-the one its float32 copy would give, from half the bytes. Activations and the KV cache are fp32.
+the one its float32 copy would give, from half the bytes. Activations and the KV cache are fp32;
+the embedding's rows, the final norm and the head are widened the same way (the norm weights are
+fp32 copies taken at install: a few KB).
 
-Legend: T packed tokens, D width, d head_dim, R rows whose logits are wanted.
+Legend: B = 1 packed row, T packed tokens, D width, d head_dim, P positions in the RoPE table.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from torch import nn
 
-from moetron.infer.paged_attention import KernelTables
+from moetron.infer.paged_attention import PagedAttention
+from moetron.infer.serving_kernels import ServingKernels, ServingModule
 from moetron.kernels import cpu_kernels
 from moetron.model.moe import MoELayer
-from moetron.model.transformer import Transformer
+from moetron.model.ops import Embedding, Linear
+from moetron.model.rope import RotaryEmbedding
+from moetron.model.transformer import Block, RMSNorm, Transformer
 
 
-class FusedLayers:
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        cfg = model.cfg
-        self.dims = (cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        lib = cpu_kernels.library()
-        self.bf16_weights = model.output.weight.dtype == torch.bfloat16
-        suffix = "bf16w" if self.bf16_weights else "f32"
-        self.attention_block = getattr(lib, f"moetron_attention_block_{suffix}")
-        self.moe_block = getattr(lib, f"moetron_moe_block_{suffix}")
+def supports(model: Transformer) -> bool:
+    """Whether the fused path runs this model: all its layers routed-expert MoE without shared
+    experts, all its parameters fp32 (or all bf16, to be served in float32) on the CPU."""
+    if not cpu_kernels.available() or model.tok_embeddings is None or model.output is None:
+        return False
+    for layer in model.layers:
+        ffn = layer.ffn
+        if not isinstance(ffn, MoELayer) or ffn.shared_experts is not None or ffn.training:
+            return False
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params}
+    return (dtypes == {torch.float32} or dtypes == {torch.bfloat16}) and all(
+        p.device.type == "cpu" and p.is_contiguous() for p in params
+    )
 
-        # Per layer: the tensors whose addresses each step passes (Parameter objects, so a weight
-        # re-homed or reloaded through .data stays correct; a bf16 model's norm weights are fp32
-        # copies taken here) and the constants; nn.Module attribute lookups cost ~1 us each, too much
-        # to repeat per step.
-        self.layers = []
-        for layer in model.layers:
-            att, moe = layer.attention, layer.ffn
-            attention = (
-                self._fp32(layer.attention_norm.weight),
-                att.wq.weight,
-                att.wk.weight,
-                att.wv.weight,
-                att.wo.weight,
-            )
-            experts = moe.experts
-            routed = (
-                self._fp32(layer.ffn_norm.weight),
-                moe.router.gate.weight,
-                experts.w1,
-                experts.w3,
-                experts.w2,
-            )
-            constants = (
-                layer.attention_norm.eps,
-                layer.ffn_norm.eps,
-                moe.cfg.top_k,
-                int(moe.cfg.normalize_top_k),
-                experts.w1.shape[1],
-                moe.cfg.num_experts,
-            )
-            self.layers.append((attention, routed, moe, constants))
-        self.final_norm = (self._fp32(model.norm.weight), model.norm.eps)
-        self.discarded_counts = torch.zeros(max(1, cfg.moe.num_experts), dtype=torch.int64)
-        # RoPE's cos/sin per position, from the model's own rope, grown on demand: a decode step then
-        # indexes two rows instead of recomputing angles, cos, sin and concatenations.
-        self.cos_Pd = self.sin_Pd = torch.empty(0, cfg.head_dim)
+
+def fused_kernels(model: Transformer, base: ServingKernels) -> ServingKernels:
+    """`base` (the batch mode's kernels) with every layer fused; for a bf16 model the embedding,
+    final norm and head widen its weights to fp32 (the fp32 model's norm and head are `base`'s)."""
+    classes = {**base.classes, Block: FusedBlock, RotaryEmbedding: TabledRotaryEmbedding}
+    if model.output.weight.dtype == torch.bfloat16:
+        classes |= {Embedding: WideningEmbedding, RMSNorm: WidenedRMSNorm, Linear: WidenedLinear}
+    return ServingKernels(f"{base.name}+fused", classes, prepare=_prepare)
+
+
+def _prepare(model: nn.Module, module: nn.Module) -> None:
+    if isinstance(module, FusedBlock | TabledRotaryEmbedding | WidenedRMSNorm):
+        module.prepare()
+
+
+class FusedBlock(ServingModule, Block):
+    """A decoder layer as two kernel calls on the packed hidden states, in place: attention (norm,
+    q/k/v, RoPE, K/V into the paged cache, attention, output projection, residual) and the routed
+    experts (norm, router, top-k, experts, combine, residual, per-expert counts)."""
+
+    model_class = Block
+
+    def prepare(self) -> None:
+        # The tensors whose addresses each step passes (Parameter objects, so a weight re-homed or
+        # reloaded through .data stays correct) and the constants, gathered once: nn.Module
+        # attribute lookups cost ~1 us each, too much to repeat per step.
+        att, moe = self.attention, self.ffn
+        assert isinstance(moe, MoELayer)
+        self.bf16_weights = att.wq.weight.dtype == torch.bfloat16
+        experts = moe.experts
+        self.attention_tensors = (self._fp32(self.attention_norm.weight), att.wq.weight, att.wk.weight,
+                                  att.wv.weight, att.wo.weight)  # fmt: skip
+        self.routed_tensors = (self._fp32(self.ffn_norm.weight), moe.router.gate.weight, experts.w1,
+                               experts.w3, experts.w2)  # fmt: skip
+        self.attention_constants = (
+            att.num_heads,
+            att.num_kv_heads,
+            att.head_dim,
+            1.0 / math.sqrt(att.head_dim),
+        )
+        self.routed_constants = (
+            moe.cfg.top_k,
+            int(moe.cfg.normalize_top_k),
+            experts.w1.shape[1],
+            moe.cfg.num_experts,
+        )
+        self.discarded_counts = torch.zeros(moe.cfg.num_experts, dtype=torch.int64)
 
     def _fp32(self, norm_weight: torch.Tensor) -> torch.Tensor:
-        """Norm weights enter the kernels as fp32: a widened copy when the model is bf16 (a few KB)."""
         return norm_weight.float() if self.bf16_weights else norm_weight
-
-    def _rope_rows(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions_T = positions_BT[0]
-        needed = int(positions_T.max()) + 1
-        if needed > self.cos_Pd.shape[0]:
-            size = max(needed, 2 * self.cos_Pd.shape[0], 256)
-            cos_BPd, sin_BPd = self.model.rope(torch.arange(size)[None], torch.float32)
-            self.cos_Pd, self.sin_Pd = cos_BPd[0].contiguous(), sin_BPd[0].contiguous()
-        return self.cos_Pd.index_select(0, positions_T), self.sin_Pd.index_select(0, positions_T)
-
-    @staticmethod
-    def supports(model: Transformer) -> bool:
-        """Whether the fused path runs this model: all its layers routed-expert MoE without shared
-        experts, all its parameters fp32 (or all bf16, to be served in float32) on the CPU."""
-        if not cpu_kernels.available() or model.tok_embeddings is None or model.output is None:
-            return False
-        for layer in model.layers:
-            ffn = layer.ffn
-            if not isinstance(ffn, MoELayer) or ffn.shared_experts is not None or ffn.training:
-                return False
-        params = list(model.parameters())
-        dtypes = {p.dtype for p in params}
-        return (dtypes == {torch.float32} or dtypes == {torch.bfloat16}) and all(
-            p.device.type == "cpu" and p.is_contiguous() for p in params
-        )
 
     def forward(
         self,
-        ids_BT: torch.Tensor,
-        positions_BT: torch.Tensor,
-        slots_T: torch.Tensor,
-        tables: KernelTables,
-        k_caches: list[torch.Tensor],
-        v_caches: list[torch.Tensor],
-        rows_R: torch.Tensor,
+        x_BTD: torch.Tensor,
+        cos_BTd: torch.Tensor,
+        sin_BTd: torch.Tensor,
+        attention_backend: PagedAttention,
     ) -> torch.Tensor:
-        """Every packed row through all layers (keys/values into the caches) → float32 logits [R, V]."""
-        model = self.model
-        dim, num_heads, num_kv_heads, head_dim = self.dims
-        h_TD = model.tok_embeddings(ids_BT)[0].float().contiguous()
-        cos_Td, sin_Td = self._rope_rows(positions_BT)
-        num_tokens = h_TD.shape[0]
-        if tables.rows != list(range(num_tokens)):
-            raise ValueError("the fused path attends every packed row, in order")
-        threads = torch.get_num_threads()
-        h, cos, sin, slots = h_TD.data_ptr(), cos_Td.data_ptr(), sin_Td.data_ptr(), slots_T.data_ptr()
-        step_tables = (
-            tables.tables_QB.data_ptr(),
-            tables.tables_QB.shape[1],
-            tables.seq_of_row_T.data_ptr(),
-            tables.pos_of_row_T.data_ptr(),
+        tables = getattr(attention_backend, "kernel_tables", None)
+        if tables is None or attention_backend.kernel_rows_T is not None or x_BTD.shape[0] != 1:
+            # Not an engine step (e.g. the model called directly after serving): the module path,
+            # with the serving kernels still installed in the layer's modules.
+            return super().forward(x_BTD, cos_BTd, sin_BTd, attention_backend)
+        h_TD = x_BTD[0]
+        num_tokens, dim = h_TD.shape
+        k_cache, v_cache = (
+            attention_backend.k_caches[self.layer_id],
+            attention_backend.v_caches[self.layer_id],
         )
-        block_size = k_caches[0].shape[1]
-        for (attention, routed, moe, constants), k_cache, v_cache in zip(
-            self.layers, k_caches, v_caches, strict=True
-        ):
-            attention_eps, ffn_eps, top_k, normalize, hidden, num_experts = constants
-            attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in attention)
-            self.attention_block(
-                h, attn_norm, attention_eps, wq, wk, wv, wo, cos, sin, k_cache.data_ptr(), v_cache.data_ptr(),
-                slots, *step_tables, num_tokens, dim, num_heads, num_kv_heads, head_dim, block_size, self.scale,
-                threads,
-            )  # fmt: skip
-            ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in routed)
-            counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
-            self.moe_block(
-                h, ffn_norm, ffn_eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(), num_tokens, dim,
-                hidden, num_experts, threads,
-            )  # fmt: skip
-        h_RD = h_TD if rows_R.numel() == num_tokens == 1 else h_TD.index_select(0, rows_R)
-        if self.bf16_weights:  # the ops the fp32 model's norm and head take under serving_kernels()
-            norm_weight, eps = self.final_norm
-            return cpu_kernels.linear_f32(
-                cpu_kernels.rms_norm_f32(h_RD, norm_weight, eps), model.output.weight
-            )
-        return model.output(model.norm(h_RD)).float()
+        num_heads, num_kv_heads, head_dim, scale = self.attention_constants
+        threads = torch.get_num_threads()
+        attention_kernel, moe_kernel = _block_kernels(self.bf16_weights)
+        attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
+        attention_kernel(
+            h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, wk, wv, wo, cos_BTd.data_ptr(),
+            sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), attention_backend.slot_mapping_T.data_ptr(),
+            tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
+            tables.pos_of_row_T.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim, k_cache.shape[1],
+            scale, threads,
+        )  # fmt: skip
+        moe = self.ffn
+        top_k, normalize, hidden, num_experts = self.routed_constants
+        ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
+        counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
+        moe_kernel(
+            h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(),
+            num_tokens, dim, hidden, num_experts, threads,
+        )  # fmt: skip
+        return x_BTD
+
+
+@functools.cache
+def _block_kernels(bf16_weights: bool) -> tuple:
+    """The two C entry points (looked up per call, not kept on the module: ctypes functions do
+    not deep-copy, and a served model may be copied)."""
+    lib = cpu_kernels.library()
+    suffix = "bf16w" if bf16_weights else "f32"
+    return getattr(lib, f"moetron_attention_block_{suffix}"), getattr(lib, f"moetron_moe_block_{suffix}")
+
+
+class TabledRotaryEmbedding(ServingModule, RotaryEmbedding):
+    """RoPE's cos/sin per position from a table the model's own rope fills, grown on demand: a decode
+    step indexes two rows instead of recomputing angles, cos, sin and concatenations. The fused
+    kernels take them as contiguous fp32 [T, d]."""
+
+    model_class = RotaryEmbedding
+
+    def prepare(self) -> None:
+        self.cos_Pd = self.sin_Pd = torch.empty(0)
+
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions_N = positions_BT.flatten()
+        needed = int(positions_N.max()) + 1
+        if needed > self.cos_Pd.shape[0]:
+            size = max(needed, 2 * self.cos_Pd.shape[0], 256)
+            cos_BPd, sin_BPd = super().forward(torch.arange(size)[None], torch.float32)
+            self.cos_Pd, self.sin_Pd = cos_BPd[0].contiguous(), sin_BPd[0].contiguous()
+        shape = (*positions_BT.shape, -1)
+        cos_BTd = self.cos_Pd.index_select(0, positions_N).view(shape)
+        sin_BTd = self.sin_Pd.index_select(0, positions_N).view(shape)
+        return cos_BTd.to(dtype), sin_BTd.to(dtype)
+
+
+class WideningEmbedding(ServingModule, Embedding):
+    model_class = Embedding
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+class WidenedRMSNorm(ServingModule, RMSNorm):
+    model_class = RMSNorm
+
+    def prepare(self) -> None:
+        self.weight_fp32 = self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.rms_norm_f32(x, self.weight_fp32, self.eps)
+
+
+class WidenedLinear(ServingModule, Linear):
+    model_class = Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_f32(x, self.weight)

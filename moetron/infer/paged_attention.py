@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the model's `attention_backend` during an engine step.
 
-The model calls the backend once per layer, in order, with the packed step ([1, T] tokens of many
-sequences). For each layer it writes the new keys/values into their cache slots, then each
+The model calls the backend once per layer with the packed step ([1, T] tokens of many sequences)
+and the layer's index. For that layer's cache it writes the new keys/values into their cache slots, then each
 sequence's queries attend over that sequence's cached keys, causally offset by what was cached
 before this step.
 
@@ -89,7 +89,10 @@ class KernelTables:
 
 
 class PagedAttention:
-    """attention_backend(q_BHTd, k_BGTd, v_BGTd) -> out_BHTd for one engine step (all layers)."""
+    """attention_backend(q_BHTd, k_BGTd, v_BGTd, layer_id) -> out_BHTd for one engine step (all layers).
+
+    The fused decoder layers (fused_layers.py) read its caches, slot mapping and kernel tables
+    instead of calling it; `every_row_to_kernel` builds the tables for all rows in both modes."""
 
     def __init__(
         self,
@@ -98,19 +101,21 @@ class PagedAttention:
         slot_mapping_T: torch.Tensor,
         seqs: list[SeqSlice],
         invariant: bool,
+        every_row_to_kernel: bool = False,
     ) -> None:
         self.k_caches, self.v_caches = k_caches, v_caches  # per layer [N, S, G, d]
         self.slot_mapping_T = slot_mapping_T
         self.invariant = invariant
-        # The model's backend signature carries no layer index; layers call in order, so count.
-        self.layer = 0
         # moetron's kernel takes every row, or (non-invariant mode) all but whole prompts, which
         # SDPA does faster. kernel_rows_T: the packed rows it takes when that is not all of them.
         self.kernel_tables: KernelTables | None = None
         self.kernel_rows_T: torch.Tensor | None = None
         cache = k_caches[0]
         if cache.device.type == "cpu" and cache.dtype == torch.float32 and cpu_kernels.available():
-            to_sdpa = [not invariant and s.num_new > 1 and s.context_len == s.num_new for s in seqs]
+            to_sdpa = [
+                not (invariant or every_row_to_kernel) and s.num_new > 1 and s.context_len == s.num_new
+                for s in seqs
+            ]
             kernel_seqs = [s for s, sdpa in zip(seqs, to_sdpa, strict=True) if not sdpa]
             seqs = [s for s, sdpa in zip(seqs, to_sdpa, strict=True) if sdpa]
             if kernel_seqs:
@@ -139,9 +144,10 @@ class PagedAttention:
         lengths_S = torch.tensor(lengths, device=device)
         self.decode_valid_SC = torch.arange(self.decode_key_len, device=device)[None, :] < lengths_S[:, None]
 
-    def __call__(self, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
-        k_cache_NSGd, v_cache_NSGd = self.k_caches[self.layer], self.v_caches[self.layer]
-        self.layer = (self.layer + 1) % len(self.k_caches)
+    def __call__(
+        self, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor, layer_id: int
+    ) -> torch.Tensor:
+        k_cache_NSGd, v_cache_NSGd = self.k_caches[layer_id], self.v_caches[layer_id]
         num_kv_heads, head_dim = k_cache_NSGd.shape[-2:]
         for cache, new_BGTd in ((k_cache_NSGd, k_BGTd), (v_cache_NSGd, v_BGTd)):
             cache.view(-1, num_kv_heads, head_dim).index_copy_(

@@ -1,8 +1,11 @@
-"""The model runner: owns the KV cache tensors and runs one packed forward per engine step.
+"""The model runner: owns the KV cache tensors, installs the serving kernels into the model, and
+runs one packed forward per engine step.
 
 All tokens of a step (prefill chunks and decodes of every sequence) go through the model as one
 [1, T] row, so each MoE layer routes and runs its experts once per step: batching is what makes
-sparse experts cheap to serve.
+sparse experts cheap to serve. The forward is the model's own (`Transformer.hidden_states` with
+the paged-attention backend, then `Transformer.logits` on the rows the step needs); what makes it
+a serving forward is the kernels installed from outside (serving_kernels.py, fused_layers.py).
 
 Legend: T packed tokens of the step, R rows whose logits are wanted, D width, V vocabulary,
 N KV blocks, S block size, G kv heads, d head_dim.
@@ -12,11 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from moetron.config import ModelConfig
-from moetron.infer import batch_invariant
-from moetron.infer.config import EngineConfig
-from moetron.infer.fused_layers import FusedLayers
-from moetron.infer.paged_attention import KernelTables, PagedAttention, SeqSlice
+from moetron.config import EngineConfig, ModelConfig
+from moetron.infer import fused_layers, serving_kernels
+from moetron.infer.paged_attention import PagedAttention, SeqSlice
 from moetron.infer.scheduler import ScheduledBatch
 from moetron.model.accounting import kv_bytes_per_token
 from moetron.model.transformer import Transformer
@@ -78,26 +79,30 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
         ]
-        self.fused = (
-            FusedLayers(model) if self.dtype == torch.float32 and FusedLayers.supports(model) else None
-        )
-        if self.dtype != param.dtype and self.fused is None:
+        self.fused = cfg.fused_layers and self.dtype == torch.float32 and fused_layers.supports(model)
+        if self.dtype != param.dtype and not self.fused:
             raise ValueError(f"{self.dtype} activations over {param.dtype} weights need the fused path")
+        kernels = serving_kernels.INVARIANT if self.invariant else serving_kernels.FAST
+        self.kernels = fused_layers.fused_kernels(model, kernels) if self.fused else kernels
+        serving_kernels.install(model, self.kernels)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, logit_rows: list[int]) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Compute the step's tokens into the cache; returns float32 logits [R, V] of the packed rows
-        `logit_rows` (the last row of each sequence that samples, or all rows for prompt logprobs)."""
+        `batch.logits_rows` (the last row of each sequence that samples, all rows of a verification
+        or of a prompt chunk whose logprobs are wanted)."""
+        if serving_kernels.installed(self.model) is not self.kernels:  # another engine served it since
+            serving_kernels.install(self.model, self.kernels)
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seqs: list[SeqSlice] = []
         size = self.block_size
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            first = seq.num_computed_tokens
+        for item in batch.scheduled:
+            seq, first, num_new = item.seq, item.first_position, item.num_new_tokens
             seqs.append(
                 SeqSlice(
-                    start=len(token_ids),
+                    start=item.first_row,
                     num_new=num_new,
                     context_len=first + num_new,
                     block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
@@ -108,37 +113,14 @@ class ModelRunner:
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
-        rows_R = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)
-        if self.fused is not None:
-            tables = KernelTables.build(seqs, size)
-            with batch_invariant.serving_kernels(self.invariant):
-                return self.fused.forward(
-                    ids_BT, positions_BT, slots_T, tables, self.k_caches, self.v_caches, rows_R
-                )
         attention = PagedAttention(
-            self.k_caches,
-            self.v_caches,
-            slots_T,
-            seqs,
-            self.invariant,
+            self.k_caches, self.v_caches, slots_T, seqs, self.invariant, every_row_to_kernel=self.fused
         )
-        with batch_invariant.serving_kernels(self.invariant):
-            return self._forward(ids_BT, positions_BT, attention, rows_R)
-
-    def _forward(
-        self,
-        ids_BT: torch.Tensor,
-        positions_BT: torch.Tensor,
-        attention: PagedAttention,
-        rows_R: torch.Tensor,
-    ) -> torch.Tensor:
-        # Transformer.forward's body, with the output head applied only to the rows that need
-        # logits: a prefill chunk of 1,000 tokens would otherwise cost 1,000 x V logits.
-        model = self.model
-        h_BTD = model.tok_embeddings(ids_BT)
-        cos_BTd, sin_BTd = model.rope(positions_BT, h_BTD.dtype)
-        for layer in model.layers:
-            h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention)
-        h_RD = h_BTD[0].index_select(0, rows_R)
-        return model.output(model.norm(h_RD)).float()
+        h_TD = self.model.hidden_states(ids_BT, positions_BT, attention)[0]
+        rows = batch.logits_rows
+        if len(rows) == 1 == h_TD.shape[0]:  # a single decode: no gather copy
+            return self.model.logits(h_TD)
+        return self.model.logits(
+            h_TD.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+        )

@@ -105,14 +105,17 @@ def position_logprobs(logprobs_V: torch.Tensor, token_id: int, num_top: int) -> 
     return result
 
 
-def prompt_logprobs(logits_TV: torch.Tensor, prompt_token_ids: Sequence[int], num_top: int) -> list:
-    """Logprobs of each prompt token given the ones before it, from raw logits_TV [T, V] of a prefill
-    over the prompt (row t predicts token t+1). The first position has none (None), as in vLLM."""
-    logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
-    result: list[PositionLogprobs | None] = [None]
-    for t in range(1, len(prompt_token_ids)):
-        result.append(position_logprobs(logprobs_TV[t - 1], prompt_token_ids[t], num_top))
-    return result
+def prompt_logprobs(
+    logits_nV: torch.Tensor, token_ids: Sequence[int], first_position: int, num_top: int
+) -> list[PositionLogprobs]:
+    """Logprobs of prompt tokens given the ones before them, from raw logits_nV [n, V] of the prefill
+    rows at positions first_position.. (row i scores token first_position + i + 1). A prompt's
+    first position has none (the engine's list starts with None, as vLLM's)."""
+    logprobs_nV = torch.log_softmax(logits_nV.float(), dim=-1)
+    return [
+        position_logprobs(logprobs_nV[i], token_ids[first_position + i + 1], num_top)
+        for i in range(logits_nV.shape[0])
+    ]
 
 
 class Sampler:

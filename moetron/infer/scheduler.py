@@ -10,30 +10,86 @@ stay in the prefix cache, so the recompute is often a cache hit).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from moetron.config import EngineConfig
 from moetron.infer.block_manager import BlockManager
-from moetron.infer.config import EngineConfig
 from moetron.infer.sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)  # per seq, this step
-    preempted: list[Sequence] = field(default_factory=list)
+class ScheduledSeq:
+    """One sequence's part of a step: which of its tokens run, where they sit among the step's packed
+    rows, and which rows' logits the step keeps for it."""
+
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, draft tokens included
+    first_position: int  # the position of its first new token (what the cache held before)
+    first_row: int  # that token's row among the step's packed tokens
+    logits_start: int  # its first row among the step's logits rows
+    num_logits_rows: int  # 0 for a prefill chunk that neither samples nor scores the prompt
+    samples: bool  # draws its next token from its last logits row (no draft tokens to verify)
+    scores_prompt: bool  # its logits rows give prompt logprobs
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    def num_draft_tokens(self) -> int:
+        return len(self.seq.spec_token_ids)
+
+    @property
+    def logits_rows(self) -> slice:
+        return slice(self.logits_start, self.logits_start + self.num_logits_rows)
+
+
+@dataclass
+class ScheduledBatch:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # packed rows whose logits the step needs
+    num_tokens: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.scheduled)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [s.seq for s in self.scheduled]
+
+    @property
+    def num_new_tokens(self) -> list[int]:
+        return [s.num_new_tokens for s in self.scheduled]
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
-        self.seqs.append(seq)
-        self.num_new_tokens.append(num_new_tokens)
+        """Append `seq`'s next `num_new_tokens` tokens and decide which of its rows need logits: all
+        1 + k of a verification (draft tokens), all of a prompt chunk whose logprobs are wanted,
+        else the last one when it ends the sequence (the next token is sampled from it)."""
+        first_row, first_position = self.num_tokens, seq.num_computed_tokens
+        reaches_end = first_position + num_new_tokens == seq.num_tokens
+        verifies = bool(seq.spec_token_ids)
+        scores_prompt = (
+            not verifies
+            and seq.index == 0
+            and seq.request.prompt_logprobs is not None
+            and not seq.output_token_ids
+        )
+        if verifies or scores_prompt:
+            rows = range(first_row, first_row + num_new_tokens)
+        else:
+            rows = (
+                range(first_row + num_new_tokens - 1, first_row + num_new_tokens) if reaches_end else range(0)
+            )
+        self.scheduled.append(
+            ScheduledSeq(
+                seq, num_new_tokens, first_position, first_row, len(self.logits_rows), len(rows),
+                samples=reaches_end and not verifies, scores_prompt=scores_prompt,
+            )
+        )  # fmt: skip
+        self.logits_rows.extend(rows)
+        self.num_tokens += num_new_tokens
+        metrics = seq.request.metrics
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = time.monotonic()
 
 
 class Scheduler:
@@ -86,15 +142,14 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                # Siblings of an n > 1 request always look: they exist to share sequence 0's prompt.
-                # (Prompt logprobs need every prompt position computed, so those never look.)
-                if seq.index > 0 or (
-                    self.cfg.enable_prefix_caching and seq.request.params.prompt_logprobs is None
-                ):
-                    seq.num_cached_tokens = self.block_manager.match_prefix(seq)
-                else:
-                    seq.num_computed_tokens = 0
+            # A sequence without blocks (new, preempted or released) looks up the prefix cache. Siblings
+            # of an n > 1 request always look: they exist to share sequence 0's prompt. (Prompt
+            # logprobs need every prompt position computed, so those never look.)
+            if not seq.block_table and (
+                seq.index > 0
+                or (self.cfg.enable_prefix_caching and seq.request.params.prompt_logprobs is None)
+            ):
+                seq.num_computed_tokens = seq.num_cached_tokens = self.block_manager.match_prefix(seq)
             num_new = seq.num_uncomputed_tokens
             if num_new > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -114,15 +169,24 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch) -> list[Sequence]:
         """After the forward: advance each sequence's computed count, register its new full blocks.
-        Returns the sequences that reached their end (the ones with a token to sample)."""
-        finished_prefill = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            # draft tokens are not computed yet: the engine advances past the accepted ones
-            seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
-            self.block_manager.commit(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
-                finished_prefill.append(seq)
-        return finished_prefill
+        Returns the sequences that sample a token now. (Draft tokens are not computed yet:
+        `accept_drafts` moves past the accepted ones once they are verified.)"""
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
+            self.block_manager.commit(item.seq)
+        return [item.seq for item in batch.scheduled if item.samples]
+
+    def accept_drafts(self, seq: Sequence) -> None:
+        """After a verification appended its accepted tokens: the KV cache holds all but the newest
+        token (the slots of accepted draft tokens held exactly those tokens); rejected slots are
+        overwritten later. Only now are full blocks registered, so no rejected token ever enters
+        the prefix cache."""
+        seq.spec_token_ids, seq.spec_probs = [], None
+        if seq.is_finished:  # its blocks are freed already
+            return
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.commit(seq)
+        self.block_manager.truncate(seq, seq.num_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks at once."""

@@ -10,10 +10,16 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from moetron.infer.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from moetron.infer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
+    from moetron.infer.sampling import SamplingState
 
 
 class SequenceStatus(enum.Enum):
@@ -30,14 +36,23 @@ class Sequence:
     """One stream of tokens: prompt + output, how much of it the KV cache holds, and its blocks.
 
     The KV cache holds tokens [0, num_computed_tokens); the newest sampled token is never in it yet,
-    so a decoding sequence has exactly one uncomputed token."""
+    so a decoding sequence has exactly one uncomputed token. Only the scheduler moves
+    num_computed_tokens (scheduler.py): after a step, on a prefix-cache hit, on preemption."""
 
-    def __init__(self, request: Request, index: int) -> None:
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        sampling_state: SamplingState,
+        stop_checker: StopChecker,
+        detokenizer: IncrementalDetokenizer | None = None,
+    ) -> None:
         self.seq_id = next(_seq_ids)
         self.request = request
         self.index = index  # which of the request's n samples
         self.token_ids: list[int] = list(request.prompt_token_ids)
-        self.output_token_ids: list[int] = []  # live list: the sampler reads it each step
+        # The sampling state's list, shared: the sampler reads the live history (penalties, min_tokens).
+        self.output_token_ids: list[int] = sampling_state.output_token_ids
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -49,14 +64,13 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        # Set by the engine: sampler state, detokenizer, stop checker (their types live elsewhere).
-        self.sampling_state: Any = None
-        self.detokenizer: Any = None
-        self.stop_checker: Any = None
+        self.sampling_state = sampling_state
+        self.stop_checker = stop_checker
+        self.detokenizer = detokenizer  # None: the model has no tokenizer (no text)
         # Speculative decoding: draft tokens to check this step (never part of token_ids) and the
         # draft's distributions they were drawn from (None: a point-mass proposer).
         self.spec_token_ids: list[int] = []
-        self.spec_probs: Any = None
+        self.spec_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,7 @@
     schedule()           # such a sequence runs 1 + k rows, or k = 0 when budget or blocks are short
     forward              # logits for all 1 + k rows, in the same packed forward as everyone else
     verify(seq, logits)  # verify_greedy / rejection_sample (speculative.py): 1 to k + 1 new tokens
-    rollback(seq)        # KV valid up to the accepted tokens; blocks past the end are freed
+    accept_drafts(seq)   # the scheduler: KV valid up to the accepted tokens, blocks past the end freed
 
 Rows are bit-invariant to what shares the batch (batch_invariant.py), so the target's logits for a
 position are exactly those plain decoding would see: greedy output is bit-identical, and sampled
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from moetron.infer.block_manager import BlockManager
-from moetron.infer.config import EngineConfig
+from moetron.config import EngineConfig
 from moetron.infer.outputs import PositionLogprobs
 from moetron.infer.sampling import Sampler, SamplingState, position_logprobs
 from moetron.infer.sequence import Sequence
@@ -97,15 +96,3 @@ class SpecDecoder:
                 logprobs_V = torch.log_softmax(logits_KpV[j : j + 1].float(), dim=-1)[0]
                 logprobs[j] = position_logprobs(logprobs_V, token, state.params.logprobs)
         return tokens, logprobs
-
-    @staticmethod
-    def rollback(seq: Sequence, block_manager: BlockManager) -> None:
-        """After the new tokens are appended: the KV cache holds all but the newest token (the draft
-        slots of accepted tokens held exactly those tokens); rejected slots are overwritten later.
-        Only now are full blocks registered, so no rejected token ever enters the prefix cache."""
-        seq.spec_token_ids, seq.spec_probs = [], None
-        if seq.is_finished:  # its blocks are freed already
-            return
-        seq.num_computed_tokens = seq.num_tokens - 1
-        block_manager.commit(seq)
-        block_manager.truncate(seq, seq.num_tokens)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
-from moetron.model import ops
-from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear, silu
+from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
 
 
 class FeedForward(nn.Module):
@@ -29,7 +28,7 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for w in (self.w1.weight, self.w3.weight):
@@ -61,11 +60,14 @@ def grouped_swiglu(
     w1_EID: torch.Tensor,
     w2_EDI: torch.Tensor,
     w3_EID: torch.Tensor,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear,
+    activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
 ) -> torch.Tensor:
     """Expert e's SwiGLU on its contiguous slice of the expert-sorted rows x_ND → [N, D].
 
     A function of explicit weights, not of a module, so that a caller holding only some experts
-    (e.g. a rank's local shard of the stack) runs the same math on them.
+    (e.g. a rank's local shard of the stack) runs the same math on them. `matmul` (x, w) -> x @ w.T
+    and `activation` are the per-expert loop's kernels: the serving engine passes its own.
     """
     if has_grouped_mm(x_ND):
         offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
@@ -80,8 +82,8 @@ def grouped_swiglu(
     for expert, x in enumerate(x_ND.split(num_tokens_per_expert_E.tolist())):
         if x.shape[0] == 0:
             continue
-        h = silu(linear(x, w1[expert])) * linear(x, w3[expert])
-        outputs.append(linear(h, w2[expert]))
+        h = activation(matmul(x, w1[expert])) * matmul(x, w3[expert])
+        outputs.append(matmul(h, w2[expert]))
     return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
 
 
@@ -175,34 +177,26 @@ class MoELayer(nn.Module):
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         weights_TK, expert_ids_TK, logits_TE = self.router(x_TD)
-        if ops.serving is not None and not self.training:
-            experts = self.experts
-            out_TD = ops.serving.routed_experts(
-                x_TD, weights_TK, expert_ids_TK, experts.w1, experts.w2, experts.w3
-            )
-            if out_TD is not None:
-                if self.record_stats:
-                    self.tokens_per_expert += torch.bincount(
-                        expert_ids_TK.flatten(), minlength=self.cfg.num_experts
-                    )
-                if self.shared_experts is not None:
-                    out_TD = out_TD + self.shared_experts(x_TD)
-                return out_TD.reshape(shape)
+        out_TD = self.routed_experts(x_TD, weights_TK, expert_ids_TK)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        if self.training and torch.is_grad_enabled():
+            out_TD = self._add_router_loss(out_TD, logits_TE, expert_ids_TK)
+        return out_TD.reshape(shape)
+
+    def routed_experts(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_k weights_TK · expert_{expert_ids_TK}(x_TD) → [T, D]: dispatch in expert order, the
+        experts, combine. (The serving engine swaps in a one-kernel version of this method.)"""
         order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
         if self.record_stats:
             with torch.no_grad():
                 self.tokens_per_expert += num_tokens_per_expert_E
-
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
         y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
-
-        if self.training and torch.is_grad_enabled():
-            out_TD = self._add_router_loss(out_TD, logits_TE, expert_ids_TK)
-        return out_TD.reshape(shape)
+        return torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND)
 
     def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (token, k) indices sorted by expert, and kept assignments per expert.

@@ -4,15 +4,13 @@ On CPUs without native bf16/fp16 dot products (no AVX512-BF16, no AMX: e.g. AVX2
 oneDNN emulates half-precision matmuls at a small fraction of fp32 speed (measured on such a
 machine: F.linear 19 GFLOP/s in bf16 vs 170 in fp32). There we keep bf16 *storage* and compute the
 product in fp32, rounding the result back: faster, and at least as accurate. Everywhere else
-(CUDA, AMX CPUs) the native kernel runs.
+(CUDA, AMX CPUs) the native kernel runs. These are training's numerics; the serving engine installs
+its own kernels from outside by swapping module classes (moetron/infer/serving_kernels.py).
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,40 +35,8 @@ def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in _HALF else None
 
 
-@dataclass(frozen=True)
-class ServingKernels:
-    """The kernels the inference engine installs for the length of a forward
-    (moetron/infer/batch_invariant.py). `rms_norm` and `routed_experts` may decline an input by
-    returning None (the PyTorch path runs then); `silu` None means F.silu."""
-
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    silu: Callable[[torch.Tensor], torch.Tensor] | None
-    # (x, weight, eps) -> RMSNorm(x)
-    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]
-    # (x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID) -> out_TD: a routed-expert layer
-    routed_experts: Callable[..., torch.Tensor | None]
-
-
-# None everywhere but inside the engine's forwards: training numerics never change.
-serving: ServingKernels | None = None
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """F.silu, or the serving engine's batch-invariant version while one is installed."""
-    if serving is not None and serving.silu is not None:
-        return serving.silu(x)
-    return F.silu(x)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, like F.linear without bias."""
-    if serving is not None:
-        return serving.linear(x, weight)
-    return plain_linear(x, weight)
-
-
-def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`linear` without the serving hook."""
     if (half := emulated_half_dtype(x)) is not None:
         # Round the operands to half precision, multiply in fp32 (bf16 products are exact in fp32,
         # the sum accumulates in fp32 as the native kernels do), round the result: same numerics
@@ -82,7 +48,8 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Linear):
     """nn.Linear (no bias) routed through `linear`. Subclassing keeps DTensor/FSDP plans that
-    match `nn.Linear` working unchanged."""
+    match `nn.Linear` working unchanged; the serving engine swaps in subclasses with its own kernels
+    (moetron/infer/serving_kernels.py)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -117,22 +84,3 @@ def grouped_linear(x_ND: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torc
     x_ND: rows sorted by group; weight_EOI: [E, out, in]; offsets_E: int32 end row of each group.
     """
     return F.grouped_mm(x_ND, weight_EOI.transpose(-2, -1), offs=offsets_E)
-
-
-@functools.cache
-def measure_matmul_flops(
-    dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024, repeats: int = 5
-) -> float:
-    """Best FLOP/s of a size³ matmul through `linear` (the kernel moetron uses for this device and
-    dtype): the denominator of the trainer's MFU and the planner's CPU entry. Cached per process."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    linear(a, b)  # warm-up: first calls initialise the math library
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        linear(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best

@@ -1,5 +1,6 @@
 """Decoder-only transformer with MoE feed-forward layers. Single-device code only: parallelism is
-applied from outside (moetron/parallel), serving swaps the attention backend.
+applied from outside (moetron/parallel); the serving engine passes its attention backend and
+swaps in its kernels from outside (moetron/infer/serving_kernels.py).
 
 Legend: B batch, T tokens, D model width, H query heads, G kv heads, d head_dim, V vocabulary.
 """
@@ -8,24 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig
-from moetron.model import ops
 from moetron.model.moe import FeedForward, MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding, apply_rope
 
-# (q_BHTd, k_BGTd, v_BGTd) -> out_BHTd. Training uses causal SDPA; the serving engine passes one
-# that reads and writes its paged KV cache.
-AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (q_BHTd, k_BGTd, v_BGTd, layer_id) -> out_BHTd. Training uses causal SDPA; the serving engine
+# passes one that reads and writes layer `layer_id`'s paged KV cache.
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def causal_sdpa(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
+def causal_sdpa(
+    q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor, layer_id: int
+) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=True)
 
 
@@ -36,8 +37,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.serving is not None and (out := ops.serving.rms_norm(x, self.weight, self.eps)) is not None:
-            return out
         # Normalise in fp32, scale in the input dtype (as Llama/Mixtral do).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
@@ -49,8 +48,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with num_kv_heads ≤ num_heads (MHA, GQA, MQA) and RoPE."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
+        self.layer_id = layer_id  # told to the attention backend (which KV cache is this layer's)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.wq = Linear(cfg.dim, cfg.num_heads * cfg.head_dim)
         self.wk = Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim)
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         k_BGTd = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         v_BGTd = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_BTd, sin_BTd), apply_rope(k_BGTd, cos_BTd, sin_BTd)
-        out_BHTd = attention_backend(q_BHTd, k_BGTd, v_BGTd)
+        out_BHTd = attention_backend(q_BHTd, k_BGTd, v_BGTd, self.layer_id)
         return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -82,8 +82,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(layer_id, cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: MoELayer | FeedForward = (
             MoELayer(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.moe.dense_hidden_dim)
@@ -129,6 +130,18 @@ class Transformer(nn.Module):
         A pipeline stage (moetron/parallel/pipeline.py) is this model with parts removed: without
         `tok_embeddings` it takes hidden states [B, T, D] instead of ids, without `output` it
         returns hidden states [B, T, D]."""
+        h_BTD = self.hidden_states(input_ids_BT, positions_BT, attention_backend)
+        return h_BTD if self.output is None else self.logits(h_BTD)
+
+    def hidden_states(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        attention_backend: AttentionBackend = causal_sdpa,
+    ) -> torch.Tensor:
+        """The last layer's output [B, T, D], before the final norm. The serving engine runs a step's
+        packed tokens ([1, T]) through here with its paged-KV backend, then `logits` on the rows it
+        samples: a 1,000-token prefill chunk would otherwise cost 1,000 x V logits."""
         if self.tok_embeddings is None:
             h_BTD = input_ids_BT
         elif input_ids_BT.dim() != 2:
@@ -140,9 +153,11 @@ class Transformer(nn.Module):
         cos_BTd, sin_BTd = self.rope(positions_BT, h_BTD.dtype)
         for layer in self.layers:
             h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention_backend)
-        if self.output is None:
-            return h_BTD
-        return self.output(self.norm(h_BTD)).float()
+        return h_BTD
+
+    def logits(self, h_xD: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] → float32 logits [..., V]."""
+        return self.output(self.norm(h_xD)).float()
 
     def init_weights(self) -> None:
         """Init for training from scratch: N(0, init_std), residual-output projections scaled by
@@ -184,9 +199,3 @@ class Transformer(nn.Module):
         if dtype is not None:
             model.to(dtype)
         return model
-
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write a Hugging Face model directory (safetensors + config.json)."""
-        from moetron.convert.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

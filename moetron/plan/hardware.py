@@ -10,9 +10,14 @@ every plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 GB = 1e9
 GiB = 2**30
@@ -148,6 +153,36 @@ def _meminfo_bytes(field: str) -> float | None:
     return None
 
 
+def measure_matmul_flops(
+    dtype: torch.dtype | None = None, device: str = "cpu", size: int = 1024, repeats: int = 5
+) -> float:
+    """Best FLOP/s of a size³ matmul (default fp32) through `moetron.model.ops.linear`, the kernel
+    moetron trains with on this device and dtype: the denominator of the trainer's MFU and the
+    planner's CPU entry. Cached per process."""
+    import torch
+
+    return _measure_matmul_flops(dtype or torch.float32, device, size, repeats)
+
+
+@functools.cache
+def _measure_matmul_flops(dtype: torch.dtype, device: str, size: int, repeats: int) -> float:
+    import torch
+
+    from moetron.model.ops import linear
+
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    linear(a, b)  # warm-up: first calls initialise the math library
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        linear(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def measure_copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best bytes/s moved (read + write) by a large tensor copy: the CPU's "HBM" bandwidth."""
     import torch
@@ -173,8 +208,6 @@ def probe_cpu() -> Accelerator:
     global _CPU_CACHE
     if _CPU_CACHE is None:
         import torch
-
-        from moetron.model.ops import measure_matmul_flops
 
         flops = measure_matmul_flops()
         bandwidth = measure_copy_bandwidth()

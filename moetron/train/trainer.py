@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import Config
+from moetron.convert.hf import save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import train_flops_per_token
 from moetron.model.moe import MoELayer
-from moetron.model.ops import measure_matmul_flops
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
+from moetron.plan.hardware import measure_matmul_flops
 from moetron.train import checkpoint_io as checkpoints
 from moetron.train import metrics
 from moetron.train.checkpoint import TrainingState
@@ -311,7 +312,7 @@ def _expert_load(cfg: Config, ctx: DistContext, parts: list[nn.Module]) -> list[
 
 def export(model: Transformer, data: PreparedData, final_dir: Path) -> Path:
     """The inference checkpoint: an HF directory with tokenizer, chat template and generation config."""
-    model.save_pretrained(final_dir)
+    save_pretrained(model, final_dir)
     data.tokenizer.save(final_dir)
     generation = {"bos_token_id": data.tokenizer.bos_id, "eos_token_id": data.tokenizer.eos_id}
     if data.tokenizer.pad_id is not None:

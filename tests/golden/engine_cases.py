@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from moetron.config import ModelConfig, MoEConfig
-from moetron.infer.config import EngineConfig
+from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 from moetron.model import Transformer
