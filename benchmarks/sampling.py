@@ -1,5 +1,5 @@
-"""The batch-invariant Sampler on a decode batch, against a per-row loop (moetron.generate's
-sample_next: one torch.multinomial per row with the row's generator, the simple batch-invariant way).
+"""The batch-invariant Sampler on a decode batch, against a per-row loop (`sample_row`: one
+torch.multinomial per row with the row's generator, the simple batch-invariant way).
 
     python -m benchmarks.sampling                       # 32 rows x 32,000 vocab, 1 thread
     python -m benchmarks.sampling --rows 64 --vocab 100277 --threads 2
@@ -16,7 +16,6 @@ import argparse
 import torch
 
 from benchmarks.common import machine_line, print_table, setup_threads, time_interleaved
-from moetron.generate import sample_next
 from moetron.infer.sampling import Sampler, SamplingState, make_generator
 from moetron.infer.sampling_params import SamplingParams
 
@@ -36,6 +35,25 @@ CASES = {
 }  # fmt: skip
 
 
+def sample_row(
+    logits_V: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
+) -> int:
+    """One row's next token with temperature, top-k (0: off) and top-p only: the peer loop's step."""
+    if temperature == 0:
+        return int(logits_V.argmax())
+    logits_V = logits_V.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    probs_V = logits_V.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs_V.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs_V = probs_V.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
 def make_logits(rows: int, vocab: int, kind: str) -> torch.Tensor:
     torch.manual_seed(0)
     if kind == "flat":
@@ -51,7 +69,7 @@ def candidates(logits_SV: torch.Tensor, states: list, params: SamplingParams, kn
     if set(knobs) <= {"temperature", "top_p", "top_k"}:
         generators = [torch.Generator().manual_seed(i) for i in range(len(states))]
         fns["per-row loop"] = lambda: [
-            sample_next(logits_SV[i], params.temperature, params.top_p, max(params.top_k, 0), generators[i])
+            sample_row(logits_SV[i], params.temperature, params.top_p, max(params.top_k, 0), generators[i])
             for i in range(len(states))
         ]
     return fns

@@ -19,8 +19,8 @@ import torch
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.convert.gguf import GGUFExportError, export_gguf, find_converter, write_sentencepiece_tokenizer
+from moetron.convert.hf import save_pretrained
 from moetron.data.shakespeare import works
-from moetron.generate import generate
 from moetron.model import Transformer
 
 ATOL = 1e-4
@@ -40,6 +40,15 @@ def _random_model(cfg: ModelConfig) -> Transformer:
     return model.eval()
 
 
+@torch.no_grad()
+def _greedy(model: Transformer, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Reference greedy decoding: the whole sequence recomputed for every token, no KV cache."""
+    ids = list(prompt_ids)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
 def _converter_or_skip() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (benchmark-only: pip install -e '.[bench]')")
@@ -57,7 +66,7 @@ def test_llama_cpp_logits_and_greedy_tokens_match_moetron(tmp_path) -> None:
     import sentencepiece
 
     model = _random_model(CFG)
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     text = works()["hamlet_gut"][:100_000]
     write_sentencepiece_tokenizer([text], CFG.vocab_size, tmp_path / "model")
     gguf = export_gguf(tmp_path / "model", tmp_path / "model.gguf", outtype="f32")
@@ -89,7 +98,7 @@ def test_llama_cpp_logits_and_greedy_tokens_match_moetron(tmp_path) -> None:
         theirs_ids.append(token)
         if len(theirs_ids) == 12:
             break
-    assert theirs_ids == list(generate(model, prompt, max_tokens=12, temperature=0.0))
+    assert theirs_ids == _greedy(model, prompt, max_tokens=12)
 
 
 def test_export_refuses_what_the_converter_cannot_take(tmp_path) -> None:
@@ -98,12 +107,12 @@ def test_export_refuses_what_the_converter_cannot_take(tmp_path) -> None:
     with pytest.raises(ValueError, match="outtype='q4_k' must be one of"):
         export_gguf(tmp_path, tmp_path / "x.gguf", outtype="q4_k")
 
-    _random_model(CFG).save_pretrained(tmp_path / "bpe")  # no tokenizer.model
+    save_pretrained(_random_model(CFG), tmp_path / "bpe")  # no tokenizer.model
     with pytest.raises(GGUFExportError, match=r"no SentencePiece tokenizer\.model"):
         export_gguf(tmp_path / "bpe", tmp_path / "x.gguf")
 
     shared = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, num_shared_experts=1))
-    _random_model(shared).save_pretrained(tmp_path / "shared")
+    save_pretrained(_random_model(shared), tmp_path / "shared")
     assert json.loads((tmp_path / "shared" / "config.json").read_text())["architectures"] != [
         "MixtralForCausalLM"
     ]

@@ -7,6 +7,8 @@ pair whose concatenation has the lowest rank; listing, for every token in rank o
 of it into two tokens as a merge (what transformers' TikTokenConverter does) makes HF's
 merge-priority BPE pick the same pairs, and `ignore_merges` takes a whole pre-token that is itself
 in the vocabulary directly, as tiktoken does.
+
+This module builds the Hugging Face backend only; tokenizer.py wraps it (`load_tokenizer("cl100k_base")`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, models
 
+from moetron.data.byte_level import byte_level_tokenizer, byte_to_char
 from moetron.data.errors import DataError
-from moetron.data.tokenizer import Tokenizer, byte_level_tokenizer
 
 VOCAB_SIZE = 100_277
 ENDOFTEXT = "<|endoftext|>"
@@ -58,22 +60,6 @@ def read_special_tokens(path: Path) -> dict[str, int]:
     return specials
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of every token into two tokens, ordered by the token's rank (then the parts')."""
     merges: list[tuple[int, int, int, bytes, bytes]] = []
@@ -87,24 +73,20 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 @cache
-def _backend() -> tokenizers.Tokenizer:
-    """Built once per process (~2.5 s); Tokenizer never mutates it, so instances share it."""
+def backend() -> tokenizers.Tokenizer:
+    """The Hugging Face tokenizer, built once per process (~2.5 s); `Tokenizer` never mutates it,
+    so instances share it."""
     data = _data_dir()
     ranks = read_ranks(data / "cl100k.vocab")
     specials = read_special_tokens(data / "cl100k.special")
-    byte_char = _bytes_to_unicode()
+    byte_char = byte_to_char()
     text_of = {token: "".join(byte_char[b] for b in token) for token in ranks}
     # Special tokens sit in the model vocabulary at their cl100k ids (added tokens alone would be
     # numbered after the last rank); they are never produced by merges.
     vocab = {text_of[token]: rank for token, rank in ranks.items()} | specials
     merges = [(text_of[left], text_of[right]) for left, right in merges_from_ranks(ranks)]
-    backend = byte_level_tokenizer(models.BPE(vocab, merges, ignore_merges=True))
-    backend.add_special_tokens(
+    tokenizer = byte_level_tokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)]
     )
-    return backend
-
-
-def cl100k_base() -> Tokenizer:
-    """cl100k_base: 100,277 ids; <|endoftext|> serves as BOS, EOS and padding (it has no others)."""
-    return Tokenizer(_backend(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT)
+    return tokenizer

@@ -16,21 +16,16 @@ from pathlib import Path
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 
+from moetron.data import cl100k
+from moetron.data.byte_level import byte_level_tokenizer
 from moetron.data.errors import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS.values(), END_OF_TURN)
-
-# GPT-4's (cl100k) pre-tokenizer split, also used for the BPE we train: digits in groups of at
-# most three, contractions split off, punctuation runs kept apart from words.
-SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # <|role|>\ncontent<|end|>\n per message. For tokenizers without these tokens (cl100k_base) the
 # markers are ordinary text, which still gives an unambiguous format.
@@ -141,19 +136,6 @@ class Tokenizer:
         return directory
 
 
-def byte_level_tokenizer(model: models.BPE) -> tokenizers.Tokenizer:
-    """A byte-level BPE pipeline around `model`: GPT-4's split, then bytes as printable characters."""
-    tokenizer = tokenizers.Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE on `texts` with our special tokens (ids 0-6) and all 256 bytes, so any text
     encodes. Deterministic: the same texts in the same order give the same tokenizer.json. The
@@ -177,8 +159,6 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     """ "cl100k_base", a tokenizer.json, or a directory holding one (with tokenizer_config.json and
     chat_template.jinja read when present, as in a Hugging Face model directory)."""
     if str(spec) == "cl100k_base":
-        from moetron.data.cl100k import cl100k_base
-
         return cl100k_base()
     path = Path(spec).expanduser()
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -207,6 +187,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         pad_token=pad,
         chat_template=template if isinstance(template, str) else CHAT_TEMPLATE,
     )
+
+
+def cl100k_base() -> Tokenizer:
+    """GPT-4's tokenizer: 100,277 ids; <|endoftext|> serves as BOS, EOS and padding (it has no others)."""
+    end = cl100k.ENDOFTEXT
+    return Tokenizer(cl100k.backend(), bos_token=end, eos_token=end, pad_token=end)
 
 
 def _read_config(path: Path) -> dict:

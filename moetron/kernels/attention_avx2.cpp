@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention_item.h"
+#include "export.h"
 
 using namespace moetron;
 
@@ -44,3 +45,5 @@ void moetron_paged_attention_f32(const float* q, int64_t ldq_t, int64_t ldq_h, c
 }
 
 }  // extern "C"
+
+MOETRON_EXPORT(moetron_paged_attention_f32);

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -39,23 +40,19 @@ SOURCES = (
     "norm_avx2.cpp",
     "layer_avx2.cpp",
 )
-HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h")
+HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h")
+# The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
+# arguments or meaning change: a library built for another version is refused as stale.
+ABI_VERSION = 8
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 7
-# Each C entry point's arguments: p pointer, i int64, n int, f float (the C signatures are in the .cpp).
-SIGNATURES = {
-    "moetron_linear_f32": "pipipiiiin",
-    "moetron_linear_bf16w": "pipipiiiin",
-    "moetron_paged_attention_f32": "piipppipppiiiiifn",
-    "moetron_moe_swiglu_f32": "pppppppiiiiin",
-    "moetron_rms_norm_f32": "pippiif",
-    "moetron_attention_block_f32": "ppf" + "p" * 10 + "ipp" + "i" * 6 + "fn",
-    "moetron_attention_block_bf16w": "ppf" + "p" * 10 + "ipp" + "i" * 6 + "fn",
-    "moetron_moe_block_f32": "ppfpinppppiiiin",
-    "moetron_moe_block_bf16w": "ppfpinppppiiiin",
-}
+FLAGS = [
+    "-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
+    f"-DMOETRON_KERNELS_ABI={ABI_VERSION}",
+]  # fmt: skip
+# The argument codes the library exports for each entry point (export.h): the C signatures are the
+# only declaration.
+ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int, "f": ctypes.c_float}
 
 
 def _cache_dir() -> Path:
@@ -105,7 +102,7 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library() -> SimpleNamespace | None:
     if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or not _cpu_supports_avx2():
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -120,19 +117,24 @@ def _library() -> ctypes.CDLL | None:
     if lib.moetron_kernels_abi() != ABI_VERSION:
         warnings.warn("stale moetron CPU kernel library; torch's kernels are used", stacklevel=3)
         return None
-    codes = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int, "f": ctypes.c_float}
-    for name, signature in SIGNATURES.items():
+    lib.moetron_kernels_exports.restype = ctypes.c_char_p
+    functions = {}
+    for line in lib.moetron_kernels_exports().decode().splitlines():
+        name, _, codes = line.partition(" ")
         function = getattr(lib, name)
-        function.restype, function.argtypes = None, [codes[c] for c in signature]
-    return lib
+        function.restype, function.argtypes = None, [ARG_TYPES[c] for c in codes]
+        functions[name] = function
+    return SimpleNamespace(**functions)
 
 
 def available() -> bool:
     return _library() is not None
 
 
-def library() -> ctypes.CDLL:
-    """The loaded kernel library (fused_layers.py prepares its own arguments)."""
+def library() -> SimpleNamespace:
+    """The library's exported entry points by name, their argtypes set (fused_layers.py prepares
+    its own arguments). Only these: a function without MOETRON_EXPORT is an AttributeError here,
+    never a call with ctypes' guessed argument types."""
     lib = _library()
     if lib is None:
         raise RuntimeError("moetron's CPU kernels are not available here; check available() first")

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_item.h"
+#include "export.h"
 #include "linear_tiles.h"
 #include "moe.h"
 
@@ -195,3 +196,8 @@ void moetron_moe_block_bf16w(float* h, const float* norm_w, float eps, const bf1
 }
 
 }  // extern "C"
+
+MOETRON_EXPORT(moetron_attention_block_f32);
+MOETRON_EXPORT(moetron_attention_block_bf16w);
+MOETRON_EXPORT(moetron_moe_block_f32);
+MOETRON_EXPORT(moetron_moe_block_bf16w);

@@ -15,6 +15,7 @@
 // Legend: M rows of x, K input width, N output width (rows of w).
 #include <stdint.h>
 
+#include "export.h"
 #include "linear_tiles.h"
 
 namespace {
@@ -51,3 +52,6 @@ void moetron_linear_bf16w(const float* x, int64_t ldx, const moetron::bf16* w, i
 }
 
 }  // extern "C"
+
+MOETRON_EXPORT(moetron_linear_f32);
+MOETRON_EXPORT(moetron_linear_bf16w);

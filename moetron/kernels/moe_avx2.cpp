@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "export.h"
 #include "linear_tiles.h"
 #include "moe.h"
 
@@ -138,3 +139,5 @@ void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const flo
 }
 
 }  // extern "C"
+
+MOETRON_EXPORT(moetron_moe_swiglu_f32);

@@ -5,6 +5,7 @@
 // Legend: M rows, D width.
 #include <stdint.h>
 
+#include "export.h"
 #include "simd_avx2.h"
 
 using namespace moetron;
@@ -17,3 +18,5 @@ void moetron_rms_norm_f32(const float* x, int64_t ldx, const float* weight, floa
 }
 
 }  // extern "C"
+
+MOETRON_EXPORT(moetron_rms_norm_f32);

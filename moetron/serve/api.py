@@ -131,11 +131,11 @@ def build_app(state: ServerState) -> FastAPI:
                 code="queue_full",
             )
 
-    async def submit(inputs: list[P.EngineInput], prefix: str, param: str) -> list[RequestStream]:
+    async def submit(inputs: list[P.EngineInput], response_id: str, param: str) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for i, inp in enumerate(inputs):
-                request_id = f"{prefix}-{i}"
+                request_id = f"{response_id}-{i}"
                 streams.append(
                     await state.engine.add_request(inp.prompt_token_ids, inp.params, request_id, inp.prompt)
                 )
@@ -150,13 +150,7 @@ def build_app(state: ServerState) -> FastAPI:
         return streams
 
     async def generate(
-        request: Request,
-        inputs: list[P.EngineInput],
-        response_id: str,
-        stream: bool,
-        render: Callable[[list[RequestOutput]], dict],
-        chunks: Callable[[int, RequestOutput], list[dict]],
-        final: Callable[[list[RequestOutput]], list[dict]],
+        request: Request, inputs: list[P.EngineInput], renderer: R.Renderer, stream: bool
     ) -> Response:
         """Run the engine requests of one HTTP request; a full body, or SSE chunks as they come."""
         admit()
@@ -188,9 +182,7 @@ def build_app(state: ServerState) -> FastAPI:
                         metrics.tpot.observe((t.last - t.first) / (t.tokens - 1))
 
         try:
-            streams = await submit(
-                inputs, response_id, "messages" if response_id.startswith("chatcmpl") else "prompt"
-            )
+            streams = await submit(inputs, renderer.id, renderer.endpoint.prompt_field)
         except BaseException:
             finish()
             raise
@@ -205,7 +197,7 @@ def build_app(state: ServerState) -> FastAPI:
             try:
                 async with contextlib.aclosing(merged()) as outs:
                     await _until_disconnect(request, _drain(outs))
-                return JSONResponse(render([o for o in latest if o is not None]))
+                return JSONResponse(renderer.response([o for o in latest if o is not None]))
             finally:
                 finish()
 
@@ -213,12 +205,12 @@ def build_app(state: ServerState) -> FastAPI:
             try:
                 async with contextlib.aclosing(merged()) as outs:
                     async for i, out in outs:
-                        for chunk in chunks(i, out):
+                        for chunk in renderer.chunks(i, out):
                             yield _sse(chunk)
-                for chunk in final([o for o in latest if o is not None]):
+                for chunk in renderer.final_chunks([o for o in latest if o is not None]):
                     yield _sse(chunk)
             except Exception as e:  # headers are gone: report in-band
-                log.exception("error while streaming %s", response_id)
+                log.exception("error while streaming %s", renderer.id)
                 yield _sse(P.APIError(500, f"generation failed: {e!r}", type="server_error").body())
             finally:
                 finish()
@@ -275,7 +267,7 @@ def build_app(state: ServerState) -> FastAPI:
             _check_stream_options(req)
             inputs = P.completion_inputs(req, state.tokenizer, state.vocab_size, state.max_model_len)
             r = R.CompletionRenderer(state.model_name, state.tokens, req, inputs)
-            return await generate(request, inputs, r.id, req.stream, r.response, r.chunks, r.final_chunks)
+            return await generate(request, inputs, r, req.stream)
 
         return await guarded("completions", request, handle)
 
@@ -287,7 +279,7 @@ def build_app(state: ServerState) -> FastAPI:
             _check_stream_options(req)
             inputs = [P.chat_input(req, state.tokenizer, state.vocab_size, state.max_model_len)]
             r = R.ChatRenderer(state.model_name, state.tokens, req, inputs)
-            return await generate(request, inputs, r.id, req.stream, r.response, r.chunks, r.final_chunks)
+            return await generate(request, inputs, r, req.stream)
 
         return await guarded("chat_completions", request, handle)
 

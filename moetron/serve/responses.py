@@ -13,32 +13,30 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from moetron.data.byte_level import char_to_byte
 from moetron.data.tokenizer import Tokenizer
 from moetron.infer.detokenizer import safe_text_length
 from moetron.infer.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from moetron.serve.protocol import ChatCompletionRequest, CompletionRequest, EngineInput, _SamplingRequest
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """What one OpenAI generation route answers with: the prefix of its ids, the "object" of its
+    bodies and stream chunks, and the request field a prompt the engine refuses is reported on."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    prompt_field: str
+
+
+COMPLETIONS = Endpoint("cmpl", "text_completion", "text_completion", "prompt")
+CHAT = Endpoint("chatcmpl", "chat.completion", "chat.completion.chunk", "messages")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's byte-level alphabet (bytes shown as printable characters)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 class TokenText:
@@ -53,7 +51,7 @@ class TokenText:
         piece = self.tokenizer.backend.id_to_token(token_id)
         if piece is None:
             return b""
-        table = _unicode_to_byte()
+        table = char_to_byte()
         if token_id not in self.special and all(c in table for c in piece):
             return bytes(table[c] for c in piece)
         return self.tokenizer.decode([token_id]).encode()
@@ -160,15 +158,15 @@ class ChoiceStream:
         return delta
 
 
-class _Renderer:
+class Renderer:
     """Shared by both endpoints: ids, usage, and one `ChoiceStream` per (prompt, sample)."""
 
-    prefix = ""
+    endpoint: Endpoint
 
     def __init__(
         self, model: str, tokens: TokenText, req: _SamplingRequest, inputs: list[EngineInput]
     ) -> None:
-        self.id = new_id(self.prefix)
+        self.id = new_id(self.endpoint.id_prefix)
         self.created = int(time.time())
         self.model, self.tokens, self.inputs, self.n = model, tokens, inputs, req.n
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -193,16 +191,26 @@ class _Renderer:
                 moved.append((i * self.n + o.index, first, delta))
         return moved
 
-    def chunk(self, obj: str, choice: dict) -> dict:
-        return {**self.head(obj), "choices": [choice], **({"usage": None} if self.include_usage else {})}
+    def chunk(self, choice: dict) -> dict:
+        usage = {"usage": None} if self.include_usage else {}
+        return {**self.head(self.endpoint.chunk_object), "choices": [choice], **usage}
+
+    def response(self, outs: list[RequestOutput]) -> dict:
+        """The whole body, from every engine request's final output."""
+        raise NotImplementedError
+
+    def chunks(self, i: int, out: RequestOutput) -> list[dict]:
+        """The stream chunks engine request i's latest output adds."""
+        raise NotImplementedError
 
     def final_chunks(self, outs: list[RequestOutput]) -> list[dict]:
-        obj = "chat.completion.chunk" if self.prefix == "chatcmpl" else "text_completion"
-        return [{**self.head(obj), "choices": [], "usage": self.usage(outs)}] if self.include_usage else []
+        if not self.include_usage:
+            return []
+        return [{**self.head(self.endpoint.chunk_object), "choices": [], "usage": self.usage(outs)}]
 
 
-class CompletionRenderer(_Renderer):
-    prefix = "cmpl"
+class CompletionRenderer(Renderer):
+    endpoint = COMPLETIONS
 
     def __init__(
         self, model: str, tokens: TokenText, req: CompletionRequest, inputs: list[EngineInput]
@@ -242,7 +250,7 @@ class CompletionRenderer(_Renderer):
                     {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
                 )
         choices.sort(key=lambda c: c["index"])
-        return {**self.head("text_completion"), "choices": choices, "usage": self.usage(outs)}
+        return {**self.head(self.endpoint.object), "choices": choices, "usage": self.usage(outs)}
 
     def chunks(self, i: int, out: RequestOutput) -> list[dict]:
         result = []
@@ -257,12 +265,12 @@ class CompletionRenderer(_Renderer):
                     prompt_positions + positions,
                 )
             choice = {"index": index, "text": text, "logprobs": self._logprobs(ids, positions, index)}
-            result.append(self.chunk("text_completion", {**choice, "finish_reason": delta.finish_reason}))
+            result.append(self.chunk({**choice, "finish_reason": delta.finish_reason}))
         return result
 
 
-class ChatRenderer(_Renderer):
-    prefix = "chatcmpl"
+class ChatRenderer(Renderer):
+    endpoint = CHAT
 
     def __init__(
         self, model: str, tokens: TokenText, req: ChatCompletionRequest, inputs: list[EngineInput]
@@ -286,15 +294,15 @@ class ChatRenderer(_Renderer):
             }
             for o in sorted(out.outputs, key=lambda o: o.index)
         ]
-        return {**self.head("chat.completion"), "choices": choices, "usage": self.usage(outs)}
+        return {**self.head(self.endpoint.object), "choices": choices, "usage": self.usage(outs)}
 
     def chunks(self, i: int, out: RequestOutput) -> list[dict]:
         result = []
         for index, first, d in self.deltas(i, out):
             if first:  # OpenAI opens every choice with the role
                 role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                result.append(self.chunk("chat.completion.chunk", {**role, "finish_reason": None}))
+                result.append(self.chunk({**role, "finish_reason": None}))
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": self._logprobs(d.token_ids, d.logprobs)}
-            result.append(self.chunk("chat.completion.chunk", {**choice, "finish_reason": d.finish_reason}))
+            result.append(self.chunk({**choice, "finish_reason": d.finish_reason}))
         return result
