@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from moetron.config import PRESETS, ConfigError, ModelConfig, get_preset
+from moetron.config import PRESETS, ConfigError, EngineConfig, ModelConfig, get_preset, load_run_config
 from moetron.convert.hf import CheckpointError, from_pretrained, load_config, save_pretrained
 from moetron.data.errors import DataError
 from moetron.model.accounting import forward_flops_per_token, kv_bytes_per_token, param_counts
@@ -96,7 +97,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from moetron.config import load_run_config
     from moetron.train.trainer import train
 
     cfg = load_run_config(args.config, overrides)
@@ -113,7 +113,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from moetron.config import load_run_config
     from moetron.data import prepare
 
     cfg = load_run_config(args.config, overrides)
@@ -168,9 +167,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+# `moetron serve` flags that set EngineConfig fields (dashes for underscores).
+ENGINE_FLAGS = (
+    "max_model_len",
+    "max_num_seqs",
+    "num_kv_blocks",
+    "dtype",
+    "device",
+    "speculative_method",
+    "num_speculative_tokens",
+    "draft_model_dir",
+)
+
+
+def serve_engine_config(args: argparse.Namespace, overrides: list[str]) -> EngineConfig:
+    """defaults < the --config TOML's [engine] table < --engine.key=value < the named flags."""
+    if wrong := [o for o in overrides if not o.startswith("--engine.")]:
+        raise ConfigError(f"`moetron serve` takes --engine.key=value settings, not {wrong}")
+    flags = [f"--engine.{k}={v}" for k in ENGINE_FLAGS if (v := getattr(args, k)) is not None]
+    return load_run_config(args.config, [*overrides, *flags]).engine
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from moetron.serve.server import serve
 
+    engine = serve_engine_config(args, overrides)
     return serve(
         args.model,
         host=args.host,
@@ -179,20 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_queued_requests=args.max_queued_requests,
         log_level=args.log_level,
-        engine_overrides={
-            k: v
-            for k in (
-                "max_model_len",
-                "max_num_seqs",
-                "num_kv_blocks",
-                "dtype",
-                "device",
-                "speculative_method",
-                "num_speculative_tokens",
-                "draft_model_dir",
-            )
-            if (v := getattr(args, k)) is not None
-        },
+        engine_overrides=dataclasses.asdict(engine),
     )
 
 
@@ -236,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     ev.set_defaults(func=cmd_eval)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model directory")
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server for a model directory; --engine.key=value sets any engine setting",
+    )
     srv.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    srv.add_argument("--config", default=None, help="a TOML file whose [engine] table sets the engine")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
@@ -266,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step")
     srv.add_argument("--draft-model-dir", default=None, help="draft model for --speculative-method=draft")
-    srv.set_defaults(func=cmd_serve)
+    srv.set_defaults(func=cmd_serve, takes_overrides=True)
 
     from moetron.plan.cli import add_plan_parser
 

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
-from moetron.config import PRESETS, ConfigError, ModelConfig, MoEConfig, RopeConfig, get_preset, tiny
+from moetron.config import (
+    PRESETS,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeConfig,
+    get_preset,
+    load_run_config,
+    tiny,
+)
 from moetron.model.accounting import param_counts
 
 # --- Every invalid value fails at construction, naming the field and what it allows.
@@ -246,3 +258,70 @@ def test_tiny_preset_is_tiny() -> None:
     cfg = tiny()
     assert param_counts(cfg).total < 1e6
     assert cfg.num_kv_heads < cfg.num_heads  # exercises GQA in every test that uses it
+
+
+# --- The engine's settings join the tree: [engine] in a TOML, --engine.key=value, `moetron serve` flags.
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"block_size": 0}, r"engine\.block_size=0 must be >= 1"),
+        (
+            {"kv_cache_memory_fraction": 1.5},
+            r"engine\.kv_cache_memory_fraction=1\.5 must lie in \(0, 0\.95\]",
+        ),
+        ({"dtype": "float8"}, r"engine\.dtype='float8' must be one of 'float32', 'bfloat16', 'float16'"),
+        ({"speculative_method": "medusa"}, r"engine\.speculative_method='medusa' must be one of"),
+        ({"ngram_min": 3, "ngram_max": 2}, r"engine\.ngram_min=3 <= engine\.ngram_max=2"),
+        ({"draft_model_dir": "d"}, r"engine\.draft_model_dir is only used with"),
+        ({"max_num_seqs": "8"}, r"engine\.max_num_seqs='8' must be an integer"),
+        (
+            {"enable_chunked_prefill": False, "max_model_len": 2048},
+            r"engine\.max_num_batched_tokens=1024 must be >= max_model_len=2048 without chunked prefill",
+        ),
+    ],
+)
+def test_engine_config_errors_name_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**changes)
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_overrides(**changes)
+
+
+def test_engine_config_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'engine\.max_num_seq'; did you mean 'max_num_seqs'"
+    ):
+        EngineConfig.from_overrides(max_num_seq=4)
+
+
+def test_engine_config_resolves_max_model_len_against_the_model() -> None:
+    model = tiny()  # max_seq_len 256
+    assert EngineConfig().resolve_max_model_len(model) == 256
+    assert EngineConfig(max_model_len=100).resolve_max_model_len(model) == 100
+    with pytest.raises(ConfigError, match=r"engine\.max_model_len=300 exceeds the model's max_seq_len=256"):
+        EngineConfig(max_model_len=300).resolve_max_model_len(model)
+    with pytest.raises(ConfigError, match="without chunked prefill"):
+        EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=128).resolve_max_model_len(model)
+    assert EngineConfig(dtype="bfloat16").torch_dtype is torch.bfloat16 and EngineConfig().torch_dtype is None
+
+
+def test_engine_table_in_toml_and_serve_flags(tmp_path: Path) -> None:
+    from moetron.cli import build_parser, serve_engine_config
+
+    run = tmp_path / "serve.toml"
+    run.write_text(
+        '[engine]\nmax_num_seqs = 8\nblock_size = 32\nbatch_invariant = false\nspeculative_method = "ngram"\n'
+    )
+    assert load_run_config(run).engine == EngineConfig(
+        max_num_seqs=8, block_size=32, batch_invariant=False, speculative_method="ngram"
+    )
+    args = build_parser().parse_args(["serve", "some/model", "--config", str(run), "--max-num-seqs", "4"])
+    engine = serve_engine_config(args, ["--engine.block_size=8", "--engine.max_num_seqs=2"])
+    # the TOML's table, then --engine.key=value, then the named flags
+    assert (engine.max_num_seqs, engine.block_size, engine.batch_invariant) == (4, 8, False)
+    with pytest.raises(ConfigError, match=r"takes --engine\.key=value settings"):
+        serve_engine_config(args, ["--train.steps=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'engine\.no_such'"):
+        serve_engine_config(args, ["--engine.no_such=1"])
