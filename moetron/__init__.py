@@ -1,7 +1,7 @@
 """moetron: plan, train and serve GPT-4-style sparse Mixture-of-Experts language models."""
 
-from moetron.config import PRESETS, ConfigError, ModelConfig, MoEConfig, RopeConfig, get_preset
-from moetron.convert.hf import CheckpointError, from_pretrained, load_config
+from moetron.config import PRESETS, ConfigError, EngineConfig, ModelConfig, MoEConfig, RopeConfig, get_preset
+from moetron.convert.hf import CheckpointError, from_pretrained, load_config, save_pretrained
 from moetron.model.transformer import Transformer
 
 __version__ = "0.1.0"
@@ -9,6 +9,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "EngineConfig",
     "MoEConfig",
     "ModelConfig",
     "RopeConfig",
@@ -16,4 +17,5 @@ __all__ = [
     "from_pretrained",
     "get_preset",
     "load_config",
+    "save_pretrained",
 ]

@@ -68,6 +68,11 @@ def serving_dtype(model: Transformer, requested: torch.dtype | None) -> torch.dt
 
 
 class LLMEngine:
+    """The engine takes over `model`: it is put in eval mode, converted when a dtype asks for it, and
+    its runner installs the serving kernels into it by swapping module classes (serving_kernels.py).
+    Called directly afterwards, the model computes with those kernels (batch-invariant, within 1e-5
+    of training's); `serving_kernels.restore(model)` gives it training's numerics back."""
+
     def __init__(
         self,
         model: Transformer,
