@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+from golden import engine_cases
 
 from moetron.kernels import cpu_kernels
-from tests.golden import engine_cases
 
 RECORDED = json.loads(engine_cases.EXPECTATIONS.read_text())
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moetron.config import EngineConfig, ModelConfig, MoEConfig
-from moetron.infer.engine import LLMEngine
 from moetron.infer import fused_layers
+from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 from moetron.kernels import cpu_kernels
 from moetron.model import Transformer

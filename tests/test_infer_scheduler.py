@@ -3,20 +3,16 @@ recompute, and freeing on finish. No model: a step 'computes' by advancing the b
 
 from __future__ import annotations
 
+from conftest import make_sequence
+
 from moetron.config import EngineConfig
 from moetron.infer.block_manager import BlockManager
-from moetron.infer.detokenizer import StopChecker
-from moetron.infer.outputs import RequestMetrics
-from moetron.infer.sampling import SamplingState
-from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import ScheduledBatch, Scheduler
-from moetron.infer.sequence import Request, Sequence, SequenceStatus
+from moetron.infer.sequence import Sequence, SequenceStatus
 
 
 def make_seq(name: str, num_tokens: int) -> Sequence:
-    ids = [(hash(name) + i) % 1000 for i in range(num_tokens)]
-    request = Request(name, None, ids, SamplingParams(), RequestMetrics(arrival_time=0.0))
-    return Sequence(request, 0, SamplingState(request.params, ids, []), StopChecker(request.params, None))
+    return make_sequence([(hash(name) + i) % 1000 for i in range(num_tokens)], request_id=name)
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, **overrides) -> Scheduler:

@@ -88,7 +88,9 @@ def test_served_forward_is_the_invariant_kernels_forward(model: Transformer) -> 
         alone = model(ids[:, :5])
     torch.testing.assert_close(served, trained, rtol=1e-4, atol=1e-5)
     assert torch.equal(served[:, :5], alone)  # causal prefix computed alone: the same bits
-    assert torch.equal(model.output(torch.ones(2, CFG.dim)), invariant_linear(torch.ones(2, CFG.dim), model.output.weight))
+    assert torch.equal(
+        model.output(torch.ones(2, CFG.dim)), invariant_linear(torch.ones(2, CFG.dim), model.output.weight)
+    )
 
 
 @needs_kernels
@@ -145,7 +147,7 @@ def test_no_import_cycles() -> None:
         visiting.add(node)
         for dep in sorted(graph[node]):
             if dep in visiting:
-                cycles.append(stack[stack.index(dep) :] + [dep])
+                cycles.append([*stack[stack.index(dep) :], dep])
             elif dep not in done:
                 visit(dep, [*stack, dep])
         visiting.discard(node)

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import CHI2_P_THRESHOLD, chi_square_p_value
 
 from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.data.tokenizer import train_bpe
@@ -22,15 +23,9 @@ CFG = ModelConfig(
     vocab_size=320, dim=48, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=160,
     moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=32),
 )  # fmt: skip
-CHI2_P_THRESHOLD = 1e-3  # fixed seeds: deterministic; fails only for a real mismatch (or 1-in-1000 bad luck)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +186,6 @@ def _exact_second_and_third(model: Transformer, params: SamplingParams) -> torch
     return joint_VV
 
 
-def _p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit; cells expecting fewer than 5 draws are pooled into one."""
-    expected = counts.sum() * expected_probs
-    assert counts[expected_probs == 0].sum() == 0, "drew a token pair the target never produces"
-    small = (expected < 5) & (expected_probs > 0)
-    observed_cells = torch.cat([counts[expected >= 5], counts[small].sum().reshape(1)])
-    expected_cells = torch.cat([expected[expected >= 5], expected[small].sum().reshape(1)])
-    keep = expected_cells > 0
-    chi2 = ((observed_cells[keep] - expected_cells[keep]) ** 2 / expected_cells[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), chi2 / 2).item()
-
-
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_sampled_speculation_keeps_the_target_distribution(method: str) -> None:
     """Tokens 2 and 3 (token 1 comes from the prefill; speculation starts at the first decode): their
@@ -223,7 +205,7 @@ def test_sampled_speculation_keeps_the_target_distribution(method: str) -> None:
         counts_VV[out.token_ids[1], out.token_ids[2]] += 1
     stats = engine.get_stats()
     assert stats.spec_proposed_tokens_total > num and 0 < stats.spec_acceptance_rate < 1
-    p = _p_value(counts_VV.flatten(), _exact_second_and_third(target, SAMPLED).flatten())
+    p = chi_square_p_value(counts_VV.flatten(), _exact_second_and_third(target, SAMPLED).flatten())
     assert p > CHI2_P_THRESHOLD, f"chi-square p={p:.2e}: speculative samples differ from the target's"
     # per-request seeds stay reproducible with speculation
     again = run(engine, [(PROMPT, _seeded(i)) for i in range(8)])

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from conftest import CHI2_P_THRESHOLD, chi_square_p_value
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.infer.sampling import Sampler, SamplingState
@@ -24,31 +25,7 @@ from moetron.infer.speculative import (
 )
 from moetron.model.transformer import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny forwards: thread start-up costs more than it saves here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-CHI2_P_THRESHOLD = 1e-3  # fixed seeds: deterministic; fails only for a real mismatch (or 1-in-1000 bad luck)
-
-
-def _p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit; cells expecting fewer than 5 draws are pooled into one."""
-    total = counts.sum()
-    expected = total * expected_probs
-    assert counts[expected_probs == 0].sum() == 0, "drew a token the target never produces"
-    small = (expected < 5) & (expected_probs > 0)
-    observed_cells = torch.cat([counts[expected >= 5], counts[small].sum().reshape(1)])
-    expected_cells = torch.cat([expected[expected >= 5], expected[small].sum().reshape(1)])
-    keep = expected_cells > 0
-    chi2 = ((observed_cells[keep] - expected_cells[keep]) ** 2 / expected_cells[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), chi2 / 2).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(vocab: int, seed: int, init_std: float = 0.4) -> Transformer:
@@ -127,8 +104,8 @@ def test_rejection_sampling_preserves_target(point_mass: bool) -> None:
         first[out[0]] += 1
         if len(out) == 2:
             second[out[1]] += 1
-    assert _p_value(first, p_KpV[0]) > CHI2_P_THRESHOLD
-    assert _p_value(second, p_KpV[1]) > CHI2_P_THRESHOLD
+    assert chi_square_p_value(first, p_KpV[0]) > CHI2_P_THRESHOLD
+    assert chi_square_p_value(second, p_KpV[1]) > CHI2_P_THRESHOLD
 
 
 def _plain_greedy(
@@ -202,7 +179,7 @@ def test_speculative_sampling_follows_target(which: str) -> None:
         a, b = speculative_generate(target, prompt, params, proposer, 3, generator=generator, stats=stats)[:2]
         counts[a * vocab + b] += 1
     assert 0.05 < stats.acceptance_rate < 0.95  # both the accept and the reject paths ran
-    assert _p_value(counts, expected) > CHI2_P_THRESHOLD
+    assert chi_square_p_value(counts, expected) > CHI2_P_THRESHOLD
 
 
 def test_pair_enumeration_is_a_distribution() -> None:

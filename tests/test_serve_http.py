@@ -1,4 +1,4 @@
-"""HTTP-layer unit tests against a tiny fake engine (in-process uvicorn on loopback).
+"""HTTP-layer unit tests against a tiny fake engine (moetron's server in process, on loopback).
 
 The fake engine follows the engine contract (cumulative outputs, stop strings via the real
 StopChecker, abort, stats) with a scripted next token, so the protocol, streaming and error paths
@@ -7,39 +7,28 @@ are checked here without a model; tests/test_serve_server.py runs the real engin
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import GatedEngine, assert_openai_error
 
-from moetron.data.tokenizer import train_bpe
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
 from moetron.infer.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from moetron.infer.sampling_params import SamplingParams
-from moetron.serve.server import make_app, make_state
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "héllo wörld ünïcode ✓ 猫 " * 20
 MAX_MODEL_LEN = 64
 
 
 class FakeEngine:
     """Next token = the (i + step)-th token of a fixed script; one token per request per step."""
 
-    def __init__(self, tokenizer, script: list[int]) -> None:
-        self.tokenizer, self.script, self.max_model_len, self.vocab_size = (
-            tokenizer,
-            script,
-            MAX_MODEL_LEN,
-            300,
-        )
+    def __init__(self, tokenizer, script: list[int], fail_after: int | None = None) -> None:
+        self.tokenizer, self.script = tokenizer, script
+        self.max_model_len, self.vocab_size = MAX_MODEL_LEN, tokenizer.vocab_size
         self.requests: dict[str, dict] = {}
         self.blocks_used = 0
-        self.fail_after: int | None = None  # raise in step() once a request has this many tokens
+        self.fail_after = fail_after  # raise in step() once a request has this many tokens
 
     def add_request(self, prompt_token_ids, params: SamplingParams, request_id=None, prompt=None):
         if len(prompt_token_ids) >= self.max_model_len:
@@ -74,7 +63,6 @@ class FakeEngine:
         return bool(self.requests)
 
     def step(self):
-        time.sleep(0.002)
         if self.fail_after is not None and any(
             len(r["samples"][0]["ids"]) >= self.fail_after for r in self.requests.values()
         ):
@@ -129,48 +117,17 @@ class FakeEngine:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe([TEXT], vocab_size=300)
-
-
-@contextlib.contextmanager
-def _serving(engine: FakeEngine):
-    state = make_state(engine, "fake", api_key="sekret", max_queued_requests=4)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    headers = {"Authorization": "Bearer sekret"}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=20)
-    try:
-        yield client
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def fake_server(tokenizer):
+def fake_server(tokenizer, serve_in_process):
     engine = FakeEngine(tokenizer, tokenizer.encode("héllo wörld, the fox STOP jumps ✓ 猫 over"))
-    with _serving(engine) as client:
-        yield client, engine, tokenizer
+    with serve_in_process(engine, model_name="fake") as srv:
+        yield srv.client, engine, tokenizer
 
 
-def _sse(response: httpx.Response) -> list[dict | str]:
-    events = []
-    for block in response.text.split("\n\n"):
+def _sse_events(body: str) -> list[dict | str]:
+    """The data of each server-sent event: parsed JSON, or the final "[DONE]"."""
+    events: list[dict | str] = []
+    for block in body.split("\n\n"):
         if block:
             assert block.startswith("data: "), block
             data = block.removeprefix("data: ")
@@ -202,7 +159,7 @@ def test_stream_never_sends_a_partial_stop_string(fake_server, endpoint) -> None
     full = client.post(endpoint, json={**body, "stream": False}).json()
     r = client.post(endpoint, json={**body, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = _sse(r)
+    events = _sse_events(r.text)
     assert events[-1] == "[DONE]"
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"] == full["usage"]
@@ -265,10 +222,7 @@ def test_logprobs_shapes(fake_server) -> None:
 def test_errors_in_openai_shape(fake_server, body, status, param) -> None:
     client, _, _ = fake_server
     r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
+    assert_openai_error(r, status, param)
 
 
 def test_unauthorized_and_unknown_route(fake_server) -> None:
@@ -289,16 +243,21 @@ def test_metrics_and_tokenize(fake_server) -> None:
     assert "moetron_kv_blocks_free 100" in text
 
 
-def test_engine_failure_mid_stream_is_an_sse_error_event(tokenizer) -> None:
-    engine = FakeEngine(tokenizer, tokenizer.encode("the quick brown fox jumps over the lazy dog"))
-    engine.fail_after = 3
-    with _serving(engine) as client:
-        r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 20, "stream": True})
-        assert r.status_code == 200  # the stream had begun when the engine failed
-        events = _sse(r)
-        assert events[-1] == "[DONE]" and set(events[-2]["error"]) == {"message", "type", "param", "code"}
-        assert any(isinstance(e, dict) and e.get("choices") for e in events[:-2])
+def test_engine_failure_mid_stream_is_an_sse_error_event(tokenizer, serve_in_process) -> None:
+    script = tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    engine = GatedEngine(FakeEngine(tokenizer, script, fail_after=1))  # the second step raises
+    with serve_in_process(engine, model_name="fake") as srv:
+        body = {"prompt": "the", "max_tokens": 20, "stream": True}
+        with srv.client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            engine.allow(1)  # one token, whose chunk the client holds before the engine fails
+            first = json.loads(next(line for line in lines if line).removeprefix("data: "))
+            assert first["choices"][0]["text"]
+            engine.open()
+            error, done = _sse_events("".join(f"{line}\n\n" for line in lines if line))
+        assert set(error["error"]) == {"message", "type", "param", "code"} and done == "[DONE]"
         # The engine is gone: health says so and new work is refused with 503, never a hang.
-        assert client.get("/health").status_code == 503
-        r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 2})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert srv.client.get("/health").status_code == 503
+        r = srv.client.post("/v1/completions", json={"prompt": "the", "max_tokens": 2})
+        assert assert_openai_error(r, 503)["code"] == "engine_dead"

@@ -30,6 +30,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline = float("inf")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn's signal handler (installed from the main thread only); tests call it directly.
         if sig == signal.SIGTERM and not self.state.draining:
             self.state.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout_s
@@ -39,10 +40,14 @@ class DrainingServer(uvicorn.Server):
             return
         super().handle_exit(sig, frame)
 
-    async def on_tick(self, counter: int) -> bool:  # uvicorn calls this every 0.1 s
-        if self.state.draining and (
+    def drained(self) -> bool:
+        """A drain has ended: nothing is left in flight, or the drain timeout has passed."""
+        return self.state.draining and (
             self.state.metrics.in_flight == 0 or time.monotonic() > self.drain_deadline
-        ):
+        )
+
+    async def on_tick(self, counter: int) -> bool:  # uvicorn calls this every 0.1 s
+        if self.drained():
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -78,6 +83,21 @@ def make_app(state: ServerState):
     return app
 
 
+def make_server(
+    state: ServerState,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_timeout_s: float = 600.0,
+    log_level: str = "info",
+) -> DrainingServer:
+    """The server `moetron serve` runs; tests run it in a thread, on a socket they bound."""
+    config = uvicorn.Config(
+        make_app(state), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    return DrainingServer(config, state, drain_timeout_s)
+
+
 def serve(
     model_dir: str | Path,
     *,
@@ -109,12 +129,5 @@ def serve(
         time.perf_counter() - start,
         engine.max_model_len,
     )
-    config = uvicorn.Config(
-        make_app(state),
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=5,
-    )
-    DrainingServer(config, state, drain_timeout_s).run()
+    make_server(state, host=host, port=port, drain_timeout_s=drain_timeout_s, log_level=log_level).run()
     return 0
