@@ -115,6 +115,8 @@ class FusedBlock(ServingModule, Block):
             # with the serving kernels still installed in the layer's modules.
             return super().forward(x_BTD, cos_BTd, sin_BTd, attention_backend)
         h_TD = x_BTD[0]
+        if h_TD.dtype != torch.float32 or not (h_TD.is_contiguous() and cos_BTd.is_contiguous()):
+            raise ValueError("the fused layers take contiguous float32 hidden states and RoPE rows")
         num_tokens, dim = h_TD.shape
         k_cache, v_cache = (
             attention_backend.k_caches[self.layer_id],
