@@ -233,3 +233,23 @@ def make_sequence(token_ids: list[int], request_id: str = "r") -> Any:
     params = SamplingParams()
     request = Request(request_id, None, token_ids, params, RequestMetrics(arrival_time=0.0))
     return Sequence(request, 0, SamplingState(params, token_ids, []), StopChecker(params, None))
+
+
+def reference_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding by full recompute through the model's own forward (causal SDPA, no KV cache)
+    with training's kernels: an independent path to the tokens the engine and llama.cpp must give.
+    A model an engine has served is copied and its kernels restored (the engine keeps its own)."""
+    import copy
+
+    import torch
+
+    from moetron.infer import serving_kernels
+
+    if serving_kernels.installed(model) is not None:
+        model = copy.deepcopy(model)
+        serving_kernels.restore(model)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import torch
+from conftest import reference_greedy
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.convert.gguf import GGUFExportError, export_gguf, find_converter, write_sentencepiece_tokenizer
@@ -38,15 +39,6 @@ def _random_model(cfg: ModelConfig) -> Transformer:
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
-
-
-@torch.no_grad()
-def _greedy(model: Transformer, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Reference greedy decoding: the whole sequence recomputed for every token, no KV cache."""
-    ids = list(prompt_ids)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
 
 
 def _converter_or_skip() -> None:
@@ -98,7 +90,7 @@ def test_llama_cpp_logits_and_greedy_tokens_match_moetron(tmp_path) -> None:
         theirs_ids.append(token)
         if len(theirs_ids) == 12:
             break
-    assert theirs_ids == _greedy(model, prompt, max_tokens=12)
+    assert theirs_ids == reference_greedy(model, prompt, max_tokens=12)
 
 
 def test_export_refuses_what_the_converter_cannot_take(tmp_path) -> None:

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from conftest import reference_greedy
 
 from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.convert.hf import save_pretrained
@@ -47,15 +48,6 @@ def make_engine(model: Transformer, tokenizer=None, **overrides) -> LLMEngine:
 def prompts(*lengths: int, seed: int = 1) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(7, CFG.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def reference_greedy(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:
-    """Full recompute with the model's own causal SDPA: an independent path to the same tokens."""
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 def run_to_completion(engine: LLMEngine) -> dict:
