@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moetron import hardware
 from moetron.config import ModelConfig
-from moetron.model.ops import cpu_has_native_half_matmul
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -191,7 +191,7 @@ class PeakShare:
 
 def peak_line(peaks: dict[str, float]) -> str:
     parts = ", ".join(f"{name} {gflops:.0f} GFLOP/s" for name, gflops in peaks.items())
-    return f"peak matmul (F.linear 2048^3): {parts} (this CPU: native bf16={cpu_has_native_half_matmul()})"
+    return f"peak matmul (F.linear 2048^3): {parts} (this CPU: {hardware.detect().cpu.isa}, native bf16={hardware.native_bf16_matmul()})"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -50,8 +50,9 @@ from benchmarks.common import (
 )
 from moetron.config import ModelConfig, MoEConfig
 from moetron.convert.hf import save_pretrained
+from moetron.hardware import matmul_peak_flops
 from moetron.model.accounting import forward_flops_per_token, kv_bytes_per_token, param_counts
-from moetron.plan.hardware import measure_copy_bandwidth, measure_matmul_flops
+from moetron.plan.hardware import measure_copy_bandwidth
 
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, new tokens) -> new ids
 TARGET_VS_LLAMA_CPP = 1.0  # batch-1 decode, moetron / llama.cpp f32 (issue 6)
@@ -279,16 +280,16 @@ class Limits:
 
     read_gbs: float
     copy_gbs: float
-    peak_flops: float  # fp32 matmul, moetron.plan.hardware.measure_matmul_flops
+    peak_flops: float  # fp32 matmul, moetron.hardware.matmul_peak_flops
 
     @classmethod
     def measure(cls) -> Limits:
-        return cls(read_bandwidth_gbs(), measure_copy_bandwidth() / 1e9, measure_matmul_flops(torch.float32))
+        return cls(read_bandwidth_gbs(), measure_copy_bandwidth() / 1e9, matmul_peak_flops(torch.float32))
 
     def remeasure(self) -> None:
         self.read_gbs = max(self.read_gbs, read_bandwidth_gbs())
         self.copy_gbs = max(self.copy_gbs, measure_copy_bandwidth() / 1e9)
-        self.peak_flops = max(self.peak_flops, measure_matmul_flops(torch.float32))
+        self.peak_flops = max(self.peak_flops, matmul_peak_flops(torch.float32))
 
     def batch_one_bound(self, cfg: ModelConfig, args: argparse.Namespace) -> tuple[float, str]:
         """Tokens/s if every decoded token only streamed its weights and KV at read bandwidth."""

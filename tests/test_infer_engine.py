@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import reference_greedy
 
+from moetron import hardware
 from moetron.config import EngineConfig, ModelConfig, MoEConfig
 from moetron.convert.hf import save_pretrained
 from moetron.data.tokenizer import train_bpe
@@ -18,7 +19,7 @@ from moetron.infer import fused_layers
 from moetron.infer.engine import LLMEngine
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
-from moetron.model import Transformer, ops
+from moetron.model import Transformer
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 30
 CFG = ModelConfig(
@@ -226,7 +227,7 @@ def test_half_checkpoint_on_cpu_without_half_matmul_is_served_in_float32(
 ) -> None:
     checkpoint = copy.deepcopy(model).to(half)
     save_pretrained(checkpoint, tmp_path)
-    plain_cpu = not ops.cpu_has_native_half_matmul()  # no AMX / AVX512-BF16: PyTorch emulates it
+    plain_cpu = not hardware.native_bf16_matmul("cpu")  # no AMX / AVX512-BF16: PyTorch emulates it
     with caplog.at_level(logging.INFO, logger="moetron.infer"):
         engine = LLMEngine.from_pretrained(tmp_path, num_kv_blocks=64, block_size=8)
     name = str(half).removeprefix("torch.")

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetron.model.ops import cpu_has_native_half_matmul, emulated_half_dtype, grouped_linear, linear
+from moetron.hardware import native_bf16_matmul
+from moetron.model.ops import emulated_half_dtype, grouped_linear, linear
 
 
 def test_grouped_linear_matches_per_group_matmul() -> None:
@@ -38,7 +39,7 @@ def test_half_precision_linear_is_accurate() -> None:
 def test_emulation_only_for_half_precision_without_native_kernels() -> None:
     assert emulated_half_dtype(torch.zeros(1)) is None
     assert emulated_half_dtype(torch.zeros(1, dtype=torch.float64)) is None
-    expected = None if cpu_has_native_half_matmul() else torch.bfloat16
+    expected = None if native_bf16_matmul("cpu") else torch.bfloat16
     assert emulated_half_dtype(torch.zeros(1, dtype=torch.bfloat16)) == expected
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert emulated_half_dtype(torch.zeros(1)) == expected

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from moetron import hardware
 from moetron.config import EngineConfig
 from moetron.infer import fused_layers
 from moetron.infer.block_manager import BlockManager
@@ -34,7 +35,6 @@ from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
 from moetron.infer.spec_decode import SpecDecoder
-from moetron.model import ops
 from moetron.model.transformer import Transformer
 
 log = logging.getLogger("moetron.infer")
@@ -50,7 +50,7 @@ def plain_cpu_half(model: Transformer) -> bool:
     return (
         param.device.type == "cpu"
         and param.dtype in (torch.bfloat16, torch.float16)
-        and not ops.cpu_has_native_half_matmul()
+        and not hardware.native_bf16_matmul("cpu")
     )
 
 

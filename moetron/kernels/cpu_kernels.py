@@ -31,6 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
+from moetron import hardware
+
 KERNEL_DIR = Path(__file__).parent
 SOURCES = (
     "abi.cpp",
@@ -59,9 +61,6 @@ def _cache_dir() -> Path:
     root = os.environ.get("MOETRON_CACHE_DIR")
     return (Path(root) if root else Path.home() / ".cache" / "moetron") / "kernels"
 
-
-def _cpu_supports_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _build(compiler: str) -> Path:
@@ -103,7 +102,7 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _library() -> SimpleNamespace | None:
-    if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or not _cpu_supports_avx2():
+    if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or not hardware.detect().cpu.avx2_fma:
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:

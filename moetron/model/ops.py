@@ -10,26 +10,19 @@ its own kernels from outside by swapping module classes (moetron/infer/serving_k
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.hardware import native_bf16_matmul
+
 _HALF = (torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def cpu_has_native_half_matmul() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
 def emulated_half_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The half dtype a matmul on `x` should emulate in fp32 on this CPU (from x's dtype or an
     active CPU autocast), or None when the native kernel is the right one."""
-    if x.device.type != "cpu" or cpu_has_native_half_matmul():
+    if x.device.type != "cpu" or native_bf16_matmul("cpu"):
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return dtype if dtype in _HALF else None

@@ -10,14 +10,9 @@ every plan.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 GB = 1e9
 GiB = 2**30
@@ -153,36 +148,6 @@ def _meminfo_bytes(field: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(
-    dtype: torch.dtype | None = None, device: str = "cpu", size: int = 1024, repeats: int = 5
-) -> float:
-    """Best FLOP/s of a size³ matmul (default fp32) through `moetron.model.ops.linear`, the kernel
-    moetron trains with on this device and dtype: the denominator of the trainer's MFU and the
-    planner's CPU entry. Cached per process."""
-    import torch
-
-    return _measure_matmul_flops(dtype or torch.float32, device, size, repeats)
-
-
-@functools.cache
-def _measure_matmul_flops(dtype: torch.dtype, device: str, size: int, repeats: int) -> float:
-    import torch
-
-    from moetron.model.ops import linear
-
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    linear(a, b)  # warm-up: first calls initialise the math library
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        linear(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def measure_copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best bytes/s moved (read + write) by a large tensor copy: the CPU's "HBM" bandwidth."""
     import torch
@@ -203,17 +168,27 @@ _CPU_CACHE: Accelerator | None = None
 
 def probe_cpu() -> Accelerator:
     """This machine's CPU as an accelerator entry: fp32 matmul FLOP/s and copy bandwidth measured
-    (about a second, once per process), memory from /proc/meminfo. The measured matmul rate *is*
-    the achievable rate, so matmul_efficiency is 1."""
+    (about a second, once per process; moetron/hardware.py), memory from /proc/meminfo. The
+    measured matmul rate *is* the achievable rate, so matmul_efficiency is 1. The planner's CPU
+    closed loop trains in fp32, so that is the peak it plans with; the notes give the bf16 peak
+    where the CPU computes bf16 natively."""
     global _CPU_CACHE
     if _CPU_CACHE is None:
         import torch
 
-        flops = measure_matmul_flops()
+        from moetron import hardware
+
+        flops = hardware.matmul_peak_flops(torch.float32)
+        cpu = hardware.detect().cpu
+        bf16 = (
+            f", bf16 {hardware.matmul_peak_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s"
+            if cpu.native_bf16_matmul
+            else ""
+        )
         bandwidth = measure_copy_bandwidth()
         memory = _meminfo_bytes("MemTotal") or 8 * GiB
         _CPU_CACHE = Accelerator(
-            name=f"this CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            name=f"this CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {cpu.isa})",
             peak_bf16_flops=flops,
             peak_fp8_flops=None,
             memory_bytes=memory,
@@ -223,6 +198,7 @@ def probe_cpu() -> Accelerator:
             network_bytes_per_s=1.25 * GB,  # 10 GbE, should anyone plan several machines
             matmul_efficiency=1.0,
             price=Price(0.0, "owned", "this machine"),
-            notes=f"measured: fp32 1024^3 matmul {flops / 1e9:.0f} GFLOP/s, copy {bandwidth / GB:.1f} GB/s",
+            notes=f"measured: fp32 1024^3 matmul {flops / 1e9:.0f} GFLOP/s{bf16}, copy {bandwidth / GB:.1f} GB/s; "
+            f"{hardware.detect().describe()}",
         )
     return _CPU_CACHE

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron import hardware
 from moetron.config import Config
 from moetron.convert.hf import save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
@@ -21,7 +22,6 @@ from moetron.model.accounting import train_flops_per_token
 from moetron.model.moe import MoELayer
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
-from moetron.plan.hardware import measure_matmul_flops
 from moetron.train import checkpoint_io as checkpoints
 from moetron.train import metrics
 from moetron.train.checkpoint import TrainingState
@@ -173,7 +173,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * dp_size
     flops_per_step = train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
     compute_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
-    peak_flops = measure_matmul_flops(compute_dtype, ctx.device.type) * dims.world_size
+    peak_flops = hardware.matmul_peak_flops(compute_dtype, ctx.device.type) * dims.world_size
     params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
     val_loss = None
