@@ -275,17 +275,31 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast compute dtype; weights stay fp32
+    # Matmul compute dtype under autocast; weights and optimizer state stay fp32. "auto": bfloat16
+    # where bf16 matmuls are native (AMX, AVX512-BF16, CUDA sm80+), else float32 (train/precision.py).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     activation_checkpointing: bool = False
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    resume: bool = False  # continue from the newest valid checkpoint in out_dir
+    # "auto": continue from the newest valid checkpoint in out_dir, or start fresh where no run is
+    # yet (so a torchrun --max-restarts restart needs no flag); true: a checkpoint is required;
+    # false: start fresh, refusing an out_dir that holds a run unless overwrite (train/resume.py).
+    resume: Literal["auto", True, False] = "auto"
+    overwrite: bool = False  # start fresh, deleting the run already in out_dir
     eval_every: int = 100
     eval_batches: int = 20
     progress: bool = True
 
     def __post_init__(self) -> None:
         _check_field_types(self, "train.")
+        _check(  # the Literal check lets 1 and 0 pass as True and False
+            isinstance(self.resume, bool) or self.resume == "auto",
+            f"train.resume={self.resume!r} must be one of 'auto', True, False",
+        )
+        _check(
+            not (self.overwrite and self.resume is True),
+            "train.overwrite=true starts over and train.resume=true continues: set one of them",
+        )
         for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "checkpoint_every",
                      "keep_checkpoints", "eval_every", "eval_batches"):  # fmt: skip
             _positive(f"train.{name}", getattr(self, name))

@@ -3,10 +3,12 @@
 # Shakespeare corpus for about 10 minutes on 2 cores, print validation perplexity and a sample,
 # leave a Hugging Face model directory in runs/demo/final, then serve it and query it over HTTP.
 # Extra --section.key=value settings are passed through (e.g. --train.steps=20 for a quick look).
+# Each run trains afresh, replacing the previous demo run in runs/demo (--train.overwrite=true), so
+# its numbers never mix with an earlier run's; pass --train.overwrite=false to continue that run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/moetron train configs/demo.toml --sample="ROMEO:" "$@"
+.venv/bin/moetron train configs/demo.toml --sample="ROMEO:" --train.overwrite=true "$@"
 out=runs/demo
 for arg in "$@"; do case "$arg" in --train.out_dir=*) out=${arg#--train.out_dir=} ;; esac; done
 # Then serve it: the OpenAI-compatible server on loopback, queried with curl and the openai client.

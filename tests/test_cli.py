@@ -46,6 +46,11 @@ def test_train_generate_eval_from_the_command_line(capsys, tmp_path) -> None:
     printed = capsys.readouterr().out
     assert "[train] done: 20 steps, validation loss" in printed and "ROMEO:" in printed
     assert (out / "final" / "tokenizer.json").exists() and (out / "final" / "model.safetensors").exists()
+    # the same command again continues the finished run (nothing to train) instead of replacing it
+    assert main(args) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    assert main([*args, "--train.resume=false"]) == 2
+    assert f"train.out_dir={out} already holds a run" in capsys.readouterr().err
 
     assert main(["generate", str(out / "final"), "JULIET:", "--max-tokens=5", "--temperature=0"]) == 0
     first = capsys.readouterr().out

@@ -91,13 +91,16 @@ def test_layout_matches_single_process(suite: dict, name: str) -> None:
         assert error <= harness.REL_TOL, f"{key}: relative difference {error:.1e}"
 
 
-def test_checkpoint_from_ep2_resumes_in_one_process(suite: dict) -> None:
+def test_checkpoint_from_ep2_resumes_in_one_process(suite: dict, capsys) -> None:
     """The step-3 DCP checkpoint of the ep=2 job (experts sharded over two ranks), continued by
-    one process: steps 4-5 as in the uninterrupted single-process run."""
+    one process running the job's own settings (no resume flag): grad_accum_steps goes from 2 to
+    4 to keep the global batch, and steps 4-5 are those of the uninterrupted single-process run."""
     out_dir = suite["root"] / "ep2-to-1"
     _copy_until(_run_layout(suite, "ep=2"), out_dir, 3)
     assert (out_dir / "checkpoints" / "step_00000003" / ".metadata").is_file()  # the DCP format
-    result = train(load_run_config(harness.CONFIG, _settings(suite, out_dir, 1, 1, "--train.resume=true")))
+    settings = _settings(suite, out_dir, 1, 2, "--train.eval_batches=4")  # the ep=2 job's, less parallel.*
+    result = train(load_run_config(harness.CONFIG, settings))
+    assert "train.grad_accum_steps=4 (was 2)" in capsys.readouterr().out
     assert result.final_dir is not None
     records = harness.records(out_dir)
     harness.assert_same_run(records, harness.records(suite["reference"]))

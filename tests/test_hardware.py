@@ -20,7 +20,9 @@ def test_detection_agrees_with_pytorch_probes() -> None:
     assert cpu.num_cores >= 1 and cpu.model_name
     assert hardware.detect() is hardware.detect()  # detected once per process
     described = hardware.detect().describe()
-    assert cpu.model_name in described and all(f in described.split() or f + ")" in described for f in cpu.flags)
+    assert cpu.model_name in described and all(
+        f in described.split() or f + ")" in described for f in cpu.flags
+    )
 
 
 @pytest.mark.parametrize(

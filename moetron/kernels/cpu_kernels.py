@@ -62,7 +62,6 @@ def _cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "moetron") / "kernels"
 
 
-
 def _build(compiler: str) -> Path:
     digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
     for name in (*SOURCES, *HEADERS):

@@ -196,7 +196,9 @@ class MoELayer(nn.Module):
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
         y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND)
+        # Under autocast the experts' matmuls return bf16 while the residual stream is fp32: combine
+        # in the stream's dtype (as Mixtral does).
+        return torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND.to(x_TD.dtype))
 
     def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (token, k) indices sorted by expert, and kept assignments per expert.

@@ -29,6 +29,8 @@ class DistContext:
     mesh: DeviceMesh | None  # None in a single process
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # torchrun's store without the attempt prefix: what one attempt sets there, later ones see
+    job_store: dist.Store | None = None
 
     @property
     def distributed(self) -> bool:
@@ -81,13 +83,16 @@ def init_distributed(cfg: ParallelConfig) -> DistContext:
     device per local rank, the named mesh from `cfg`. Degrees must multiply to the world size."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_config(cfg, world_size)
-    if world_size == 1:
-        return DistContext(dims, None)
+    if world_size == 1:  # no process group; under torchrun, still the store (train/resume.py)
+        in_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        return DistContext(dims, None, job_store=next(dist.rendezvous("env://"))[0] if in_torchrun else None)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # After an elastic restart the agent's store still holds the previous attempt's keys (rank
     # addresses among them: gloo would connect to a dead peer), so each attempt gets a namespace.
-    store, rank, _ = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"moetron/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    job_store, rank, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(
+        f"moetron/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", job_store
+    )
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -96,7 +101,7 @@ def init_distributed(cfg: ParallelConfig) -> DistContext:
         device = torch.device("cpu")
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     mesh = dims.build_mesh(device.type)
-    return DistContext(dims, mesh, rank=dist.get_rank(), device=device)
+    return DistContext(dims, mesh, rank=dist.get_rank(), device=device, job_store=job_store)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron import hardware
-from moetron.config import Config
+from moetron.config import Config, ConfigError
 from moetron.convert.hf import save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import train_flops_per_token
@@ -23,7 +23,7 @@ from moetron.model.moe import MoELayer
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
 from moetron.train import checkpoint_io as checkpoints
-from moetron.train import metrics
+from moetron.train import metrics, precision, resume
 from moetron.train.checkpoint import TrainingState
 from moetron.train.distributed import (
     DistContext,
@@ -48,9 +48,8 @@ class TrainResult:
 
 
 def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    if cfg.train.dtype == "bfloat16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast or none, as `train.dtype` resolves on this machine (precision.py)."""
+    return precision.resolve(cfg.train.dtype, device_type).autocast(device_type)
 
 
 def lm_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def _evaluate_parts(
 
 def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     """Train per `cfg`; `stop_after` ends the run early at that step (with a checkpoint), as a
-    killed job would, so a later `train.resume=true` run continues it.
+    killed job would, so a later run in the same out_dir continues it (train.resume, resume.py).
 
     Under `torchrun` (WORLD_SIZE > 1) every rank calls this; cfg.parallel says how they split the
     work (moetron/parallel). Only rank 0 writes metrics, plots and the exported model."""
@@ -111,8 +110,16 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
 
 def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult:
     tc, dims = cfg.train, ctx.dims
+    compute = precision.resolve(tc.dtype, ctx.device.type)
+    ctx.log(f"[train] computing in {compute.name} ({compute.reason}); {hardware.detect().describe()}")
     out_dir = Path(tc.out_dir)
+    start = resume.plan_start(cfg, ctx)  # every rank reads out_dir before rank 0 changes it
+    ctx.barrier()
     if ctx.is_main:
+        if start.overwrite:
+            resume.clear_previous_run(out_dir)
+            ctx.log(f"[train] train.overwrite: removed the previous run's outputs from {out_dir}")
+        resume.mark_started(ctx)
         out_dir.mkdir(parents=True, exist_ok=True)
         data = prepare(cfg.data, seed=tc.seed)  # rank 0 first: the others then reuse its shards
     ctx.barrier()
@@ -120,6 +127,8 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         data = prepare(cfg.data, seed=tc.seed)
     if cfg.model.vocab_size != data.vocab_size:
         cfg.model.vocab_size = data.vocab_size  # the tokenizer decides; the resolved config records it
+    if start.saved is not None:  # may change tc.grad_accum_steps, to keep the global batch
+        resume.check_resumable(cfg, start.saved, dims.dp_degree, ctx.log)
     if ctx.is_main:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -158,22 +167,24 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
 
     start_step = 0
     checkpoint_dir = out_dir / "checkpoints"
-    if tc.resume:
+    if start.resume:
         state = checkpoints.load_latest(checkpoint_dir, cfg, parts, optimizer, ctx)
-        if state is not None:
-            start_step = state.step
-            loader.load_state_dict(state.loader)
-            ctx.log(f"[train] resumed from step {start_step}")
-    log = (
-        metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after_step=start_step if tc.resume else None)
-        if ctx.is_main
-        else None
-    )
+        if state is None:  # never start over silently: that would replace the run in out_dir
+            raise ConfigError(
+                f"no checkpoint in {checkpoint_dir} loads (reasons above); to start over there, "
+                "pass --train.overwrite=true"
+            )
+        start_step = state.step
+        loader.load_state_dict(state.loader)
+        ctx.log(f"[train] resumed from step {start_step}")
+        if start_step >= tc.steps:
+            ctx.log(f"[train] train.steps={tc.steps}: nothing left to train (raise it to continue)")
+    truncate_after = start_step if start.resume else None  # None: a fresh run empties the log
+    log = metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after) if ctx.is_main else None
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * dp_size
     flops_per_step = train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
-    compute_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
-    peak_flops = hardware.matmul_peak_flops(compute_dtype, ctx.device.type) * dims.world_size
+    peak_flops = hardware.matmul_peak_flops(compute.dtype, ctx.device.type) * dims.world_size
     params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
     val_loss = None
@@ -203,6 +214,8 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             step_time_s=elapsed,
             expert_load=_expert_load(cfg, ctx, parts),
         )
+        if step == start_step + 1:
+            record.update(dtype=compute.name, dtype_reason=compute.reason, peak_flops=peak_flops)
         if ctx.distributed:
             record["peak_memory_bytes"] = [int(v) for v in ctx.per_rank(peak_memory_bytes(ctx.device))]
             if step == profiled_step:
@@ -226,13 +239,15 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
 
     if last_step < tc.steps:
         return TrainResult(out_dir, None, last_step, val_loss)
+    if start_step >= tc.steps and log is not None:  # nothing trained: the run's last evaluation
+        val_loss = next((r["val_loss"] for r in reversed(log.read()) if "val_loss" in r), None)
     final_dir = out_dir / "final"
     full_model = checkpoints.gather_full_model(cfg, parts) if ctx.distributed else model
     if ctx.is_main:
         export(full_model, data, final_dir)
         metrics.plot_run(log.read(), out_dir)
     ctx.barrier()
-    return TrainResult(out_dir, final_dir, last_step, val_loss)
+    return TrainResult(out_dir, final_dir, max(last_step, start_step), val_loss)
 
 
 def _train_step(

@@ -56,6 +56,9 @@ def settings(corpus: Path, data_dir: Path, out_dir: Path, batch_size: int, dp: i
         "--train.checkpoint_every=3",  # step 3 (and the last): what the resharding tests resume from
         f"--train.batch_size={batch_size}",
         f"--train.grad_accum_steps={grad_accum}",
+        # fp32 on every machine: the suite checks that layouts compute the same numbers (within 1e-4),
+        # which bf16 roundings in different reduction orders would exceed where "auto" picks bf16.
+        "--train.dtype=float32",
         *extra,
     ]
 
