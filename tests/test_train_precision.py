@@ -24,36 +24,51 @@ AMX = Hardware(
 )
 
 
-def _on(monkeypatch: pytest.MonkeyPatch, machine: Hardware) -> None:
+def _on(monkeypatch: pytest.MonkeyPatch, machine: Hardware, bf16_speedup: float = 4.5) -> None:
+    """Pretend to run on `machine`, whose bf16 matmul measures `bf16_speedup` x fp32's."""
     monkeypatch.setattr(hardware, "detect", lambda: machine)
+    monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda device="cpu": bf16_speedup)
 
 
 @pytest.mark.parametrize(
-    "machine, device, expected",
+    "machine, speedup, device, expected",
     [
-        (AVX2, "cpu", torch.float32),
-        (AVX512_BF16, "cpu", torch.bfloat16),
-        (AMX, "cpu", torch.bfloat16),
-        (Hardware(AVX2.cpu, (CudaDevice("A100", (8, 0), 2**36),)), "cuda", torch.bfloat16),
-        (Hardware(AMX.cpu, (CudaDevice("V100", (7, 0), 2**35),)), "cuda", torch.float32),
+        (AVX2, 1.0, "cpu", torch.float32),
+        (AVX512_BF16, 4.5, "cpu", torch.bfloat16),  # an AVX512-BF16 EPYC
+        (AVX512_BF16, 0.45, "cpu", torch.float32),  # an AVX512-BF16 Xeon without AMX (measured)
+        (AMX, 6.0, "cpu", torch.bfloat16),
+        (Hardware(AVX2.cpu, (CudaDevice("A100", (8, 0), 2**36),)), 1.0, "cuda", torch.bfloat16),
+        (Hardware(AMX.cpu, (CudaDevice("V100", (7, 0), 2**35),)), 1.0, "cuda", torch.float32),
     ],
-    ids=["avx2", "avx512-bf16", "amx", "a100", "v100"],
+    ids=["avx2", "avx512-bf16-fast", "avx512-bf16-slow", "amx", "a100", "v100"],
 )
-def test_auto_picks_bf16_only_where_it_is_native(monkeypatch, machine, device, expected) -> None:
-    _on(monkeypatch, machine)
+def test_auto_picks_bf16_only_where_it_is_native_and_fast(
+    monkeypatch, machine, speedup, device, expected
+) -> None:
+    _on(monkeypatch, machine, speedup)
     chosen = precision.resolve("auto", device)
     assert chosen.dtype == expected and chosen.reason.startswith("auto: ")
     assert ("has native bf16" in chosen.reason) == (expected == torch.bfloat16)
+    if machine is AVX512_BF16:  # the measurement decided, and the reason quotes it
+        assert f"{speedup:.1f}x" in chosen.reason or f"{speedup:.2f}x" in chosen.reason
 
 
-def test_explicit_dtypes_win_and_bf16_without_hardware_warns_once(monkeypatch) -> None:
+def test_ranks_that_disagree_all_take_fp32() -> None:
+    bf16 = precision.Precision(torch.bfloat16, "auto: measured 1.3x")
+    assert precision.agree(bf16, lambda v: v, 1) is bf16
+    assert precision.agree(bf16, lambda v: [2.0], 2) is bf16  # both ranks chose bf16
+    split = precision.agree(bf16, lambda v: [1.0], 2)
+    assert split.dtype == torch.float32 and "1 of 2 ranks" in split.reason
+
+
+def test_explicit_dtypes_win_and_slow_bf16_warns_once(monkeypatch) -> None:
     _on(monkeypatch, AMX)
+    precision._warn_slow_bf16.cache_clear()
     assert precision.resolve("float32", "cpu").dtype == torch.float32
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # native: no warning
+        warnings.simplefilter("error")  # native and fast: no warning
         assert precision.resolve("bfloat16", "cpu").dtype == torch.bfloat16
     _on(monkeypatch, AVX2)
-    precision._warn_slow_bf16.cache_clear()
     with pytest.warns(
         UserWarning, match=r"without native bf16 matmul: a bf16 matmul under autocast took [0-9.]+x"
     ):
@@ -61,6 +76,9 @@ def test_explicit_dtypes_win_and_bf16_without_hardware_warns_once(monkeypatch) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
         precision.resolve("bfloat16", "cpu")
+    _on(monkeypatch, AVX512_BF16, 0.45)  # the instructions, but slower than fp32 here
+    with pytest.warns(UserWarning, match=r"its bf16 matmul measured 0\.45x fp32's here"):
+        assert precision.resolve("bfloat16", "cpu").dtype == torch.bfloat16
     precision._warn_slow_bf16.cache_clear()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -47,11 +46,6 @@ class TrainResult:
     val_loss: float | None
 
 
-def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast or none, as `train.dtype` resolves on this machine (precision.py)."""
-    return precision.resolve(cfg.train.dtype, device_type).autocast(device_type)
-
-
 def lm_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return cross_entropy(model(inputs_BT), targets_BT)
 
@@ -63,20 +57,25 @@ def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.T
 @torch.no_grad()
 def evaluate(model: Transformer, cfg: Config, batches: ValLoader) -> float:
     """Mean validation cross-entropy per token over a fixed set of batches (one process)."""
-    total, count = _evaluate_parts([model], None, cfg, batches, torch.device("cpu"))
+    compute = precision.resolve(cfg.train.dtype, "cpu")
+    total, count = _evaluate_parts([model], None, compute, batches, torch.device("cpu"))
     return total / count
 
 
 @torch.no_grad()
 def _evaluate_parts(
-    parts: list[nn.Module], pipe: Pipeline | None, cfg: Config, batches: ValLoader, device: torch.device
+    parts: list[nn.Module],
+    pipe: Pipeline | None,
+    compute: precision.Precision,
+    batches: ValLoader,
+    device: torch.device,
 ) -> tuple[float, int]:
     """(summed cross-entropy, token count) of this data-parallel rank's validation batches."""
     was_training = parts[0].training
     for part in parts:
         part.eval()
     total, count = 0.0, 0
-    with autocast(cfg, device.type):
+    with compute.autocast(device.type):
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
             if pipe is None:
@@ -110,7 +109,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
 
 def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult:
     tc, dims = cfg.train, ctx.dims
-    compute = precision.resolve(tc.dtype, ctx.device.type)
+    compute = precision.agree(
+        precision.resolve(tc.dtype, ctx.device.type), ctx.sum_over_world, ctx.dims.world_size
+    )
     ctx.log(f"[train] computing in {compute.name} ({compute.reason}); {hardware.detect().describe()}")
     out_dir = Path(tc.out_dir)
     start = resume.plan_start(cfg, ctx)  # every rank reads out_dir before rank 0 changes it
@@ -200,7 +201,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         for part in parts:
             metrics.reset_expert_load(part)
         with measure_comm_time(step == profiled_step) as comm_time_s:
-            step_loss, grad_norm = _train_step(cfg, ctx, model, pipe, loader, params)
+            step_loss, grad_norm = _train_step(cfg, ctx, compute, model, pipe, loader, params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
@@ -223,7 +224,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             if step == start_step + 1:
                 record["layout"] = dims.describe()
         if step % tc.eval_every == 0 or step == tc.steps:
-            total, count = _evaluate_parts(parts, pipe, cfg, val_batches, ctx.device)
+            total, count = _evaluate_parts(parts, pipe, compute, val_batches, ctx.device)
             if not ((pipe is None or pipe.is_last) and ctx.reports_metrics):
                 total, count = 0.0, 0  # pipelined losses are counted on the last stage, tp copies once
             total, count = ctx.sum_over_world([total, count])
@@ -253,6 +254,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
 def _train_step(
     cfg: Config,
     ctx: DistContext,
+    compute: precision.Precision,
     model: Transformer,
     pipe: Pipeline | None,
     loader: PackedLoader,
@@ -265,7 +267,7 @@ def _train_step(
     for _ in range(tc.grad_accum_steps):
         inputs, targets = loader.next_batch()
         inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
-        with autocast(cfg, ctx.device.type):
+        with compute.autocast(ctx.device.type):
             if pipe is not None:
                 loss = pipe.step(inputs, targets, scale=1.0 / tc.grad_accum_steps) or 0.0
             else:
