@@ -253,3 +253,17 @@ def reference_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int
         for _ in range(max_tokens):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+def write_shakespeare_corpus(directory: Path, max_chars: int) -> Path:
+    """The bundled Shakespeare as plain-text documents (a user-data source), up to ~max_chars."""
+    from moetron.data import read_documents
+
+    directory.mkdir(parents=True, exist_ok=True)
+    size = 0
+    for k, document in enumerate(read_documents(["shakespeare"])):
+        (directory / f"doc{k:04d}.txt").write_text(document)
+        size += len(document)
+        if size > max_chars:
+            break
+    return directory

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_shakespeare_corpus
 
 from moetron.config import ConfigError, load_run_config
-from moetron.data import read_documents
 from moetron.train import checkpoint as ckpt
 from moetron.train.trainer import train
 
@@ -30,15 +30,7 @@ REQUIRED_METRICS = {
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """~150 KB of the bundled Shakespeare as plain-text documents (a user-data source)."""
-    directory = tmp_path_factory.mktemp("corpus")
-    documents = read_documents(["shakespeare"])
-    size = 0
-    for k, document in enumerate(documents):
-        (directory / f"doc{k:04d}.txt").write_text(document)
-        size += len(document)
-        if size > 150_000:
-            break
-    return directory
+    return write_shakespeare_corpus(tmp_path_factory.mktemp("corpus"), 150_000)
 
 
 def _config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str):

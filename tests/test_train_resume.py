@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_shakespeare_corpus
 
 from moetron.config import ConfigError, TrainConfig, load_run_config
-from moetron.data import read_documents
 from moetron.train import checkpoint as ckpt
 from moetron.train.resume import clear_previous_run
 from moetron.train.trainer import train
@@ -24,14 +24,7 @@ def reference(tmp_path_factory) -> dict:
     """A corpus, its prepared data, and one finished run: 6 steps of batch_size=1 x
     grad_accum_steps=4, checkpoints at steps 3 and 6."""
     root = tmp_path_factory.mktemp("resume")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    size = 0
-    for k, document in enumerate(read_documents(["shakespeare"])):
-        (corpus / f"doc{k:04d}.txt").write_text(document)
-        size += len(document)
-        if size > 60_000:
-            break
+    corpus = write_shakespeare_corpus(root / "corpus", 60_000)
     suite = {"corpus": corpus, "data": root / "data", "run": root / "run"}
     result = train(_config(suite, suite["run"]))
     assert result.final_dir is not None
