@@ -16,6 +16,7 @@ import functools
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -185,12 +186,19 @@ def bf16_matmul_speedup(device: str = "cpu") -> float:
 def _measure(dtype: torch.dtype, device: str, size: int, repeats: int) -> float:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    F.linear(a, b)  # warm-up: first calls initialise the math library
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+    return 2 * size**3 / best_seconds(lambda: F.linear(a, b), repeats, sync)
+
+
+def best_seconds(run: Callable[[], object], repeats: int, sync: Callable[[], None] | None = None) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed warm-up call (first calls
+    initialise the math library); `sync` waits for an asynchronous device before each reading."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        F.linear(a, b)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        run()
+        if sync is not None:
+            sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best

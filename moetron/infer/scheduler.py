@@ -32,10 +32,7 @@ class ScheduledSeq:
     num_logits_rows: int  # 0 for a prefill chunk that neither samples nor scores the prompt
     samples: bool  # draws its next token from its last logits row (no draft tokens to verify)
     scores_prompt: bool  # its logits rows give prompt logprobs
-
-    @property
-    def num_draft_tokens(self) -> int:
-        return len(self.seq.spec_token_ids)
+    num_draft_tokens: int  # of num_new_tokens, the draft tokens its logits rows verify
 
     @property
     def logits_rows(self) -> slice:
@@ -66,7 +63,8 @@ class ScheduledBatch:
         else the last one when it ends the sequence (the next token is sampled from it)."""
         first_row, first_position = self.num_tokens, seq.num_computed_tokens
         reaches_end = first_position + num_new_tokens == seq.num_tokens
-        verifies = bool(seq.spec_token_ids)
+        num_draft_tokens = len(seq.spec_token_ids)
+        verifies = num_draft_tokens > 0
         scores_prompt = (
             not verifies
             and seq.index == 0
@@ -83,6 +81,7 @@ class ScheduledBatch:
             ScheduledSeq(
                 seq, num_new_tokens, first_position, first_row, len(self.logits_rows), len(rows),
                 samples=reaches_end and not verifies, scores_prompt=scores_prompt,
+                num_draft_tokens=num_draft_tokens,
             )
         )  # fmt: skip
         self.logits_rows.extend(rows)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,6 @@ def install(model: nn.Module, kernels: ServingKernels) -> None:
     model.__dict__["_serving_kernels"] = kernels  # plain attribute: not a submodule, not state
 
 
-def installed(model: nn.Module) -> Any:
+def installed(model: nn.Module) -> ServingKernels | None:
     """The ServingKernels `install` last put into `model`, or None."""
     return model.__dict__.get("_serving_kernels")

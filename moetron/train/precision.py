@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,16 +101,6 @@ def _bf16_step_slowdown(size: int = 512, repeats: int = 3) -> float:
     from moetron.model.ops import linear
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-
-    def best(dtype: torch.dtype | None) -> float:
-        context = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-        times = []
-        with context:
-            linear(a, b)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                linear(a, b)
-                times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(torch.bfloat16) / best(None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = hardware.best_seconds(lambda: linear(a, b), repeats)
+    return bf16 / hardware.best_seconds(lambda: linear(a, b), repeats)
