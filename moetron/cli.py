@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0  # under torchrun, rank 0 reports (and samples)
     print(
         f"[train] done: {result.last_step} steps, validation loss {result.val_loss:.4f} "
-        f"(perplexity {math.exp(result.val_loss):.2f}); model in {result.final_dir}"
+        f"(perplexity {math.exp(result.val_loss):.2f}, {result.val_bpb:.3f} bits per byte); "
+        f"model in {result.final_dir}"
     )
     if args.sample:
         _print_sample(result.final_dir, args.sample, max_tokens=80, temperature=0.8, top_p=0.95, seed=0)

@@ -121,3 +121,11 @@ def test_transformers_autotokenizer_parity(tok: Tokenizer, tmp_path: Path) -> No
         ours = tok.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
         theirs = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt)
         assert theirs == ours
+
+
+def test_token_byte_lengths_count_the_text_bytes(tok: Tokenizer) -> None:
+    lengths = tok.token_byte_lengths
+    assert len(lengths) == tok.vocab_size
+    assert all(lengths[tok.backend.token_to_id(t)] == 0 for t in SPECIAL_TOKENS)
+    for text in SAMPLES[:3]:  # ordinary text: the tokens' bytes add up to the text's UTF-8 bytes
+        assert sum(lengths[i] for i in tok.encode(text, allow_special=False)) == len(text.encode())

@@ -11,6 +11,7 @@ import torch
 from conftest import write_shakespeare_corpus
 
 from moetron.config import ConfigError, load_run_config
+from moetron.data import ValLoader, prepare
 from moetron.train import checkpoint as ckpt
 from moetron.train.trainer import train
 
@@ -61,7 +62,7 @@ def straight_run(corpus, tmp_path_factory):
     return root, result
 
 
-def test_metrics_plots_and_learning(straight_run) -> None:
+def test_metrics_plots_and_learning(straight_run, corpus) -> None:
     root, result = straight_run
     records = _records(root / "run")
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -71,8 +72,20 @@ def test_metrics_plots_and_learning(straight_run) -> None:
         assert math.isfinite(record["loss"]) and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
     assert records[-1]["lm_loss"] < records[0]["lm_loss"]  # it learns
     assert records[0]["lr"] < records[4]["lr"]  # warmup
-    assert {"val_loss", "val_perplexity"} <= records[3].keys()
+    assert {"val_loss", "val_perplexity", "val_bpb"} <= records[3].keys()
     assert result.val_loss == pytest.approx(records[-1]["val_loss"])
+    assert result.val_bpb == pytest.approx(records[-1]["val_bpb"])
+    # bits per byte = nats per token / ln 2 / (text bytes per scored token), the bytes counted here
+    # by decoding the validation targets back to text
+    tc = (cfg := _config(corpus, root / "data", root / "run")).train
+    data = prepare(cfg.data, seed=tc.seed)
+    batches = ValLoader(data.val_path, tc.seq_len, tc.batch_size, tc.eval_batches, dtype=data.dtype)
+    num_tokens = num_bytes = 0
+    for _, targets in batches:
+        for row in targets.tolist():
+            num_tokens += len(row)
+            num_bytes += sum(len(data.tokenizer.decode([t], skip_special=True).encode()) for t in row)
+    assert result.val_bpb == pytest.approx(result.val_loss * num_tokens / num_bytes / math.log(2), rel=1e-3)
     assert (root / "run" / "loss.png").stat().st_size > 0
     assert (root / "run" / "expert_load.png").stat().st_size > 0
     saved = json.loads((root / "run" / "config.json").read_text())

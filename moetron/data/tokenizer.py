@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import models, pre_tokenizers, trainers
 
 from moetron.data import cl100k
-from moetron.data.byte_level import byte_level_tokenizer
+from moetron.data.byte_level import byte_level_tokenizer, char_to_byte
 from moetron.data.errors import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -97,6 +97,22 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    @cached_property
+    def token_byte_lengths(self) -> list[int]:
+        """Raw text bytes each id stands for (0 for special tokens and unused ids): the bytes a model
+        predicts per token, so that loss per byte compares models with different tokenizers."""
+        lengths = [0] * self.vocab_size
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        to_byte = char_to_byte()
+        for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
+            if token in special:
+                continue
+            if all(char in to_byte for char in token):  # byte-level BPE: one character per byte
+                lengths[token_id] = len(token)
+            else:
+                lengths[token_id] = len(self.backend.decode([token_id]).encode("utf-8"))
+        return lengths
 
     @cached_property
     def _chat_template(self) -> jinja2.Template:

@@ -44,6 +44,7 @@ class TrainResult:
     final_dir: Path | None  # None when stopped early
     last_step: int
     val_loss: float | None
+    val_bpb: float | None = None  # bits per byte of the held-out text
 
 
 def lm_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -54,12 +55,36 @@ def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.T
     return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
 
 
+@dataclass
+class ValScore:
+    """Summed cross-entropy (nats) over the scored tokens, and the raw text bytes those tokens stand
+    for: per token it is the loss, per byte (in bits) it compares models across tokenizers."""
+
+    total_nats: float
+    num_tokens: int
+    num_bytes: int
+
+    @property
+    def loss(self) -> float:
+        return self.total_nats / self.num_tokens
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.total_nats / (math.log(2) * self.num_bytes) if self.num_bytes else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "val_loss": self.loss,
+            "val_perplexity": math.exp(min(self.loss, 50)),
+            "val_bpb": self.bits_per_byte,
+        }
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, cfg: Config, batches: ValLoader) -> float:
-    """Mean validation cross-entropy per token over a fixed set of batches (one process)."""
+def evaluate(model: Transformer, cfg: Config, batches: ValLoader, token_bytes_V: torch.Tensor) -> ValScore:
+    """Validation score over a fixed set of batches (one process); token_bytes_V as in `_evaluate_parts`."""
     compute = precision.resolve(cfg.train.dtype, "cpu")
-    total, count = _evaluate_parts([model], None, compute, batches, torch.device("cpu"))
-    return total / count
+    return _evaluate_parts([model], None, compute, batches, token_bytes_V, torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -68,13 +93,15 @@ def _evaluate_parts(
     pipe: Pipeline | None,
     compute: precision.Precision,
     batches: ValLoader,
+    token_bytes_V: torch.Tensor,
     device: torch.device,
-) -> tuple[float, int]:
-    """(summed cross-entropy, token count) of this data-parallel rank's validation batches."""
+) -> ValScore:
+    """This data-parallel rank's score on its validation batches; token_bytes_V [V] holds the text
+    bytes of each token id (`Tokenizer.token_byte_lengths`)."""
     was_training = parts[0].training
     for part in parts:
         part.eval()
-    total, count = 0.0, 0
+    total, count, num_bytes = 0.0, 0, 0
     with compute.autocast(device.type):
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
@@ -89,9 +116,10 @@ def _evaluate_parts(
                 loss = pipe.evaluate(inputs, targets, broadcast=True)
             total += loss * targets.numel()
             count += targets.numel()
+            num_bytes += int(token_bytes_V[targets.cpu()].sum())
     for part in parts:
         part.train(was_training)
-    return total, count
+    return ValScore(total, count, num_bytes)
 
 
 def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
@@ -165,6 +193,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     val_batches = ValLoader(
         data.val_path, tc.seq_len, tc.batch_size, tc.eval_batches, dp_rank, dp_size, dtype=data.dtype
     )
+    token_bytes_V = torch.tensor(data.tokenizer.token_byte_lengths, dtype=torch.int64)
 
     start_step = 0
     checkpoint_dir = out_dir / "checkpoints"
@@ -188,7 +217,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     peak_flops = hardware.matmul_peak_flops(compute.dtype, ctx.device.type) * dims.world_size
     params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
-    val_loss = None
+    val_loss = val_bpb = None
     progress = _progress(start_step, tc.steps, tc.progress and ctx.is_main)
 
     # Communication time is sampled on one step (profiling slows it): the second of this attempt.
@@ -224,12 +253,12 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             if step == start_step + 1:
                 record["layout"] = dims.describe()
         if step % tc.eval_every == 0 or step == tc.steps:
-            total, count = _evaluate_parts(parts, pipe, compute, val_batches, ctx.device)
+            score = _evaluate_parts(parts, pipe, compute, val_batches, token_bytes_V, ctx.device)
             if not ((pipe is None or pipe.is_last) and ctx.reports_metrics):
-                total, count = 0.0, 0  # pipelined losses are counted on the last stage, tp copies once
-            total, count = ctx.sum_over_world([total, count])
-            val_loss = total / count
-            record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
+                score = ValScore(0.0, 0, 0)  # pipelined losses are counted on the last stage, tp copies once
+            score = ValScore(*ctx.sum_over_world([score.total_nats, score.num_tokens, score.num_bytes]))
+            val_loss, val_bpb = score.loss, score.bits_per_byte
+            record.update(score.metrics())
         if log is not None:
             log.write(record)
         progress.update(step, record)
@@ -239,16 +268,17 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     progress.close()
 
     if last_step < tc.steps:
-        return TrainResult(out_dir, None, last_step, val_loss)
+        return TrainResult(out_dir, None, last_step, val_loss, val_bpb)
     if start_step >= tc.steps and log is not None:  # nothing trained: the run's last evaluation
-        val_loss = next((r["val_loss"] for r in reversed(log.read()) if "val_loss" in r), None)
+        last_eval = next((r for r in reversed(log.read()) if "val_loss" in r), {})
+        val_loss, val_bpb = last_eval.get("val_loss"), last_eval.get("val_bpb")
     final_dir = out_dir / "final"
     full_model = checkpoints.gather_full_model(cfg, parts) if ctx.distributed else model
     if ctx.is_main:
         export(full_model, data, final_dir)
         metrics.plot_run(log.read(), out_dir)
     ctx.barrier()
-    return TrainResult(out_dir, final_dir, max(last_step, start_step), val_loss)
+    return TrainResult(out_dir, final_dir, max(last_step, start_step), val_loss, val_bpb)
 
 
 def _train_step(
@@ -358,7 +388,7 @@ class _progress:
             return
         summary = f"loss {record['lm_loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
         if "val_loss" in record:
-            summary += f" val {record['val_loss']:.3f}"
+            summary += f" val {record['val_loss']:.3f} ({record['val_bpb']:.3f} bits/byte)"
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(1)
