@@ -5,8 +5,11 @@
 
 Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes it, and
 `moetron.from_pretrained` loads the directory, so the comparison also exercises the converter.
-One step = zero grads, forward, the same fp32 cross-entropy on both sides, backward (no
-optimizer). Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
+One step = zero grads, forward, the same fp32 cross-entropy on both sides, backward, global
+grad-norm clipping at 1.0 and an AdamW step: ours is the trainer's (`train.optim.build_optimizer`),
+transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
+process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
+setting is process-wide, so transformers' step gets it too. Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
 set to 0 (the losses are still computed, just not weighted in) and transformers runs with
 output_router_logits=False. Both use SDPA attention, train mode, no dropout, no KV cache.
 """
@@ -41,10 +44,13 @@ from benchmarks.common import (
     setup_threads,
     time_interleaved,
 )
-from moetron.config import ModelConfig, get_preset
+from moetron.config import ModelConfig, TrainConfig, get_preset
 from moetron.model.accounting import total_params, train_flops_per_token
+from moetron.train.allocator import retain_freed_memory
+from moetron.train.optim import build_optimizer
 
 FP32_TOLERANCE = 1e-4
+LR = 1e-5  # small: the weights barely move, so every timed step runs on the model just checked
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,13 +108,16 @@ def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.T
 def train_step(
     model: nn.Module,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
     ids: torch.Tensor,
     targets: torch.Tensor,
 ) -> Callable[[], float]:
     def step() -> float:
-        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss = cross_entropy(logits_of(ids), targets)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
         return loss.item()
 
     return step
@@ -135,7 +144,8 @@ def working_hf_step(
     and loss. Each failure is printed with its reason."""
     for impl in impls:
         hf_model.set_experts_implementation(impl)
-        step = train_step(hf_model, hf_logits(hf_model), ids, targets)
+        optimizer = torch.optim.AdamW(hf_model.parameters(), lr=LR, fused=True)
+        step = train_step(hf_model, hf_logits(hf_model), optimizer, ids, targets)
         try:
             return impl, step, step()
         except RuntimeError as e:  # e.g. a CPU grouped_mm backward that cannot run
@@ -148,6 +158,7 @@ def working_hf_step(
 def main() -> None:
     args = parse_args()
     setup_threads(args.threads)
+    retain_freed_memory()
     quiet_transformers()
     torch.manual_seed(args.seed)
     cfg = model_config(args)
@@ -187,7 +198,8 @@ def main() -> None:
                     raise SystemExit(
                         f"fp32 logits differ by {diff:.1e} > {FP32_TOLERANCE}: not the same model"
                     )
-            ours_step = train_step(ours, ours, ids, targets)
+            optimizer = build_optimizer(ours, TrainConfig(lr=LR, weight_decay=0.0))
+            ours_step = train_step(ours, ours, optimizer, ids, targets)
             ours_loss = ours_step()
             impl, hf_step, hf_loss = working_hf_step(hf_model, impls, ids, targets, dtype_name)
             print(
@@ -208,7 +220,7 @@ def main() -> None:
                     f"{num_tokens / t.median_s:.0f}", f"{gflops:.1f}", PeakShare(gflops, peaks, dtype_name),
                     PeakShare(gflops, peaks, "fp32"), f"{t.median_s / ours_s:.2f}",
                 ])  # fmt: skip
-            summary.append((dtype_name, "fwd+bwd", timings[hf_name].median_s / ours_s, hf_name))
+            summary.append((dtype_name, "train step", timings[hf_name].median_s / ours_s, hf_name))
 
     measure_peaks(list(peaks), peaks)  # again at the end; keeps the better
     print()

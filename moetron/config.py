@@ -75,6 +75,15 @@ class MoEConfig:
     capacity_factor=None is dropless (every routed token is computed). A float enables
     GShard/Switch-style token dropping during training: each expert takes at most
     ceil(capacity_factor * tokens * top_k / num_experts) assignments, first choices first.
+
+    Load balancing, two mechanisms that combine (docs/training.md):
+      bias_update_rate: DeepSeek-V3's auxiliary-loss-free balancing (torchtitan's
+        load_balance_coeff). Each router has a per-expert bias added to its scores for the top-k
+        choice only; after every optimizer step the trainer moves it by this rate towards the
+        experts that received fewer tokens (train/balance.py). 0 disables it.
+      aux_loss_weight, aux_loss_type: the Switch load-balancing loss, over all tokens of a
+        micro-batch ("batch") or per sequence and averaged (DeepSeek-V3's complementary
+        "sequence"-wise loss, eq. 17-20).
     """
 
     num_experts: int = 8
@@ -83,6 +92,8 @@ class MoEConfig:
     normalize_top_k: bool = True  # Mixtral: renormalise the chosen probabilities to sum to 1
     capacity_factor: float | None = None
     aux_loss_weight: float = 0.01  # Switch load-balancing loss; 1.0 means perfectly balanced
+    aux_loss_type: Literal["batch", "sequence"] = "batch"  # the tokens one aux loss is computed over
+    bias_update_rate: float = 1e-3  # router bias step per optimizer step; 0: no bias balancing
     z_loss_weight: float = 0.001  # ST-MoE router z-loss
     num_shared_experts: int = 0  # DeepSeek-style always-on experts, fused into one SwiGLU
     shared_expert_hidden_dim: int | None = None  # per shared expert; defaults to expert_hidden_dim
@@ -100,6 +111,10 @@ class MoEConfig:
         if self.capacity_factor is not None:
             _positive("moe.capacity_factor", self.capacity_factor)
         _check(self.aux_loss_weight >= 0, f"moe.aux_loss_weight={self.aux_loss_weight} must be >= 0")
+        _check(
+            0 <= self.bias_update_rate < 1,
+            f"moe.bias_update_rate={self.bias_update_rate} must lie in [0, 1) (0 disables bias balancing)",
+        )
         _check(self.z_loss_weight >= 0, f"moe.z_loss_weight={self.z_loss_weight} must be >= 0")
         _check(self.num_shared_experts >= 0, f"moe.num_shared_experts={self.num_shared_experts} must be >= 0")
         _check(self.num_dense_layers >= 0, f"moe.num_dense_layers={self.num_dense_layers} must be >= 0")
@@ -584,6 +599,16 @@ def small() -> ModelConfig:
     )  # fmt: skip
 
 
+def small_fine() -> ModelConfig:
+    """`small` with fine-grained experts (DeepSeekMoE, OLMoE): each expert a quarter as wide, four
+    times as many, four times as many chosen: 64 experts top-8 of width 128, so the same active and
+    total parameters as `small` but C(64,8) instead of C(16,2) expert combinations per token.
+    `moe.num_shared_experts=1` with `moe.top_k=7` adds DeepSeekMoE's always-on expert at equal cost."""
+    cfg = small()
+    cfg.moe = MoEConfig(num_experts=64, top_k=8, expert_hidden_dim=128)
+    return cfg
+
+
 def mixtral_8x7b() -> ModelConfig:
     """mistralai/Mixtral-8x7B-v0.1: 46.7B total, 12.9B active."""
     return ModelConfig(
@@ -607,6 +632,7 @@ def gpt4() -> ModelConfig:
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "small": small,
+    "small-fine": small_fine,
     "mixtral-8x7b": mixtral_8x7b,
     "gpt4": gpt4,
 }

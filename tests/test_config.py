@@ -254,6 +254,13 @@ def test_small_preset_size() -> None:
     assert 50e6 <= total <= 150e6
 
 
+def test_fine_grained_preset_matches_small_in_parameters() -> None:
+    small, fine = param_counts(get_preset("small")), param_counts(get_preset("small-fine"))
+    cfg = get_preset("small-fine")
+    assert (cfg.moe.num_experts, cfg.moe.top_k) == (64, 8)
+    assert (fine.total, fine.active) == pytest.approx((small.total, small.active), rel=1e-2)  # wider routers
+
+
 def test_tiny_preset_is_tiny() -> None:
     cfg = tiny()
     assert param_counts(cfg).total < 1e6

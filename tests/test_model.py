@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from moetron.config import ModelConfig, MoEConfig, RopeConfig, tiny
 from moetron.model import Transformer
-from moetron.model.moe import FeedForward, MoELayer, load_balancing_loss, router_z_loss
+from moetron.model.moe import FeedForward, MoELayer, grouped_swiglu, load_balancing_loss, router_z_loss
 from moetron.model.rope import RotaryEmbedding, apply_rope, rope_inverse_frequencies
 from moetron.model.transformer import Attention, RMSNorm, causal_sdpa
 
@@ -703,3 +703,29 @@ def test_bf16_model_trains_a_step() -> None:
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
         assert torch.isfinite(p.grad).all(), name
+
+
+def test_grouped_swiglu_node_matches_the_per_expert_loop() -> None:
+    """The CPU training node (one autograd node, products written in place) against the generic
+    per-expert loop run in float64: values and every gradient, with an expert that gets no rows and
+    a non-contiguous input."""
+    torch.manual_seed(0)
+    num_experts, hidden, dim = 5, 24, 16
+    sizes = torch.tensor([7, 0, 3, 11, 4])
+    x_ND = torch.randn(dim, int(sizes.sum())).t().requires_grad_()  # non-contiguous
+    weights = [
+        (torch.randn(num_experts, *shape) * 0.3).requires_grad_()
+        for shape in ((hidden, dim), (dim, hidden), (hidden, dim))
+    ]
+    upstream = torch.randn(int(sizes.sum()), dim)
+    y = grouped_swiglu(x_ND, sizes, *weights)
+    assert type(y.grad_fn).__name__ == "GroupedSwiGLUBackward"
+    grads = torch.autograd.grad((y * upstream).sum(), [x_ND, *weights])
+
+    inputs64 = [t.detach().double().requires_grad_() for t in (x_ND, *weights)]
+    y64 = grouped_swiglu(inputs64[0], sizes, *inputs64[1:])  # float64: the generic loop
+    expected = torch.autograd.grad((y64 * upstream.double()).sum(), inputs64)
+    torch.testing.assert_close(y, y64.float(), **FP32)
+    for name, g, e in zip(["x", "w1", "w2", "w3"], grads, expected, strict=True):
+        torch.testing.assert_close(g, e.float(), **FP32, msg=lambda m, name=name: f"{name}: {m}")
+    assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing

@@ -11,6 +11,12 @@ unpacks those three entries from the sdist of the *installed* llama-cpp-python v
 `pip download`), so converter and runtime always come from the same llama.cpp commit. A llama.cpp
 checkout works too: pass `llama_cpp_dir` or set MOETRON_LLAMA_CPP_DIR.
 
+Router selection bias (aux-loss-free balancing): a model directory whose config.json has
+`moetron_expert_bias` (convert/hf.py writes it where the bias is nonzero) is refused. llama.cpp has
+such a tensor (`ffn_exp_probs_b`) only for architectures that use it (DeepSeek-V3 and kin); its
+Mixtral (llama) graph has none, so the converter cannot place the tensor and the file would choose
+other experts than the trained model. A zero bias is not exported, and those models convert.
+
 Tokenizer: the converter identifies a byte-level BPE `tokenizer.json` by hashing how it splits a
 probe string and rejects hashes it does not know, which includes every tokenizer moetron trains.
 A SentencePiece `tokenizer.model` (what Llama-2 and Mixtral ship) needs no such table;
@@ -129,11 +135,18 @@ def export_gguf(
     config = model_dir / "config.json"
     if not config.is_file():
         raise GGUFExportError(f"{model_dir} is not a model directory (no config.json)")
-    architectures = json.loads(config.read_text()).get("architectures") or ["?"]
+    hf_config = json.loads(config.read_text())
+    architectures = hf_config.get("architectures") or ["?"]
     if architectures[0] != "MixtralForCausalLM":
         raise GGUFExportError(
             f"{config}: architecture {architectures[0]!r} has no GGUF mapping; only configs Mixtral can "
             "express convert (no shared experts, no dense layers, normalised top-k)"
+        )
+    if "moetron_expert_bias" in hf_config:  # the key convert/hf.py writes beside a nonzero bias
+        raise GGUFExportError(
+            f"{config}: the model's routers carry a nonzero selection bias (moe.bias_update_rate > 0 "
+            "in training), which llama.cpp's Mixtral graph has no place for: its GGUF would choose "
+            "other experts. Train with --model.moe.bias_update_rate=0 to export to GGUF."
         )
     if not (model_dir / "tokenizer.model").is_file():
         raise GGUFExportError(

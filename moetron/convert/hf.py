@@ -6,6 +6,16 @@ as `MixtralForCausalLM` with per-expert `experts.{e}.w1/w2/w3` tensors (the layo
 `MixtralForCausalLM.save_pretrained` writes), so `transformers` loads them unchanged. The others
 (shared experts, dense first layers, un-normalised top-k) are written as `MoetronForCausalLM`
 with the same naming plus the extra tensors. Loading never unpickles: safetensors only.
+
+The router's selection bias (aux-loss-free balancing, model/moe.py `Router.expert_bias`) has no
+Mixtral counterpart, and a bias on the top-k choice cannot be folded into the gate's weights. A
+model whose bias is nonzero anywhere carries it, fp32, as one extra tensor per MoE layer named as
+DeepSeek-V3 names its own, `model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias` [E],
+and config.json gains the key `moetron_expert_bias` saying so. moetron loads it back exactly;
+transformers' Mixtral ignores it (it reports the tensor as unused), so its top-k choice differs
+from ours wherever the bias changes it, and `save_pretrained` warns. An all-zero bias is not
+written: such exports are byte-for-byte what they were before the bias existed, and a directory
+without the tensor (any Mixtral checkpoint) loads with a zero bias.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +79,17 @@ NAME_TABLE: list[tuple[str, str]] = [
     ("model.layers.{i}.mlp.w1.weight", "layers.{i}.ffn.w1.weight"),
     ("model.layers.{i}.mlp.w2.weight", "layers.{i}.ffn.w2.weight"),
     ("model.layers.{i}.mlp.w3.weight", "layers.{i}.ffn.w3.weight"),
+    # the router's selection bias, only where nonzero (see the module docstring)
+    (f"{_MOE}.gate.e_score_correction_bias", "layers.{i}.ffn.router.expert_bias"),
 ]
+_EXPERT_BIAS = "router.expert_bias"
+EXPERT_BIAS_NOTE = (
+    "model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias [num_local_experts] fp32: "
+    "moetron's router adds it to the softmax probabilities to choose the top-k experts "
+    "(DeepSeek-V3's auxiliary-loss-free balancing) and weighs them by the unbiased probabilities. "
+    "transformers' Mixtral ignores this tensor, so there the choice of experts differs wherever "
+    "the bias changes it."
+)
 # transformers >= 5 keeps experts fused in memory; accept that layout too when reading.
 _FUSED_GATE_UP = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj$")
 _FUSED_DOWN = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.down_proj$")
@@ -112,12 +133,20 @@ def hf_to_moetron(hf_name: str) -> list[tuple[Target, slice | None]]:
     return []
 
 
+def has_expert_bias(model: Transformer) -> bool:
+    """Whether any router's selection bias is nonzero (then exports carry it)."""
+    return any(bool(layer.router.expert_bias.any()) for layer in model.moe_layers())
+
+
 def moetron_to_hf(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, tensor view) in a stable order; stacked experts are split per expert."""
     patterns = [(_compile(ours), hf) for hf, ours in NAME_TABLE]
+    with_bias = has_expert_bias(model)
     for name, param in model.state_dict().items():
         if name == "output.weight" and model.cfg.tie_embeddings:
             continue  # tied: HF stores only the embedding
+        if name.endswith(_EXPERT_BIAS) and not with_bias:
+            continue  # all zero: written as before the bias existed
         for regex, hf in patterns:
             if m := regex.match(name):
                 layer = m["i"] if "i" in regex.groupindex else None
@@ -139,7 +168,8 @@ def mixtral_can_express(cfg: ModelConfig) -> bool:
     return moe.normalize_top_k and moe.num_shared_experts == 0 and moe.num_dense_layers == 0
 
 
-def to_hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+def to_hf_config(cfg: ModelConfig, dtype: torch.dtype, expert_bias: bool = False) -> dict[str, Any]:
+    """config.json for `cfg`; `expert_bias`: the weights carry the routers' selection bias."""
     rope: dict[str, Any] = {"rope_type": "default" if cfg.rope.scaling == "none" else cfg.rope.scaling}
     rope["rope_theta"] = cfg.rope.theta
     if cfg.rope.scaling != "none":
@@ -181,6 +211,8 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
     if cfg.rope.scaling != "none":
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if expert_bias:
+        out["moetron_expert_bias"] = EXPERT_BIAS_NOTE
     return out
 
 
@@ -325,6 +357,7 @@ def from_pretrained(
         model = Transformer(cfg)
     params = dict(model.named_parameters())
     filled: dict[str, set[int | None]] = {name: set() for name in params}
+    biases: dict[str, tuple[str, torch.Tensor]] = {}  # fp32 whatever the weights' dtype: set last
     materialised = False
     for file in files:
         for hf_name, tensor in _iter_safetensors(file):
@@ -335,6 +368,9 @@ def from_pretrained(
                 raise CheckpointError(
                     f"{file.name}: unexpected tensor {hf_name!r} for {cfg.num_layers}-layer config"
                 )
+            if targets[0][0].name.endswith(_EXPERT_BIAS):
+                biases[targets[0][0].name] = (hf_name, tensor)
+                continue
             if not materialised:  # allocate once the stored dtype is known
                 model.to_empty(device=device)
                 model.to(dtype or tensor.dtype)
@@ -351,10 +387,28 @@ def from_pretrained(
     missing = [name for name, got in filled.items() if not _complete(got, params[name], name)]
     if missing or not materialised:
         raise CheckpointError(f"{directory}: missing tensors for {missing[:8] or 'every parameter'}")
+    _load_expert_biases(model, biases)
     model.init_buffers()
     model.eval()
     model.name_or_path = str(directory)
     return model
+
+
+def _load_expert_biases(model: Transformer, biases: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """The routers' selection biases: those stored, zero where none is (to_empty left them unset)."""
+    buffers = {name: buffer for name, buffer in model.named_buffers() if name.endswith(_EXPERT_BIAS)}
+    for buffer in buffers.values():
+        buffer.zero_()
+    for name, (hf_name, tensor) in biases.items():
+        if name not in buffers:
+            raise CheckpointError(f"unexpected tensor {hf_name!r}: the config has no MoE layer {name!r}")
+        if tuple(tensor.shape) != tuple(buffers[name].shape):
+            raise CheckpointError(
+                f"shape mismatch for {hf_name}: checkpoint has {list(tensor.shape)}, "
+                f"the config implies {list(buffers[name].shape)}"
+            )
+        with torch.no_grad():
+            buffers[name].copy_(tensor)
 
 
 def _complete(got: set[int | None], param: torch.Tensor, name: str) -> bool:
@@ -430,6 +484,14 @@ def save_pretrained(
     files are copied from `tokenizer_dir`, or from the directory the model was loaded from."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    expert_bias = has_expert_bias(model)
+    if expert_bias:
+        warnings.warn(
+            f"{directory}: the routers' selection bias is nonzero; it is written as "
+            "...gate.e_score_correction_bias, which moetron reads and transformers' Mixtral ignores "
+            "(its top-k choice will differ from moetron's where the bias changes it)",
+            stacklevel=2,
+        )
     tensors = list(moetron_to_hf(model))
     dtype = tensors[0][1].dtype
     shards = _plan_shards(tensors, max_shard_bytes)
@@ -452,7 +514,7 @@ def save_pretrained(
     for stale in [*directory.glob("model*.safetensors"), index]:
         if stale.exists() and stale.name not in names and not (stale == index and len(shards) > 1):
             stale.unlink()
-    body = json.dumps(to_hf_config(model.cfg, dtype), indent=2)
+    body = json.dumps(to_hf_config(model.cfg, dtype, expert_bias), indent=2)
     _atomic_write(directory / "config.json", lambda p: p.write_text(body))
 
     source = tokenizer_dir or getattr(model, "name_or_path", None)

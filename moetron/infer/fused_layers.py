@@ -38,12 +38,16 @@ from moetron.model.transformer import Block, RMSNorm, Transformer
 
 def supports(model: Transformer) -> bool:
     """Whether the fused path runs this model: all its layers routed-expert MoE without shared
-    experts, all its parameters fp32 (or all bf16, to be served in float32) on the CPU."""
+    experts, all its parameters fp32 (or all bf16, to be served in float32) on the CPU, the routers'
+    selection biases fp32 (as the Router keeps them)."""
     if not cpu_kernels.available() or model.tok_embeddings is None or model.output is None:
         return False
     for layer in model.layers:
         ffn = layer.ffn
         if not isinstance(ffn, MoELayer) or ffn.shared_experts is not None or ffn.training:
+            return False
+        bias = ffn.router.expert_bias
+        if bias.dtype != torch.float32 or bias.device.type != "cpu" or not bias.is_contiguous():
             return False
     params = list(model.parameters())
     dtypes = {p.dtype for p in params}
@@ -69,7 +73,8 @@ def _prepare(model: nn.Module, module: nn.Module) -> None:
 class FusedBlock(ServingModule, Block):
     """A decoder layer as two kernel calls on the packed hidden states, in place: attention (norm,
     q/k/v, RoPE, K/V into the paged cache, attention, output projection, residual) and the routed
-    experts (norm, router, top-k, experts, combine, residual, per-expert counts)."""
+    experts (norm, router, top-k on probabilities + selection bias, experts, combine, residual,
+    per-expert counts)."""
 
     model_class = Block
 
@@ -83,8 +88,8 @@ class FusedBlock(ServingModule, Block):
         experts = moe.experts
         self.attention_tensors = (self._fp32(self.attention_norm.weight), att.wq.weight, att.wk.weight,
                                   att.wv.weight, att.wo.weight)  # fmt: skip
-        self.routed_tensors = (self._fp32(self.ffn_norm.weight), moe.router.gate.weight, experts.w1,
-                               experts.w3, experts.w2)  # fmt: skip
+        self.routed_tensors = (self._fp32(self.ffn_norm.weight), moe.router.gate.weight,
+                               moe.router.expert_bias, experts.w1, experts.w3, experts.w2)  # fmt: skip
         self.attention_constants = (
             att.num_heads,
             att.num_kv_heads,
@@ -135,11 +140,11 @@ class FusedBlock(ServingModule, Block):
         )  # fmt: skip
         moe = self.ffn
         top_k, normalize, hidden, num_experts = self.routed_constants
-        ffn_norm, gate, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
+        ffn_norm, gate, bias, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
         counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
         moe_kernel(
-            h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, top_k, normalize, w1, w3, w2, counts.data_ptr(),
-            num_tokens, dim, hidden, num_experts, threads,
+            h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, bias, top_k, normalize, w1, w3, w2,
+            counts.data_ptr(), num_tokens, dim, hidden, num_experts, threads,
         )  # fmt: skip
         return x_BTD
 

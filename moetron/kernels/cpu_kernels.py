@@ -45,7 +45,7 @@ SOURCES = (
 HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h")
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 8
+ABI_VERSION = 9  # 9: moetron_moe_block_* take the router's selection bias
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [

@@ -112,19 +112,21 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
     }
 }
 
-// h [T, D] is updated in place. gate [E, D]; w1 / w3 [E, I, D], w2 [E, D, I]; counts [E] int64 is
-// added to (the layer's tokens_per_expert). Router as the model's: fp32 softmax over E, top-K by
-// probability (lower expert first on ties), renormalised over the K when `normalize`.
+// h [T, D] is updated in place. gate [E, D]; bias [E] fp32 (the router's selection bias); w1 / w3
+// [E, I, D], w2 [E, D, I]; counts [E] int64 is added to (the layer's tokens_per_expert). Router as the
+// model's: fp32 softmax over E, top-K by probability + bias (lower expert first on ties), weighted by
+// the unbiased probabilities, renormalised over the K when `normalize`. A zero bias chooses exactly
+// as the probabilities alone (p + 0.0f == p).
 template <typename W>
-void moe_block(float* h, const float* norm_w, float eps, const W* gate, int64_t K, int normalize, const W* w1,
-               const W* w3, const W* w2, int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E,
-               int num_threads) {
+void moe_block(float* h, const float* norm_w, float eps, const W* gate, const float* bias, int64_t K,
+               int normalize, const W* w1, const W* w3, const W* w2, int64_t* counts, int64_t T, int64_t D,
+               int64_t I, int64_t E, int num_threads) {
     std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
         out(new float[T * D]);
     std::unique_ptr<int64_t[]> ids(new int64_t[T * K]);
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        std::vector<float> probs(E);
+        std::vector<float> probs(E), scores(E);
         std::vector<char> taken(E);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
@@ -136,12 +138,13 @@ void moe_block(float* h, const float* norm_w, float eps, const W* gate, int64_t 
             float sum = 0.0f;
             for (int64_t e = 0; e < E; ++e) sum += (probs[e] = expf(l[e] - top));
             for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+            for (int64_t e = 0; e < E; ++e) scores[e] = probs[e] + bias[e];
             for (int64_t e = 0; e < E; ++e) taken[e] = 0;
             float chosen = 0.0f;
             for (int64_t j = 0; j < K; ++j) {
                 int64_t best = -1;
                 for (int64_t e = 0; e < E; ++e)
-                    if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+                    if (!taken[e] && (best < 0 || scores[e] > scores[best])) best = e;
                 taken[best] = 1;
                 ids[t * K + j] = best;
                 weights[t * K + j] = probs[best];
@@ -183,16 +186,16 @@ void moetron_attention_block_bf16w(float* h, const float* norm_w, float eps, con
                     seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
 }
 
-void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, int64_t K, int normalize,
-                           const float* w1, const float* w3, const float* w2, int64_t* counts, int64_t T,
-                           int64_t D, int64_t I, int64_t E, int num_threads) {
-    moe_block(h, norm_w, eps, gate, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
+void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, const float* bias,
+                           int64_t K, int normalize, const float* w1, const float* w3, const float* w2,
+                           int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_block(h, norm_w, eps, gate, bias, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
 }
 
-void moetron_moe_block_bf16w(float* h, const float* norm_w, float eps, const bf16* gate, int64_t K, int normalize,
-                             const bf16* w1, const bf16* w3, const bf16* w2, int64_t* counts, int64_t T,
-                             int64_t D, int64_t I, int64_t E, int num_threads) {
-    moe_block(h, norm_w, eps, gate, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
+void moetron_moe_block_bf16w(float* h, const float* norm_w, float eps, const bf16* gate, const float* bias,
+                             int64_t K, int normalize, const bf16* w1, const bf16* w3, const bf16* w2,
+                             int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_block(h, norm_w, eps, gate, bias, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
 }
 
 }  // extern "C"

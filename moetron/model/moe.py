@@ -1,7 +1,8 @@
 """Mixture-of-Experts feed-forward: router, stacked SwiGLU experts, dropless or capacity dispatch.
 
 Legend: T tokens, D model width, I expert hidden width, E experts, K experts chosen per token,
-N = routed (token, expert) pairs in expert order.
+N = routed (token, expert) pairs in expert order; B sequences and S positions when the T tokens
+are taken as B sequences of S (the sequence-wise aux loss).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
+from moetron.model import grouped_swiglu_cpu
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
 
 
@@ -37,21 +39,42 @@ class FeedForward(nn.Module):
 
 
 class Router(nn.Module):
-    """Linear gate → softmax (fp32) → top-k, Mixtral semantics."""
+    """Linear gate → softmax (fp32) → top-k, Mixtral semantics, plus DeepSeek-V3's per-expert
+    selection bias (`expert_bias` [E]): it shifts which experts are chosen, never their weights.
+
+    The bias is no parameter (no gradient): the trainer moves it after each step towards the
+    experts that received fewer tokens (train/balance.py). It is a persistent buffer, so
+    checkpoints, state dicts and exports carry it, and stays fp32 under model.to(bfloat16) (see
+    _apply): its steps of bias_update_rate (1e-3) would round away in bf16 once it nears 1.
+    """
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.gate = Linear(dim, cfg.num_experts)
         self.top_k, self.normalize_top_k = cfg.top_k, cfg.normalize_top_k
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK fp32, expert_ids_TK, logits_TE fp32)."""
         logits_TE = self.gate(x_TD).float()
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        # Choose on the biased scores, weigh with the unbiased probabilities (DeepSeek-V3 eq. 16,
+        # torchtitan): the bias steers load without entering the output or its gradient. A zero
+        # bias chooses exactly as before (p + 0.0 == p), and gather returns topk's own values.
+        expert_ids_TK = (probs_TE + self.expert_bias).topk(self.top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(-1, expert_ids_TK)
         if self.normalize_top_k:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK, expert_ids_TK, logits_TE
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Router:
+        # model.to(dtype) casts every floating buffer; the bias must stay fp32 (see the class doc).
+        # Where `fn` changed its dtype, keep the fp32 values, moved to wherever `fn` put the buffer.
+        bias_E = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias_E.to(self.expert_bias.device)
+        return self
 
 
 def grouped_swiglu(
@@ -73,6 +96,14 @@ def grouped_swiglu(
         offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
         h_NI = F.silu(grouped_linear(x_ND, w1_EID, offsets_E)) * grouped_linear(x_ND, w3_EID, offsets_E)
         return grouped_linear(h_NI, w2_EDI, offsets_E)
+    if (
+        matmul is linear
+        and activation is F.silu
+        and grouped_swiglu_cpu.supports(x_ND, w1_EID, w2_EDI, w3_EID)
+    ):
+        return grouped_swiglu_cpu.GroupedSwiGLU.apply(
+            x_ND, num_tokens_per_expert_E.tolist(), w1_EID, w2_EDI, w3_EID
+        )
     # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.
     # unbind/split, not w[e] / x[a:b]: indexing's backward materialises a zeroed gradient of the
     # whole [E, ...] stack (or [N, D] input) per expert and adds them up; unbind's and split's
@@ -136,6 +167,17 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> 
     return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
 
 
+def sequence_load_balancing_loss(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eq. 17-20): `load_balancing_loss` of each
+    sequence's S tokens, averaged over the B sequences. Equals 1.0 when every sequence is balanced."""
+    num_sequences, _, num_experts = probs_BSE.shape
+    ids_BX = expert_ids_BSK.flatten(1)  # X = S*K assignments of a sequence
+    ones_BX = torch.ones(ids_BX.shape, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    counts_BE = probs_BSE.new_zeros(num_sequences, num_experts).scatter_add_(1, ids_BX, ones_BX)
+    fraction_BE = counts_BE / ids_BX.shape[1]
+    return num_experts * (fraction_BE * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean squared log-partition, keeps router logits small."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
@@ -181,7 +223,8 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         if self.training and torch.is_grad_enabled():
-            out_TD = self._add_router_loss(out_TD, logits_TE, expert_ids_TK)
+            num_sequences = shape[0] if len(shape) == 3 else 1
+            out_TD = self._add_router_loss(out_TD, logits_TE, expert_ids_TK, num_sequences)
         return out_TD.reshape(shape)
 
     def routed_experts(
@@ -227,9 +270,15 @@ class MoELayer(nn.Module):
         return order_N[rank_in_expert_N < capacity], counts_E.clamp(max=capacity)
 
     def _add_router_loss(
-        self, out_TD: torch.Tensor, logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor
+        self, out_TD: torch.Tensor, logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, num_sequences: int
     ) -> torch.Tensor:
-        aux_loss = load_balancing_loss(logits_TE.softmax(dim=-1), expert_ids_TK)
+        probs_TE = logits_TE.softmax(dim=-1)
+        if self.cfg.aux_loss_type == "sequence":
+            aux_loss = sequence_load_balancing_loss(
+                probs_TE.unflatten(0, (num_sequences, -1)), expert_ids_TK.unflatten(0, (num_sequences, -1))
+            )
+        else:
+            aux_loss = load_balancing_loss(probs_TE, expert_ids_TK)
         z_loss = router_z_loss(logits_TE)
         if self.record_stats:
             self.last_aux_loss, self.last_z_loss = aux_loss.detach(), z_loss.detach()
@@ -240,6 +289,7 @@ class MoELayer(nn.Module):
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.gate.weight, std=std)
+        self.router.expert_bias.zero_()
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)

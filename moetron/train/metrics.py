@@ -11,11 +11,6 @@ import torch
 from moetron.model.transformer import Transformer
 
 
-def expert_load(model: Transformer) -> list[list[int]]:
-    """Tokens routed to each expert since the last reset, per MoE layer."""
-    return [layer.tokens_per_expert.tolist() for layer in model.moe_layers()]
-
-
 def reset_expert_load(model: Transformer) -> None:
     for layer in model.moe_layers():
         layer.tokens_per_expert.zero_()

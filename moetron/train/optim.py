@@ -21,7 +21,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    params = decay + no_decay
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=_fused_supported(params)
+    )
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """The fused AdamW kernel (one pass over each parameter, no temporaries) where it runs: plain
+    CPU or CUDA tensors. The foreach version allocates temporaries the size of the whole model for
+    each of its ops: on a CPU that was 1.4 s of a 3.2 s MoE step (~114M parameters), 0.09 s fused.
+    DTensor parameters (FSDP, TP, EP) take the foreach path, which supports every layout."""
+    return bool(params) and all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        for p in params
+    )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

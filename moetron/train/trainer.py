@@ -21,8 +21,9 @@ from moetron.model.accounting import train_flops_per_token
 from moetron.model.moe import MoELayer
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
+from moetron.train import balance, metrics, precision, resume
 from moetron.train import checkpoint_io as checkpoints
-from moetron.train import metrics, precision, resume
+from moetron.train.allocator import retain_freed_memory
 from moetron.train.checkpoint import TrainingState
 from moetron.train.distributed import (
     DistContext,
@@ -141,6 +142,8 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         precision.resolve(tc.dtype, ctx.device.type), ctx.sum_over_world, ctx.dims.world_size
     )
     ctx.log(f"[train] computing in {compute.name} ({compute.reason}); {hardware.detect().describe()}")
+    if ctx.device.type == "cpu":
+        retain_freed_memory()  # steps reuse their freed activations instead of faulting in new pages
     out_dir = Path(tc.out_dir)
     start = resume.plan_start(cfg, ctx)  # every rank reads out_dir before rank 0 changes it
     ctx.barrier()
@@ -231,6 +234,9 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             metrics.reset_expert_load(part)
         with measure_comm_time(step == profiled_step) as comm_time_s:
             step_loss, grad_norm = _train_step(cfg, ctx, compute, model, pipe, loader, params)
+            load_LE = _expert_load(cfg, ctx, parts)
+            if cfg.model.moe.bias_update_rate > 0:
+                balance.update_expert_bias(_moe_layers(cfg, parts), load_LE, cfg.model.moe.bias_update_rate)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
@@ -242,7 +248,9 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             tokens_per_s=tokens_per_step / elapsed,
             mfu=flops_per_step / elapsed / peak_flops,
             step_time_s=elapsed,
-            expert_load=_expert_load(cfg, ctx, parts),
+            expert_load=load_LE.tolist(),
+            max_load_ratio=balance.max_load_ratio(load_LE),
+            max_abs_expert_bias=_max_abs_expert_bias(cfg, ctx, parts),
         )
         if step == start_step + 1:
             record.update(dtype=compute.name, dtype_reason=compute.reason, peak_flops=peak_flops)
@@ -342,19 +350,41 @@ def _step_losses(
     }
 
 
-def _expert_load(cfg: Config, ctx: DistContext, parts: list[nn.Module]) -> list[list[int]]:
-    """Tokens routed to each expert this step, per MoE layer, summed over data-parallel ranks."""
-    if not ctx.distributed:
-        return [row for part in parts for row in metrics.expert_load(part)]
+def _moe_layers(cfg: Config, parts: list[nn.Module]) -> list[tuple[int, MoELayer]]:
+    """This rank's MoE layers (a pipeline stage holds some), each with its row in the
+    [MoE layers, experts] load matrix."""
     num_dense = cfg.model.moe.num_dense_layers
+    return [
+        (int(name.split(".")[1]) - num_dense, module)  # name: layers.<layer id>.ffn
+        for part in parts
+        for name, module in part.named_modules()
+        if isinstance(module, MoELayer)
+    ]
+
+
+def _expert_load(cfg: Config, ctx: DistContext, parts: list[nn.Module]) -> torch.Tensor:
+    """Tokens routed to each expert this step [MoE layers, experts] int64, summed over the
+    data-parallel ranks: the same on every rank (the bias update relies on it)."""
     load_LE = torch.zeros(cfg.model.num_moe_layers, cfg.model.moe.num_experts, dtype=torch.float64)
     if ctx.reports_metrics:
-        for part in parts:
-            for name, module in part.named_modules():
-                if isinstance(module, MoELayer):  # name: layers.<layer id>.ffn
-                    load_LE[int(name.split(".")[1]) - num_dense] += module.tokens_per_expert.cpu().double()
-    summed = ctx.sum_over_world(load_LE.flatten().tolist())
-    return torch.tensor(summed).view_as(load_LE).round().long().tolist()
+        for row, layer in _moe_layers(cfg, parts):
+            load_LE[row] += layer.tokens_per_expert.cpu().double()
+    if ctx.distributed:  # counts below 2^53: the fp64 sum is exact
+        load_LE = torch.tensor(ctx.sum_over_world(load_LE.flatten().tolist())).view_as(load_LE)
+    return load_LE.round().long()
+
+
+def _max_abs_expert_bias(cfg: Config, ctx: DistContext, parts: list[nn.Module]) -> float:
+    """The largest |router bias| over every MoE layer of the model. Each layer's bias is the same
+    on every rank holding it, so one rank per pipeline stage (data-parallel rank 0, tp rank 0)
+    reports its layers' maxima and a sum gathers them."""
+    max_L = torch.zeros(cfg.model.num_moe_layers, dtype=torch.float64)
+    if ctx.dp_rank == 0 and ctx.reports_metrics:
+        for row, layer in _moe_layers(cfg, parts):
+            max_L[row] = balance.max_abs_bias([layer])
+    if ctx.distributed:
+        max_L = torch.tensor(ctx.sum_over_world(max_L.tolist()))
+    return float(max_L.max()) if max_L.numel() else 0.0
 
 
 def export(model: Transformer, data: PreparedData, final_dir: Path) -> Path:
