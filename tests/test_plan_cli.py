@@ -88,7 +88,7 @@ def test_gpus_default_to_the_fewest_that_finish_in_time(capsys) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["gpt5"], "unknown model 'gpt5': not a preset (tiny, small, mixtral-8x7b, gpt4)"),
+        (["gpt5"], "unknown model 'gpt5': not a preset (tiny, small, small-fine, mixtral-8x7b, gpt4)"),
         (
             ["tiny", "--gpu", "v100"],
             "unknown GPU 'v100'; choose one of a100-40gb, a100-80gb, h100, h200, b200, h800, tpu-v4, cpu",
