@@ -140,6 +140,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # The token embeddings' init std (None: init_std). torchtitan uses 1.0: token identity then
+    # dominates the residual stream early on, so routers see token-dependent inputs.
+    embedding_init_std: float | None = None
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -153,6 +156,8 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         _positive("norm_eps", self.norm_eps)
         _positive("init_std", self.init_std)
+        if self.embedding_init_std is not None:
+            _positive("embedding_init_std", self.embedding_init_std)
         _check(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}",

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reference_greedy, write_shakespeare_corpus
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from moetron.config import ConfigError, EngineConfig, ModelConfig, MoEConfig, load_run_config
+from moetron.config import ConfigError, EngineConfig, ModelConfig, MoEConfig, load_run_config, tiny
 from moetron.convert.gguf import GGUFExportError, export_gguf
 from moetron.convert.hf import from_pretrained, save_pretrained
 from moetron.infer.engine import LLMEngine
@@ -27,6 +27,7 @@ from moetron.kernels import cpu_kernels
 from moetron.model import Transformer
 from moetron.model.moe import MoELayer, Router, load_balancing_loss, sequence_load_balancing_loss
 from moetron.train import balance
+from moetron.train import checkpoint as ckpt
 from moetron.train.trainer import train
 
 CFG = ModelConfig(
@@ -398,3 +399,21 @@ def test_engine_serves_the_biased_selection(fused: bool) -> None:
     batched = _generate(model, prompts, fused)
     assert [tokens for tokens, _ in batched] == [reference_greedy(model, p, max_tokens=8) for p in prompts]
     assert _generate(model, prompts[1:2], fused) == batched[1:2]  # alone: the same bits as in a batch
+
+
+def test_a_checkpoint_from_before_bias_balancing_loads_with_zero_bias(tmp_path) -> None:
+    model = Transformer.from_config(tiny())
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = ckpt.TrainingState(step=1, loader={}, config={}, extra={})
+    path = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, state, keep=1)
+    tensors = load_file(path / "model.safetensors")
+    old = {name: t for name, t in tensors.items() if not name.endswith("expert_bias")}
+    assert len(old) < len(tensors)
+    save_file(old, path / "model.safetensors", metadata={"format": "pt"})
+
+    resumed = Transformer.from_config(tiny())
+    for layer in resumed.moe_layers():
+        layer.router.expert_bias.fill_(0.5)  # must not survive the load
+    ckpt.load_checkpoint(path, resumed, torch.optim.AdamW(resumed.parameters()))
+    assert all(bool(layer.router.expert_bias.eq(0).all()) for layer in resumed.moe_layers())
+    torch.testing.assert_close(resumed.layers[0].ffn.experts.w1, model.layers[0].ffn.experts.w1)

@@ -133,6 +133,10 @@ def hf_to_moetron(hf_name: str) -> list[tuple[Target, slice | None]]:
     return []
 
 
+class ExpertBiasExportWarning(UserWarning):
+    """An export carries a nonzero router selection bias, which transformers' Mixtral ignores."""
+
+
 def has_expert_bias(model: Transformer) -> bool:
     """Whether any router's selection bias is nonzero (then exports carry it)."""
     return any(bool(layer.router.expert_bias.any()) for layer in model.moe_layers())
@@ -490,6 +494,7 @@ def save_pretrained(
             f"{directory}: the routers' selection bias is nonzero; it is written as "
             "...gate.e_score_correction_bias, which moetron reads and transformers' Mixtral ignores "
             "(its top-k choice will differ from moetron's where the bias changes it)",
+            ExpertBiasExportWarning,
             stacklevel=2,
         )
     tensors = list(moetron_to_hf(model))

@@ -6,9 +6,10 @@ Autograd through a per-expert loop of `F.linear` records ~10 nodes per expert an
 stacks the per-expert weight gradients (`unbind`'s backward) and concatenates the per-expert input
 gradients (`split`'s backward): three [E, I, D] copies and one [N, D] copy per layer, plus every
 intermediate saved. This node writes each expert's products straight into slices of preallocated
-outputs (`torch.mm(..., out=)`), saves only the two pre-activations, and computes the SwiGLU
-gradient in place. The matmuls are the same BLAS calls, so the result equals the loop's up to the
-order of two additions (dx = dh1 @ w1 + dh3 @ w3).
+outputs (`torch.mm(..., out=)`), saves only the two pre-activations, and runs the activation and
+its gradient (autograd's own silu_backward) once over all rows instead of once per expert. The
+matmuls are the same BLAS calls, so the result equals the loop's up to the order of two additions
+(dx = dh1 @ w1 + dh3 @ w3).
 """
 
 from __future__ import annotations
@@ -44,17 +45,13 @@ class GroupedSwiGLU(torch.autograd.Function):
         num_rows, hidden = x_ND.shape[0], w1_EID.shape[1]
         h1_NI, h3_NI = x_ND.new_empty(num_rows, hidden), x_ND.new_empty(num_rows, hidden)
         y_ND = x_ND.new_empty(num_rows, w2_EDI.shape[1])
-        start = 0
-        for expert, size in enumerate(sizes):
-            if size == 0:
-                continue
-            rows = slice(start, start + size)
-            x = x_ND[rows]
-            torch.mm(x, w1_EID[expert].t(), out=h1_NI[rows])
-            torch.mm(x, w3_EID[expert].t(), out=h3_NI[rows])
-            g = F.silu(h1_NI[rows]).mul_(h3_NI[rows])
-            torch.mm(g, w2_EDI[expert].t(), out=y_ND[rows])
-            start += size
+        spans = _expert_spans(sizes)
+        for expert, rows in spans:
+            torch.mm(x_ND[rows], w1_EID[expert].t(), out=h1_NI[rows])
+            torch.mm(x_ND[rows], w3_EID[expert].t(), out=h3_NI[rows])
+        g_NI = F.silu(h1_NI).mul_(h3_NI)  # the activation over all rows at once
+        for expert, rows in spans:
+            torch.mm(g_NI[rows], w2_EDI[expert].t(), out=y_ND[rows])
         ctx.sizes = sizes
         ctx.save_for_backward(x_ND, h1_NI, h3_NI, w1_EID, w2_EDI, w3_EID)
         return y_ND
@@ -63,27 +60,34 @@ class GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy_ND: torch.Tensor):  # type: ignore[override]
         x_ND, h1_NI, h3_NI, w1_EID, w2_EDI, w3_EID = ctx.saved_tensors
         dy_ND = dy_ND.contiguous()
+        spans = _expert_spans(ctx.sizes)
+        # dg = dy @ w2[e] per expert, then the SwiGLU's elementwise gradient over all rows at once:
+        # five whole-buffer passes instead of ten small ones per expert.
+        dg_NI = torch.empty_like(h1_NI)
+        for expert, rows in spans:
+            torch.mm(dy_ND[rows], w2_EDI[expert], out=dg_NI[rows])
+        silu_NI = F.silu(h1_NI)
+        g_NI = silu_NI * h3_NI
+        dh3_NI = dg_NI.mul(silu_NI)
+        dh1_NI = torch.ops.aten.silu_backward(dg_NI.mul_(h3_NI), h1_NI)
         dx_ND = torch.empty_like(x_ND)
-        dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
-        start = 0
-        for expert, size in enumerate(ctx.sizes):
-            if size == 0:  # an expert without tokens gets a zero gradient, as the loop's would be
-                for grad in (dw1_EID, dw2_EDI, dw3_EID):
-                    grad[expert].zero_()
-                continue
-            rows = slice(start, start + size)
-            x, dy, h1, h3 = x_ND[rows], dy_ND[rows], h1_NI[rows], h3_NI[rows]
-            sig = torch.sigmoid(h1)
-            silu = h1 * sig
-            torch.mm(dy.t(), silu * h3, out=dw2_EDI[expert])
-            dg = torch.mm(dy, w2_EDI[expert])
-            dh3 = dg * silu
-            # d silu(h)/dh = sig(h) * (1 + h * (1 - sig(h)))
-            dh1 = dg.mul_(h3).mul_(sig.mul_(1 + h1 * (1 - sig)))
+        dw1_EID, dw2_EDI, dw3_EID = (torch.zeros_like(w) for w in (w1_EID, w2_EDI, w3_EID))
+        for expert, rows in spans:  # an expert without tokens keeps a zero gradient, as the loop's
+            x, dh1, dh3 = x_ND[rows], dh1_NI[rows], dh3_NI[rows]
+            torch.mm(dy_ND[rows].t(), g_NI[rows], out=dw2_EDI[expert])
             torch.mm(dh1.t(), x, out=dw1_EID[expert])
             torch.mm(dh3.t(), x, out=dw3_EID[expert])
             dx = dx_ND[rows]
             torch.mm(dh1, w1_EID[expert], out=dx)
             dx.addmm_(dh3, w3_EID[expert])
-            start += size
         return dx_ND, None, dw1_EID, dw2_EDI, dw3_EID
+
+
+def _expert_spans(sizes: list[int]) -> list[tuple[int, slice]]:
+    """(expert, its rows) for each expert that received rows, in order."""
+    spans, start = [], 0
+    for expert, size in enumerate(sizes):
+        if size:
+            spans.append((expert, slice(start, start + size)))
+        start += size
+    return spans

@@ -158,6 +158,38 @@ class _AttachRouterLoss(torch.autograd.Function):
         return grad_out, torch.full_like(router_loss, ctx.scale), None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation of the rows; the gradient is grad[inverse] (a gather)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """Token rows x_TD copied to the T*K (token, k) pairs in expert order (pair p = order_N[n] is
+    token p // K); the gradient gathers each token's K rows back (inverse permutation) and sums them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse_N)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inverse_N).unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
     """Switch Transformer loss E * Σ_e f_e P_e, with f_e the fraction of the T*K assignments sent
     to expert e and P_e its mean router probability. Equals 1.0 when perfectly balanced."""
@@ -236,12 +268,33 @@ class MoELayer(nn.Module):
         if self.record_stats:
             with torch.no_grad():
                 self.tokens_per_expert += num_tokens_per_expert_E
+        if order_N.numel() == expert_ids_TK.numel() and type(x_TD) is torch.Tensor:
+            # Dropless: order_N is a permutation of the T*K pairs (a plain-tensor fast path; DTensor
+            # inputs and capacity drops take the general one below).
+            return self._permuted_experts(x_TD, weights_TK, order_N, num_tokens_per_expert_E)
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
         y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
         # Under autocast the experts' matmuls return bf16 while the residual stream is fp32: combine
         # in the stream's dtype (as Mixtral does).
         return torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND.to(x_TD.dtype))
+
+    def _permuted_experts(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        order_N: torch.Tensor,
+        num_tokens_per_expert_E: torch.Tensor,
+    ) -> torch.Tensor:
+        """routed_experts when every pair is kept: dispatch and combine as row permutations, whose
+        gradients are the inverse permutations (gathers), not index_add's scatter-adds. Combining
+        the K rows of a token with sum(1) equals index_add_'s adds for K <= 2 (a + b == b + a)."""
+        num_tokens, top_k = weights_TK.shape
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        y_ND = self.experts(_DispatchRows.apply(x_TD, order_N, inverse_N, top_k), num_tokens_per_expert_E)
+        y_TKD = _PermuteRows.apply(y_ND.to(x_TD.dtype), inverse_N, order_N).unflatten(0, (num_tokens, top_k))
+        return (y_TKD * weights_TK.unsqueeze(-1).to(x_TD.dtype)).sum(1)
 
     def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (token, k) indices sorted by expert, and kept assignments per expert.

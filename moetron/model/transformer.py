@@ -160,12 +160,14 @@ class Transformer(nn.Module):
         return self.output(self.norm(h_xD)).float()
 
     def init_weights(self) -> None:
-        """Init for training from scratch: N(0, init_std), residual-output projections scaled by
-        1/sqrt(2 * num_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        """Init for training from scratch: N(0, init_std) (the embeddings: embedding_init_std),
+        residual-output projections scaled by 1/sqrt(2 * num_layers) (GPT-2) so the residual
+        stream's variance does not grow with depth."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         if self.tok_embeddings is not None:  # parts may be absent on a pipeline stage
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
+            embedding_std = self.cfg.embedding_init_std
+            nn.init.normal_(self.tok_embeddings.weight, std=std if embedding_std is None else embedding_std)
         for layer in self.layers:
             layer.init_weights(std, out_std)
         if self.norm is not None:

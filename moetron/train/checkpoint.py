@@ -140,7 +140,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if "output.weight" in missing and "tok_embeddings.weight" in model_tensors
         else set()
     )
-    if set(missing) - tied or unexpected:
+    # Checkpoints from before bias balancing have no router bias: theirs was zero, as the model's is
+    # until it trains (model.init_weights zeroes it; a resumed run starts from the loaded weights).
+    predating_bias = {name for name in missing if name.endswith(".router.expert_bias")}
+    for name in predating_bias:
+        model.get_buffer(name).zero_()
+    if set(missing) - tied - predating_bias or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
         )
