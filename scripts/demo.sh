@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: train the `small` MoE (16 experts, top-2, MQA) on the bundled
-# Shakespeare corpus for about 10 minutes on 2 cores, print validation perplexity and a sample,
+# Set up, then run the main job: train the demo MoE (16 experts, top-2, MQA; configs/demo.toml) on the bundled
+# Shakespeare corpus for about 10 minutes on 2 cores, print validation loss, bits per byte and a sample,
 # leave a Hugging Face model directory in runs/demo/final, then serve it and query it over HTTP.
 # Extra --section.key=value settings are passed through (e.g. --train.steps=20 for a quick look).
 # Each run trains afresh, replacing the previous demo run in runs/demo (--train.overwrite=true), so
