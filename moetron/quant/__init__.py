@@ -1,0 +1,1 @@
+"""Quantized weight formats (GGML's block layouts) for serving."""

@@ -1,0 +1,117 @@
+"""GGML's block quantization formats as torch ops, byte for byte what ggml writes and reads.
+
+Legend: R rows, C columns (the reduction axis of a weight [out, in]), B blocks per row = C / 32.
+
+A quantized weight is a uint8 tensor [R, B * block_bytes] in GGML's own layout, so a GGUF tensor's
+bytes are used as they are and moetron's writer produces what llama.cpp reads:
+
+  Q8_0 (34 bytes per 32 weights): fp16 scale d = max|x| / 127, then 32 int8 q = roundf(x / d);
+       x ≈ d * q.
+  Q4_0 (18 bytes per 32 weights): fp16 scale d = m / -8 where m is the block's value of largest
+       magnitude, then 16 bytes of 4-bit q = min(15, trunc(x / d + 8.5)): weight j < 16 in the low
+       nibble of byte j, weight j + 16 in its high nibble; x ≈ d * (q - 8).
+
+The quantizers follow ggml-quants.c's reference ones (`quantize_row_q8_0_ref`,
+`quantize_row_q4_0_ref`): float32 arithmetic, the reciprocal scale taken before the fp16 rounding
+of the stored one, round half away from zero. Tests compare them with the `gguf` package's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    block_bytes: int  # bytes per BLOCK_SIZE weights
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.block_bytes * 8 / BLOCK_SIZE
+
+
+Q8_0 = BlockFormat("q8_0", 2 + BLOCK_SIZE)
+Q4_0 = BlockFormat("q4_0", 2 + BLOCK_SIZE // 2)
+FORMATS = {f.name: f for f in (Q8_0, Q4_0)}
+
+
+def block_format(name: str) -> BlockFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown block format {name!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
+    """A float weight [R, C] (C a multiple of 32) → its GGML blocks, uint8 [R, C / 32 * block_bytes]."""
+    fmt = block_format(fmt) if isinstance(fmt, str) else fmt
+    blocks_XK = _blocks(weight_RC, fmt)  # X = R * B blocks of K = 32 weights
+    quantize_blocks = _quantize_q8_0 if fmt is Q8_0 else _quantize_q4_0
+    scale_X, payload_XK = quantize_blocks(blocks_XK)
+    scale_bytes_X2 = scale_X.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+    rows = weight_RC.shape[0]
+    return torch.cat([scale_bytes_X2, payload_XK], dim=1).reshape(rows, -1)
+
+
+def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
+    """GGML blocks uint8 [R, B * block_bytes] → float32 weight [R, B * 32]."""
+    fmt = block_format(fmt) if isinstance(fmt, str) else fmt
+    if data_RY.dtype != torch.uint8 or data_RY.dim() != 2 or data_RY.shape[1] % fmt.block_bytes:
+        raise ValueError(
+            f"{fmt.name} data must be uint8 [rows, blocks * {fmt.block_bytes}], got "
+            f"{data_RY.dtype} {list(data_RY.shape)}"
+        )
+    rows = data_RY.shape[0]
+    blocks_XY = data_RY.reshape(-1, fmt.block_bytes)
+    scale_X = blocks_XY[:, :2].contiguous().view(torch.float16).float()  # [X, 1]
+    payload_XY = blocks_XY[:, 2:]
+    if fmt is Q8_0:
+        q_XK = payload_XY.contiguous().view(torch.int8).float()
+    else:
+        low, high = payload_XY & 0x0F, payload_XY >> 4
+        q_XK = torch.cat([low, high], dim=1).float() - 8
+    return (q_XK * scale_X).reshape(rows, -1)
+
+
+def _blocks(weight_RC: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    if weight_RC.dim() != 2 or weight_RC.shape[1] % BLOCK_SIZE:
+        raise ValueError(
+            f"{fmt.name} quantizes [rows, columns] weights with columns a multiple of {BLOCK_SIZE}; "
+            f"got shape {list(weight_RC.shape)}"
+        )
+    if not weight_RC.is_floating_point():
+        raise ValueError(f"{fmt.name} quantizes float weights, got {weight_RC.dtype}")
+    return weight_RC.detach().float().reshape(-1, BLOCK_SIZE)
+
+
+def _reciprocal(scale_X: torch.Tensor) -> torch.Tensor:
+    """1 / scale, 0 where the scale is 0 (an all-zero block quantizes to zeros)."""
+    return torch.where(scale_X == 0, torch.zeros_like(scale_X), 1 / scale_X)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round rounds them to even)."""
+    a = x.abs()
+    floored = a.floor()
+    return x.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def _quantize_q8_0(blocks_XK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale_X = blocks_XK.abs().amax(dim=1) / 127
+    q_XK = _round_half_away(blocks_XK * _reciprocal(scale_X)[:, None]).to(torch.int8)
+    return scale_X, q_XK.view(torch.uint8)
+
+
+def _quantize_q4_0(blocks_XK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The value of largest magnitude, the first one on ties (ggml scans j = 0..31 with `>`).
+    index_X1 = blocks_XK.abs().argmax(dim=1, keepdim=True)
+    scale_X = blocks_XK.gather(1, index_X1).squeeze(1) / -8
+    shifted_XK = blocks_XK * _reciprocal(scale_X)[:, None] + 8.5
+    q_XK = shifted_XK.trunc().clamp(0, 15).to(torch.uint8)
+    half = BLOCK_SIZE // 2
+    return scale_X, q_XK[:, :half] | (q_XK[:, half:] << 4)

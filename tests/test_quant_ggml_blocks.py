@@ -1,0 +1,63 @@
+"""GGML block formats (moetron/quant/ggml_blocks.py) against the `gguf` package's reference
+quantizers and dequantizers (bit-exact ports of ggml-quants.c): identical bytes, identical floats."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+
+from moetron.quant import ggml_blocks
+from moetron.quant.ggml_blocks import Q4_0, Q8_0, dequantize, quantize
+
+GGML_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+
+
+def _weights() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    normal = torch.randn(24, 256, generator=gen) * 0.05
+    heavy = torch.randn(8, 128, generator=gen) ** 3  # outliers: scales far apart between blocks
+    edge = torch.zeros(6, 64)
+    edge[1, :32] = 1.0  # one constant block
+    edge[2, 5] = -3.0  # a single negative maximum
+    edge[3, :] = torch.linspace(-1, 1, 64)
+    edge[4, :32] = torch.tensor([0.5, -0.5] * 16)  # ties in |x|: the first one is the block's max
+    # scale 127 / 127 = 1, so x / d is each half itself: roundf takes them away from zero (2.5 -> 3)
+    edge[5, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])
+    return [normal, heavy, edge]
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0], ids=lambda f: f.name)
+def test_quantize_writes_ggml_bytes_and_dequantize_reads_them(fmt) -> None:
+    for weight in _weights():
+        ours = quantize(weight, fmt)
+        reference = quants.quantize(weight.numpy(), GGML_TYPES[fmt.name])
+        assert ours.shape == (weight.shape[0], weight.shape[1] // 32 * fmt.block_bytes)
+        assert np.array_equal(ours.numpy(), reference)
+        expected = quants.dequantize(reference, GGML_TYPES[fmt.name])
+        assert np.array_equal(dequantize(ours, fmt).numpy(), expected)
+
+
+@pytest.mark.parametrize(("fmt", "max_relative_error"), [(Q8_0, 0.5 / 127), (Q4_0, 1 / 8)])
+def test_round_trip_error_is_within_half_a_step(fmt, max_relative_error: float) -> None:
+    """Each weight lands within half a quantization step (plus the fp16 rounding of the scale) of
+    its value; the step is max|x| / 127 (Q8_0) or max|x| / 8 (Q4_0) of its block."""
+    weight = torch.randn(16, 512, generator=torch.Generator().manual_seed(1))
+    restored = dequantize(quantize(weight, fmt), fmt)
+    block_max = weight.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+    error = (restored - weight).reshape(-1, 32).abs()
+    assert bool((error <= block_max * (max_relative_error * 1.01 + 1e-3)).all())
+    assert fmt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5}[fmt.name]
+
+
+def test_bad_shapes_and_names_say_what_is_valid() -> None:
+    with pytest.raises(ValueError, match="multiple of 32; got shape \\[4, 48\\]"):
+        quantize(torch.zeros(4, 48), "q8_0")
+    with pytest.raises(ValueError, match="float weights"):
+        quantize(torch.zeros(4, 32, dtype=torch.int32), Q4_0)
+    with pytest.raises(ValueError, match="unknown block format 'q5_0'; choose one of q8_0, q4_0"):
+        ggml_blocks.block_format("q5_0")
+    with pytest.raises(ValueError, match=r"q4_0 data must be uint8 \[rows, blocks \* 18\]"):
+        dequantize(torch.zeros(2, 20, dtype=torch.uint8), Q4_0)
