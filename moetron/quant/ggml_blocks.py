@@ -49,7 +49,7 @@ def block_format(name: str) -> BlockFormat:
 
 def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     """A float weight [R, C] (C a multiple of 32) → its GGML blocks, uint8 [R, C / 32 * block_bytes]."""
-    fmt = block_format(fmt) if isinstance(fmt, str) else fmt
+    fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)  # the canonical instance
     blocks_XK = _blocks(weight_RC, fmt)  # X = R * B blocks of K = 32 weights
     quantize_blocks = _quantize_q8_0 if fmt is Q8_0 else _quantize_q4_0
     scale_X, payload_XK = quantize_blocks(blocks_XK)
@@ -60,7 +60,7 @@ def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
 
 def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     """GGML blocks uint8 [R, B * block_bytes] → float32 weight [R, B * 32]."""
-    fmt = block_format(fmt) if isinstance(fmt, str) else fmt
+    fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)  # the canonical instance
     if data_RY.dtype != torch.uint8 or data_RY.dim() != 2 or data_RY.shape[1] % fmt.block_bytes:
         raise ValueError(
             f"{fmt.name} data must be uint8 [rows, blocks * {fmt.block_bytes}], got "
