@@ -10,9 +10,13 @@ import torch
 from gguf import quants
 
 from moetron.quant import ggml_blocks
-from moetron.quant.ggml_blocks import Q4_0, Q8_0, dequantize, quantize
+from moetron.quant.ggml_blocks import Q4_0, Q4_K, Q8_0, dequantize, quantize
 
-GGML_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+GGML_TYPES = {
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "q4_k": gguf.GGMLQuantizationType.Q4_K,
+}
 
 
 def _weights() -> list[torch.Tensor]:
@@ -52,12 +56,30 @@ def test_round_trip_error_is_within_half_a_step(fmt, max_relative_error: float) 
     assert fmt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5}[fmt.name]
 
 
+def test_q4_k_reads_what_gguf_reads() -> None:
+    """Q4_K (what Q4_K_M files hold for most tensors) is read only: every byte pattern of the scales
+    and 4-bit weights, with finite fp16 d / dmin, dequantizes as the gguf package does."""
+    gen = torch.Generator().manual_seed(2)
+    rows, blocks_per_row = 5, 3
+    data = torch.randint(0, 256, (rows * blocks_per_row, Q4_K.block_bytes), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(rows * blocks_per_row, 2, generator=gen) * 0.02).to(torch.float16)
+    data[:, :4] = scales.view(torch.uint8)
+    data = data.reshape(rows, -1)
+    expected = quants.dequantize(data.numpy(), GGML_TYPES["q4_k"])
+    ours = dequantize(data, "q4_k")
+    assert ours.shape == (rows, blocks_per_row * 256)
+    assert np.array_equal(ours.numpy(), expected)
+    assert Q4_K.bits_per_weight == 4.5
+    with pytest.raises(ValueError, match="q4_k: moetron reads this format but does not write it yet"):
+        quantize(torch.zeros(2, 256), Q4_K)
+
+
 def test_bad_shapes_and_names_say_what_is_valid() -> None:
     with pytest.raises(ValueError, match="multiple of 32; got shape \\[4, 48\\]"):
         quantize(torch.zeros(4, 48), "q8_0")
     with pytest.raises(ValueError, match="float weights"):
         quantize(torch.zeros(4, 32, dtype=torch.int32), Q4_0)
-    with pytest.raises(ValueError, match="unknown block format 'q5_0'; choose one of q8_0, q4_0"):
+    with pytest.raises(ValueError, match="unknown block format 'q5_0'; choose one of q8_0, q4_0, q4_k"):
         ggml_blocks.block_format("q5_0")
     with pytest.raises(ValueError, match=r"q4_0 data must be uint8 \[rows, blocks \* 18\]"):
         dequantize(torch.zeros(2, 20, dtype=torch.uint8), Q4_0)

@@ -1,6 +1,7 @@
 """GGML's block quantization formats as torch ops, byte for byte what ggml writes and reads.
 
-Legend: R rows, C columns (the reduction axis of a weight [out, in]), B blocks per row = C / 32.
+Legend: R rows, C columns (the reduction axis of a weight [out, in]), B blocks per row (C / 32;
+C / 256 for Q4_K), X blocks in all, K weights per block, Y bytes per block.
 
 A quantized weight is a uint8 tensor [R, B * block_bytes] in GGML's own layout, so a GGUF tensor's
 bytes are used as they are and moetron's writer produces what llama.cpp reads:
@@ -10,6 +11,9 @@ bytes are used as they are and moetron's writer produces what llama.cpp reads:
   Q4_0 (18 bytes per 32 weights): fp16 scale d = m / -8 where m is the block's value of largest
        magnitude, then 16 bytes of 4-bit q = min(15, trunc(x / d + 8.5)): weight j < 16 in the low
        nibble of byte j, weight j + 16 in its high nibble; x ≈ d * (q - 8).
+  Q4_K (144 bytes per 256 weights; read only, for now): fp16 d and dmin, 12 bytes packing eight
+       6-bit scales and mins (one per 32 weights), 128 bytes of 4-bit q (each 32-byte chunk holds
+       two sub-blocks: low nibbles, then high); x ≈ d * scale[s] * q - dmin * min[s].
 
 The quantizers follow ggml-quants.c's reference ones (`quantize_row_q8_0_ref`,
 `quantize_row_q4_0_ref`): float32 arithmetic, the reciprocal scale taken before the fp16 rounding
@@ -28,16 +32,19 @@ BLOCK_SIZE = 32
 @dataclass(frozen=True)
 class BlockFormat:
     name: str
-    block_bytes: int  # bytes per BLOCK_SIZE weights
+    block_bytes: int  # bytes per block
+    block_size: int = BLOCK_SIZE  # weights per block
+    writable: bool = True  # quantize() writes it (else dequantize() only reads it)
 
     @property
     def bits_per_weight(self) -> float:
-        return self.block_bytes * 8 / BLOCK_SIZE
+        return self.block_bytes * 8 / self.block_size
 
 
 Q8_0 = BlockFormat("q8_0", 2 + BLOCK_SIZE)
 Q4_0 = BlockFormat("q4_0", 2 + BLOCK_SIZE // 2)
-FORMATS = {f.name: f for f in (Q8_0, Q4_0)}
+Q4_K = BlockFormat("q4_k", 2 + 2 + 12 + 128, block_size=256, writable=False)
+FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K)}
 
 
 def block_format(name: str) -> BlockFormat:
@@ -50,6 +57,8 @@ def block_format(name: str) -> BlockFormat:
 def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     """A float weight [R, C] (C a multiple of 32) → its GGML blocks, uint8 [R, C / 32 * block_bytes]."""
     fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)  # the canonical instance
+    if not fmt.writable:
+        raise ValueError(f"{fmt.name}: moetron reads this format but does not write it yet; use q8_0 or q4_0")
     blocks_XK = _blocks(weight_RC, fmt)  # X = R * B blocks of K = 32 weights
     quantize_blocks = _quantize_q8_0 if fmt is Q8_0 else _quantize_q4_0
     scale_X, payload_XK = quantize_blocks(blocks_XK)
@@ -68,6 +77,8 @@ def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
         )
     rows = data_RY.shape[0]
     blocks_XY = data_RY.reshape(-1, fmt.block_bytes)
+    if fmt is Q4_K:
+        return _dequantize_q4_k(blocks_XY).reshape(rows, -1)
     scale_X = blocks_XY[:, :2].contiguous().view(torch.float16).float()  # [X, 1]
     payload_XY = blocks_XY[:, 2:]
     if fmt is Q8_0:
@@ -115,3 +126,20 @@ def _quantize_q4_0(blocks_XK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q_XK = shifted_XK.trunc().clamp(0, 15).to(torch.uint8)
     half = BLOCK_SIZE // 2
     return scale_X, q_XK[:, :half] | (q_XK[:, half:] << 4)
+
+
+def _dequantize_q4_k(blocks_XY: torch.Tensor) -> torch.Tensor:
+    d_X1 = blocks_XY[:, 0:2].contiguous().view(torch.float16).float()
+    dmin_X1 = blocks_XY[:, 2:4].contiguous().view(torch.float16).float()
+    # Twelve bytes, three rows of four: bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits
+    # of scales 4-7; bytes 4-7 the same for the mins; bytes 8-11 the low 4 bits of scales 4-7
+    # (low nibble) and of mins 4-7 (high nibble).
+    packed_X34 = blocks_XY[:, 4:16].reshape(-1, 3, 4)
+    low_scales, low_mins, high_X4 = packed_X34.unbind(1)
+    scales_X8 = torch.cat([low_scales & 0x3F, (high_X4 & 0x0F) | ((low_scales >> 2) & 0x30)], dim=1)
+    mins_X8 = torch.cat([low_mins & 0x3F, (high_X4 >> 4) | ((low_mins >> 2) & 0x30)], dim=1)
+    step_X81 = (d_X1 * scales_X8.float()).unsqueeze(-1)
+    offset_X81 = (dmin_X1 * mins_X8.float()).unsqueeze(-1)
+    chunks_X4L = blocks_XY[:, 16:].reshape(-1, 4, 32)  # L = 32 bytes: two sub-blocks of 32 weights
+    q_X8K = torch.stack([chunks_X4L & 0x0F, chunks_X4L >> 4], dim=2).reshape(-1, 8, 32).float()
+    return (step_X81 * q_X8K - offset_X81).reshape(-1, 256)
