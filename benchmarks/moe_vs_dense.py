@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -44,9 +43,12 @@ class Run:
     name: str
     config: str
     steps: int = 0
-    step_s: float = math.nan
-    step_samples: list[float] = field(default_factory=list)
+    step_samples: list[float] = field(default_factory=list)  # step times from calibration runs
     records: list[dict] | None = None
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_samples)
 
     @property
     def train_s(self) -> float:
@@ -98,7 +100,6 @@ def calibrate(runs: list[Run], out: Path, overrides: list[str], rounds: int = 2)
             records = train(run, out / f"{run.name}-calibration", settings)
             run.step_samples += [r["step_time_s"] for r in records[UNTIMED_STEPS:]]
     for run in runs:
-        run.step_s = statistics.median(run.step_samples)
         shutil.rmtree(out / f"{run.name}-calibration", ignore_errors=True)
 
 

@@ -52,7 +52,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         g_NI = F.silu(h1_NI).mul_(h3_NI)  # the activation over all rows at once
         for expert, rows in spans:
             torch.mm(g_NI[rows], w2_EDI[expert].t(), out=y_ND[rows])
-        ctx.sizes = sizes
+        ctx.spans = spans
         ctx.save_for_backward(x_ND, h1_NI, h3_NI, w1_EID, w2_EDI, w3_EID)
         return y_ND
 
@@ -60,7 +60,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy_ND: torch.Tensor):  # type: ignore[override]
         x_ND, h1_NI, h3_NI, w1_EID, w2_EDI, w3_EID = ctx.saved_tensors
         dy_ND = dy_ND.contiguous()
-        spans = _expert_spans(ctx.sizes)
+        spans = ctx.spans
         # dg = dy @ w2[e] per expert, then the SwiGLU's elementwise gradient over all rows at once:
         # five whole-buffer passes instead of ten small ones per expert.
         dg_NI = torch.empty_like(h1_NI)

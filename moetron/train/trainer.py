@@ -16,7 +16,7 @@ from torch import nn
 
 from moetron import hardware
 from moetron.config import Config, ConfigError
-from moetron.convert.hf import ExpertBiasExportWarning, save_pretrained
+from moetron.convert.hf import ExpertBiasExportWarning, has_expert_bias, save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import train_flops_per_token
 from moetron.model.moe import MoELayer
@@ -390,17 +390,14 @@ def _max_abs_expert_bias(cfg: Config, ctx: DistContext, parts: list[nn.Module]) 
 
 def export(model: Transformer, data: PreparedData, final_dir: Path) -> Path:
     """The inference checkpoint: an HF directory with tokenizer, chat template and generation config."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ExpertBiasExportWarning)
+    if has_expert_bias(model):
+        print(
+            "[train] export: the routers' selection bias is saved as ...gate.e_score_correction_bias; "
+            "moetron serves it exactly, transformers' Mixtral ignores it (docs/training.md)"
+        )
+    with warnings.catch_warnings():  # the line above says it; save_pretrained's warning is for API users
+        warnings.simplefilter("ignore", ExpertBiasExportWarning)
         save_pretrained(model, final_dir)
-    for warning in caught:
-        if issubclass(warning.category, ExpertBiasExportWarning):
-            print(
-                "[train] export: the routers' selection bias is saved as ...gate.e_score_correction_bias; "
-                "moetron serves it exactly, transformers' Mixtral ignores it (docs/training.md)"
-            )
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     data.tokenizer.save(final_dir)
     generation = {"bos_token_id": data.tokenizer.bos_id, "eos_token_id": data.tokenizer.eos_id}
     if data.tokenizer.pad_id is not None:
