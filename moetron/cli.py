@@ -157,6 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moetron.train.evaluate import evaluate_documents
 
     model, tokenizer = from_pretrained(args.model, dtype=torch.float32), load_tokenizer(args.model)
+    if args.quantization:
+        from moetron.quant.quantize import quantize_model
+
+        print(f"[eval] {quantize_model(model, args.quantization).summary()}")
     documents = read_documents([args.data], text_field=args.text_field)
     seq_len = min(args.seq_len, model.cfg.max_seq_len)
     loss, num_tokens = evaluate_documents(
@@ -168,12 +172,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moetron.convert.gguf_file import write_gguf
+    from moetron.data import load_tokenizer
+
+    model, tokenizer = from_pretrained(args.model, dtype=torch.float32), load_tokenizer(args.model)
+    path = write_gguf(model, tokenizer, args.out, outtype=args.outtype)
+    print(
+        f"[export] {path}: {args.outtype}, {path.stat().st_size / 2**20:.1f} MiB (llama.cpp and `moetron serve` read it)"
+    )
+    return 0
+
+
 # `moetron serve` flags that set EngineConfig fields (dashes for underscores).
 ENGINE_FLAGS = (
     "max_model_len",
     "max_num_seqs",
     "num_kv_blocks",
     "dtype",
+    "quantization",
     "device",
     "speculative_method",
     "num_speculative_tokens",
@@ -243,13 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
+    ev.add_argument(
+        "--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
+        help="evaluate the model with its matmul weights quantized as `moetron serve --quantization` does",
+    )  # fmt: skip
     ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="write a model directory in another format: gguf (llama.cpp's)")
+    exp.add_argument("format", choices=["gguf"])
+    exp.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    exp.add_argument("out", help="the file to write (replaced atomically)")
+    exp.add_argument("--outtype", default="f32", choices=["f32", "bf16", "q8_0", "q4_0", "q4_k"])
+    exp.set_defaults(func=cmd_export)
 
     srv = sub.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server for a model directory; --engine.key=value sets any engine setting",
+        help="OpenAI-compatible HTTP server for a model directory or GGUF file; --engine.key=value sets any engine setting",
     )
-    srv.add_argument("model", help="Hugging Face model directory (with tokenizer)")
+    srv.add_argument("model", help="Hugging Face model directory (with tokenizer) or GGUF file")
     srv.add_argument("--config", default=None, help="a TOML file whose [engine] table sets the engine")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -272,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
         help="activations and KV cache; default: the checkpoint's, but float32 for a bf16/fp16 "
         "checkpoint on a CPU without half-precision matmul instructions (bf16 weights then stay bf16)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
+        help="quantize the matmul weights at load to this GGML block format (CPU; int8 kernels)",
     )  # fmt: skip
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (default: the engine's)")
     srv.add_argument(

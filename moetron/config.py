@@ -441,6 +441,9 @@ class EngineConfig:
     # logs it); name a dtype to choose. Served in float32, bf16 weights stay bf16 where the fused
     # path runs the model (engine.serving_dtype).
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Matmul weights quantized at load to GGML block formats (moetron/quant/quantize.py): served by
+    # moetron's int8 kernels in float32 activations, on the CPU; None keeps the checkpoint's.
+    quantization: Literal["q8_0", "q4_0", "q4_k"] | None = None
     device: str = "cpu"
     # Speculative decoding (infer/spec_decode.py): "ngram" (prompt lookup) or "draft" (a small model
     # with the target's vocabulary, from draft_model_dir). Exact: greedy output stays bit-identical.
@@ -466,6 +469,11 @@ class EngineConfig:
         _check(
             1 <= self.ngram_min <= self.ngram_max,
             f"n-gram sizes need 1 <= engine.ngram_min={self.ngram_min} <= engine.ngram_max={self.ngram_max}",
+        )
+        _check(
+            self.quantization is None or (self.device == "cpu" and self.dtype in (None, "float32")),
+            f"engine.quantization={self.quantization} serves on the CPU in float32 activations "
+            f"(engine.device={self.device!r}, engine.dtype={self.dtype!r})",
         )
         _check(
             self.draft_model_dir is None or self.speculative_method == "draft",

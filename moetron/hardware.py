@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 # The CPU flags moetron reports or decides on (Linux /proc/cpuinfo names).
 CPU_FLAGS = (
-    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
     "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
 )  # fmt: skip
 
@@ -40,7 +40,7 @@ class CpuInfo:
 
     @property
     def avx2_fma(self) -> bool:
-        """moetron's CPU kernels need both (moetron/kernels)."""
+        """moetron's CPU kernels need these (and F16C, which every AVX2 CPU has: moetron/kernels)."""
         return self.has("avx2") and self.has("fma")
 
     @property
@@ -137,7 +137,7 @@ def detect_cpu() -> CpuInfo:
         if "amx_tile" not in flags:
             flags -= {"amx_bf16", "amx_int8", "amx_fp16"}
     else:  # no /proc/cpuinfo (macOS, Windows): PyTorch's probes only
-        flags = probed | ({"fma"} if "avx2" in probed else set())
+        flags = probed | ({"fma", "f16c"} if "avx2" in probed else set())  # every AVX2 CPU has both
         if "amx_tile" in probed:
             flags |= {"amx_bf16", "amx_int8"}
     return CpuInfo(name or platform.processor() or platform.machine(), os.cpu_count() or 1, frozenset(flags))

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moetron.kernels import cpu_kernels
 from moetron.model import ops
+from moetron.quant.quantize import weight_format
 
 ROW_GRANULE = 4
 # Below this many output columns MKL's kernels made a row's bits depend on its place in the matrix
@@ -75,14 +77,17 @@ def fused_routed_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
     expert_ids_TK: torch.Tensor,
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
+    experts: nn.Module,
 ) -> torch.Tensor | None:
-    """A whole routed-expert layer in one kernel call (batch-invariant; fp32 CPU), else None."""
-    if not (cpu_kernels.supports(x_TD, w1_EID) and w2_EDI.dtype == w3_EID.dtype == torch.float32):
+    """A whole routed-expert layer in one kernel call (batch-invariant; fp32 x on the CPU, the
+    experts' weights fp32 or quantized: moetron/quant/quantize.py), else None."""
+    w1, w2, w3 = experts.w1, experts.w2, experts.w3
+    if not (x_TD.dtype == torch.float32 and x_TD.device.type == "cpu" and cpu_kernels.available()):
         return None
-    return cpu_kernels.moe_swiglu_f32(x_TD, weights_TK, expert_ids_TK, w1_EID, w2_EDI, w3_EID)
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w1.requires_grad):
+        return None
+    formats = tuple(weight_format(experts, name) for name in ("w1", "w2", "w3"))
+    return cpu_kernels.moe_swiglu_f32(x_TD, weights_TK, expert_ids_TK, w1, w2, w3, formats)
 
 
 def kernel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

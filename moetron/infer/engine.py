@@ -36,6 +36,7 @@ from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
 from moetron.infer.spec_decode import SpecDecoder
 from moetron.model.transformer import Transformer
+from moetron.quant.quantize import quantize_model, quantized_format
 
 log = logging.getLogger("moetron.infer")
 
@@ -88,6 +89,8 @@ class LLMEngine:
         self.model_name = model_name or getattr(model, "name_or_path", None) or "moetron"
         self.max_model_len = cfg.resolve_max_model_len(model.cfg)
         self.vocab_size = model.cfg.vocab_size
+        if cfg.quantization is not None and quantized_format(model) != cfg.quantization:
+            quantize_model(model, cfg.quantization)  # float32 afterwards
         dtype = serving_dtype(model, cfg.torch_dtype)
         blocks = num_kv_blocks(model.cfg, cfg, dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
@@ -113,17 +116,21 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
-        """An HF Mixtral (or moetron) directory; `overrides` are EngineConfig fields."""
+        """An HF Mixtral (or moetron) directory, or a GGUF file; `overrides` are EngineConfig fields."""
         from moetron.convert.hf import from_pretrained
         from moetron.data.errors import DataError
         from moetron.data.tokenizer import load_tokenizer
         from moetron.infer.huge_pages import move_to_huge_pages
 
         cfg = EngineConfig.from_overrides(**overrides)
+        if Path(model_dir).suffix == ".gguf":
+            return cls._from_gguf(Path(model_dir), cfg)
         # Served in float32, a bf16 checkpoint may keep its bf16 weights (serving_dtype): load as is.
         model = from_pretrained(
             model_dir, device=cfg.device, dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype
         )
+        if cfg.quantization is not None:  # before the weights move to huge pages
+            quantize_model(model, cfg.quantization)
         loaded = next(model.parameters()).dtype
         auto_half = cfg.dtype is None and plain_cpu_half(model)
         if auto_half:
@@ -140,6 +147,26 @@ class LLMEngine:
         except DataError:
             tokenizer = None  # token-id prompts still work; outputs then carry no text
         return cls(model, tokenizer, cfg, model_name=Path(model_dir).name)
+
+    @classmethod
+    def _from_gguf(cls, path: Path, cfg: EngineConfig) -> LLMEngine:
+        """A GGUF file (convert/gguf_file.py): quantized tensors served as they are, float ones in
+        float32 (quantized at load if cfg.quantization asks)."""
+        from moetron.convert.gguf_file import load_gguf
+        from moetron.infer.huge_pages import move_to_huge_pages
+
+        if cfg.device != "cpu" or cfg.dtype not in (None, "float32"):
+            raise ValueError(f"{path}: GGUF files are served on the CPU in float32 activations")
+        model, tokenizer = load_gguf(path)
+        stored = quantized_format(model)
+        if stored is not None and cfg.quantization not in (None, stored):
+            raise ValueError(
+                f"{path} holds {stored} weights already; quantization={cfg.quantization} would re-quantize them"
+            )
+        if stored is None and cfg.quantization is not None:
+            quantize_model(model, cfg.quantization)
+        move_to_huge_pages(model)
+        return cls(model, tokenizer, cfg.replace(quantization=quantized_format(model)), model_name=path.stem)
 
     # --- requests ---
 

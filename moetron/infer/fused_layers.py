@@ -10,7 +10,9 @@ tables for the layer's index. The numbers are those of the separate serving kern
 batch-invariant too; anything it does not cover (dense or shared-expert layers, other dtypes, no
 kernels) takes the module path.
 
-A bf16 model runs here too when the engine serves it in float32 (a CPU without bf16 matmul
+A model quantized for serving (moetron/quant/quantize.py: GGML Q8_0 / Q4_0 / Q4_K blocks) runs here
+too: each weight's format code goes with its address, and the kernels quantize each activation row
+as llama.cpp does, still row by row. A bf16 model runs here too when the engine serves it in float32 (a CPU without bf16 matmul
 instructions): its weights stay bf16 and are widened in the kernels' registers, so every number is
 the one its float32 copy would give, from half the bytes. Activations and the KV cache are fp32;
 the embedding's rows, the final norm and the head are widened the same way (the norm weights are
@@ -21,7 +23,6 @@ Legend: B = 1 packed row, T packed tokens, D width, d head_dim, P positions in t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -34,6 +35,7 @@ from moetron.model.moe import MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding
 from moetron.model.transformer import Block, RMSNorm, Transformer
+from moetron.quant.quantize import weight_format
 
 
 def supports(model: Transformer) -> bool:
@@ -80,16 +82,21 @@ class FusedBlock(ServingModule, Block):
 
     def prepare(self) -> None:
         # The tensors whose addresses each step passes (Parameter objects, so a weight re-homed or
-        # reloaded through .data stays correct) and the constants, gathered once: nn.Module
-        # attribute lookups cost ~1 us each, too much to repeat per step.
+        # reloaded through .data stays correct), their format codes and the constants, gathered
+        # once: nn.Module attribute lookups cost ~1 us each, too much to repeat per step.
         att, moe = self.attention, self.ffn
         assert isinstance(moe, MoELayer)
-        self.bf16_weights = att.wq.weight.dtype == torch.bfloat16
         experts = moe.experts
-        self.attention_tensors = (self._fp32(self.attention_norm.weight), att.wq.weight, att.wk.weight,
+        # Norm weights as fp32 (a copy of a bf16 model's few KB; an fp32 one's own Parameter).
+        self.attention_tensors = (self.attention_norm.weight.float(), att.wq.weight, att.wk.weight,
                                   att.wv.weight, att.wo.weight)  # fmt: skip
-        self.routed_tensors = (self._fp32(self.ffn_norm.weight), moe.router.gate.weight,
+        self.attention_formats = tuple(_format_code(m, "weight") for m in (att.wq, att.wk, att.wv, att.wo))
+        self.routed_tensors = (self.ffn_norm.weight.float(), moe.router.gate.weight,
                                moe.router.expert_bias, experts.w1, experts.w3, experts.w2)  # fmt: skip
+        self.routed_formats = (
+            _format_code(moe.router.gate, "weight"),
+            *(_format_code(experts, name) for name in ("w1", "w3", "w2")),
+        )
         self.attention_constants = (
             att.num_heads,
             att.num_kv_heads,
@@ -103,9 +110,6 @@ class FusedBlock(ServingModule, Block):
             moe.cfg.num_experts,
         )
         self.discarded_counts = torch.zeros(moe.cfg.num_experts, dtype=torch.int64)
-
-    def _fp32(self, norm_weight: torch.Tensor) -> torch.Tensor:
-        return norm_weight.float() if self.bf16_weights else norm_weight
 
     def forward(
         self,
@@ -129,10 +133,12 @@ class FusedBlock(ServingModule, Block):
         )
         num_heads, num_kv_heads, head_dim, scale = self.attention_constants
         threads = torch.get_num_threads()
-        attention_kernel, moe_kernel = _block_kernels(self.bf16_weights)
+        attention_kernel, moe_kernel = _block_kernels()
         attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
+        q_format, k_format, v_format, o_format = self.attention_formats
         attention_kernel(
-            h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, wk, wv, wo, cos_BTd.data_ptr(),
+            h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
+            wo, o_format, cos_BTd.data_ptr(),
             sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), attention_backend.slot_mapping_T.data_ptr(),
             tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
             tables.pos_of_row_T.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim, k_cache.shape[1],
@@ -141,21 +147,25 @@ class FusedBlock(ServingModule, Block):
         moe = self.ffn
         top_k, normalize, hidden, num_experts = self.routed_constants
         ffn_norm, gate, bias, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
+        gate_format, w1_format, w3_format, w2_format = self.routed_formats
         counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
         moe_kernel(
-            h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, bias, top_k, normalize, w1, w3, w2,
+            h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, gate_format, bias, top_k, normalize, w1,
+            w1_format, w3, w3_format, w2, w2_format,
             counts.data_ptr(), num_tokens, dim, hidden, num_experts, threads,
         )  # fmt: skip
         return x_BTD
 
 
-@functools.cache
-def _block_kernels(bf16_weights: bool) -> tuple:
-    """The two C entry points (looked up per call, not kept on the module: ctypes functions do
-    not deep-copy, and a served model may be copied)."""
+def _block_kernels() -> tuple:
+    """The two C entry points of the selected ISA's library (looked up per call, not kept on the
+    module: ctypes functions do not deep-copy, and a served model may be copied)."""
     lib = cpu_kernels.library()
-    suffix = "bf16w" if bf16_weights else "f32"
-    return getattr(lib, f"moetron_attention_block_{suffix}"), getattr(lib, f"moetron_moe_block_{suffix}")
+    return lib.moetron_attention_block, lib.moetron_moe_block
+
+
+def _format_code(module: nn.Module, name: str) -> int:
+    return cpu_kernels.FORMAT_CODES[weight_format(module, name)]
 
 
 class TabledRotaryEmbedding(ServingModule, RotaryEmbedding):

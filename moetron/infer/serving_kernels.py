@@ -103,7 +103,7 @@ class KernelMoELayer(ServingModule, MoELayer):
         experts = self.experts
         out_TD = None
         if not self.training:
-            out_TD = fused_routed_experts(x_TD, weights_TK, expert_ids_TK, experts.w1, experts.w2, experts.w3)
+            out_TD = fused_routed_experts(x_TD, weights_TK, expert_ids_TK, experts)
         if out_TD is None:  # the kernel declined (kernels off, another dtype): dispatch, loop, combine
             return super().routed_experts(x_TD, weights_TK, expert_ids_TK)
         if self.record_stats:

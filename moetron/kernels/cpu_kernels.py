@@ -1,6 +1,7 @@
 """moetron's own CPU kernels (the *.cpp beside this file), compiled on first use, loaded with ctypes.
 
-  * linear_avx2.cpp: fp32 x @ w.T, batch-invariant, fast at the few rows of a decode step;
+  * linear_avx2.cpp: x @ w.T (fp32 x; fp32, bf16 or GGML-quantized w: weights.h), batch-invariant,
+    fast at the few rows of a decode step;
   * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache;
   * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
   * norm_avx2.cpp: RMSNorm rows;
@@ -8,10 +9,12 @@
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
-its source and flags. It links the OpenMP runtime by its soname, which resolves to the libgomp
+its source and flags. It is built once per instruction set the CPU has (ISAS: AVX2+FMA, and
+AVX-512 with VNNI, whose dpbusd replaces AVX2's two-step int8 dot product); `library()` loads the
+widest, or the one $MOETRON_CPU_ISA names. Every build computes the same bits (quant_blocks.h). It links the OpenMP runtime by its soname, which resolves to the libgomp
 torch has already loaded, so kernel and torch share one thread pool.
 
-Everything here is optional: without AVX2+FMA, without a compiler, or with MOETRON_CPU_KERNELS=0,
+Everything here is optional: without AVX2+FMA+F16C, without a compiler, or with MOETRON_CPU_KERNELS=0,
 `available()` is False and callers keep their torch path (a warning says why a build failed).
 """
 
@@ -42,16 +45,29 @@ SOURCES = (
     "norm_avx2.cpp",
     "layer_avx2.cpp",
 )
-HEADERS = ("simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h")
+HEADERS = (
+    "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
+    "quant_tiles.h", "weights.h",
+)  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 9  # 9: moetron_moe_block_* take the router's selection bias
+ABI_VERSION = 10  # 10: one entry point per kernel, each weight with its format code
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
-    "-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
-    f"-DMOETRON_KERNELS_ABI={ABI_VERSION}",
+    "-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17", f"-DMOETRON_KERNELS_ABI={ABI_VERSION}",
 ]  # fmt: skip
+# The builds, narrowest first, each with the CPU flags (hardware.CPU_FLAGS) it needs.
+ISAS = {
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "avx512_vnni": (
+        ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+        ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    ),
+}
+# Weight format codes of the C interface (weights.h): GGML's type ids.
+FORMAT_CODES = {"f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_k": 12}
+DTYPE_FORMATS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # The argument codes the library exports for each entry point (export.h): the C signatures are the
 # only declaration.
 ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int, "f": ctypes.c_float}
@@ -62,11 +78,31 @@ def _cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "moetron") / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+def supported_isas() -> list[str]:
+    """The builds this CPU runs, narrowest first."""
+    cpu = hardware.detect().cpu
+    return [name for name, (needs, _) in ISAS.items() if all(cpu.has(flag) for flag in needs)]
+
+
+def selected_isa() -> str | None:
+    """$MOETRON_CPU_ISA if set (an error if this CPU cannot run it), else the widest supported."""
+    isas = supported_isas()
+    wanted = os.environ.get("MOETRON_CPU_ISA")
+    if wanted:
+        if wanted not in ISAS:
+            raise ValueError(f"MOETRON_CPU_ISA={wanted!r}: not one of {', '.join(ISAS)}")
+        if wanted not in isas:
+            raise ValueError(f"MOETRON_CPU_ISA={wanted!r}: this CPU lacks {ISAS[wanted][0]} (it runs {isas})")
+        return wanted
+    return isas[-1] if isas else None
+
+
+def _build(compiler: str, isa: str) -> Path:
+    flags = [*FLAGS, *ISAS[isa][1]]
+    digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
     for name in (*SOURCES, *HEADERS):
         digest.update((KERNEL_DIR / name).read_bytes())
-    target = _cache_dir() / f"moetron_kernels-{digest.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"moetron_kernels-{isa}-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +112,7 @@ def _build(compiler: str) -> Path:
         objects = [Path(tmp) / f"{name}.o" for name in SOURCES]
         compiles = [
             subprocess.Popen(
-                [compiler, *FLAGS, "-c", str(KERNEL_DIR / name), "-o", str(obj)],
+                [compiler, *flags, "-c", str(KERNEL_DIR / name), "-o", str(obj)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -87,7 +123,7 @@ def _build(compiler: str) -> Path:
         built = Path(tmp) / target.name
         if not errors:
             link = subprocess.run(
-                [compiler, *FLAGS, *map(str, objects), "-o", str(built)],
+                [compiler, *flags, *map(str, objects), "-o", str(built)],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -100,15 +136,15 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def _library() -> SimpleNamespace | None:
-    if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or not hardware.detect().cpu.avx2_fma:
+def _library(isa: str | None) -> SimpleNamespace | None:
+    if os.environ.get("MOETRON_CPU_KERNELS", "1") == "0" or isa is None:
         return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         warnings.warn("no C++ compiler found: moetron's CPU kernels are off (torch's are used)", stacklevel=3)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, isa)))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"moetron's CPU kernels are off (torch's are used): {err}", stacklevel=3)
         return None
@@ -126,14 +162,14 @@ def _library() -> SimpleNamespace | None:
 
 
 def available() -> bool:
-    return _library() is not None
+    return _library(selected_isa()) is not None
 
 
 def library() -> SimpleNamespace:
     """The library's exported entry points by name, their argtypes set (fused_layers.py prepares
-    its own arguments). Only these: a function without MOETRON_EXPORT is an AttributeError here,
-    never a call with ctypes' guessed argument types."""
-    lib = _library()
+    its own arguments), for the selected ISA. Only these: a function without MOETRON_EXPORT is an
+    AttributeError here, never a call with ctypes' guessed argument types."""
+    lib = _library(selected_isa())
     if lib is None:
         raise RuntimeError("moetron's CPU kernels are not available here; check available() first")
     return lib
@@ -162,26 +198,58 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (fp32, CPU). Each output element is one fixed-order dot product, so a row's
     result is bit-identical whatever other rows are computed with it (see linear_avx2.cpp).
     A bf16 `weight` (with fp32 x) gives the same bits as its fp32 copy, reading half the bytes."""
-    lib = library()
-    num_in = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != num_in:
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"linear_f32: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    if x.dtype != torch.float32 or weight.dtype not in (torch.float32, torch.bfloat16):
+    if x.dtype != torch.float32 or weight.dtype not in DTYPE_FORMATS:
         raise ValueError(
             f"linear_f32: x {x.dtype} and weight {weight.dtype}; want float32 and float32/bfloat16"
         )
+    return _linear(x, weight, DTYPE_FORMATS[weight.dtype], weight.shape[0])
+
+
+def quantized_linear(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k): `packed` is uint8
+    [N, bytes per row] (moetron/quant). Each x row is quantized on its own first (Q8_0, or Q8_K for
+    q4_k, as llama.cpp does), so a row's result is bit-identical whatever shares its batch."""
+    from moetron.quant.ggml_blocks import row_bytes
+
+    num_in = x.shape[-1]
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"quantized_linear: weight {packed.dtype} {tuple(packed.shape)}; want uint8 [rows, bytes]"
+        )
+    if packed.shape[1] != row_bytes(fmt, num_in):
+        raise ValueError(
+            f"quantized_linear: rows of {packed.shape[1]} bytes are not {fmt} rows of {num_in} weights"
+        )
+    if x.dtype != torch.float32:
+        raise ValueError(f"quantized_linear: x is {x.dtype}; want float32")
+    return _linear(x, packed, fmt, packed.shape[0])
+
+
+def _row_size(fmt: str, width: int) -> int:
+    """A weight row's last dimension in `fmt`: elements for f32/bf16, bytes for GGML blocks."""
+    if fmt in ("f32", "bf16", ""):
+        return width
+    from moetron.quant.ggml_blocks import row_bytes
+
+    return row_bytes(fmt, width)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, num_out: int) -> torch.Tensor:
+    lib = library()
     x_MK = _rows(x)
-    if weight.stride(-1) != 1:
+    if not weight.is_contiguous():
         weight = weight.contiguous()
-    num_rows, num_out = x_MK.shape[0], weight.shape[0]
+    num_rows, num_in = x_MK.shape
     out_MN = torch.empty(num_rows, num_out, dtype=torch.float32)
-    kernel = lib.moetron_linear_f32 if weight.dtype == torch.float32 else lib.moetron_linear_bf16w
     if num_rows and num_out:
-        kernel(
+        lib.moetron_linear(
             x_MK.data_ptr(),
             x_MK.stride(0),
             weight.data_ptr(),
-            weight.stride(0),
+            FORMAT_CODES[fmt],
+            num_in,
             out_MN.data_ptr(),
             num_out,
             num_rows,
@@ -250,14 +318,25 @@ def moe_swiglu_f32(
     w1_EID: torch.Tensor,
     w2_EDI: torch.Tensor,
     w3_EID: torch.Tensor,
+    formats: tuple[str, str, str] | None = None,
 ) -> torch.Tensor:
-    """Σ_k weights[t, k] · SwiGLU_{expert_ids[t, k]}(x[t]) → [T, D] in one call (fp32, CPU): what
-    MoELayer computes from the router's choices, dispatch and combine included (moe_avx2.cpp)."""
+    """Σ_k weights[t, k] · SwiGLU_{expert_ids[t, k]}(x[t]) → [T, D] in one call (fp32 x, CPU): what
+    MoELayer computes from the router's choices, dispatch and combine included (moe_avx2.cpp).
+    The expert weights are fp32/bf16 tensors, or uint8 GGML blocks whose `formats` (of w1, w2, w3)
+    name them (moetron/quant: [E, rows, bytes per row])."""
     lib = library()
     num_tokens, dim = x_TD.shape
     top_k = expert_ids_TK.shape[1]
     num_experts, hidden = w1_EID.shape[0], w1_EID.shape[1]
-    if w1_EID.shape != w3_EID.shape or w2_EDI.shape != (num_experts, dim, hidden) or w1_EID.shape[2] != dim:
+    if formats is None:
+        formats = tuple(DTYPE_FORMATS.get(w.dtype, "") for w in (w1_EID, w2_EDI, w3_EID))
+    widths = tuple(_row_size(fmt, width) for fmt, width in zip(formats, (dim, hidden, dim), strict=True))
+    if (
+        "" in formats
+        or w1_EID.shape != (num_experts, hidden, widths[0])
+        or w2_EDI.shape != (num_experts, dim, widths[1])
+        or w3_EID.shape != (num_experts, hidden, widths[2])
+    ):
         raise ValueError(f"moe_swiglu_f32: x {tuple(x_TD.shape)} does not match the expert weights")
     x_TD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_TD, w1_EID, w2_EDI, w3_EID))
     weights_TK = weights_TK.to(torch.float32).contiguous()
@@ -266,15 +345,12 @@ def moe_swiglu_f32(
         raise ValueError(f"moe_swiglu_f32: expert ids outside [0, {num_experts})")
     out_TD = torch.empty(num_tokens, dim, dtype=torch.float32)
     if num_tokens:
-        lib.moetron_moe_swiglu_f32(
-            *(t.data_ptr() for t in (x_TD, expert_ids_TK, weights_TK, w1_EID, w3_EID, w2_EDI, out_TD)),
-            num_tokens,
-            top_k,
-            dim,
-            hidden,
-            num_experts,
-            torch.get_num_threads(),
-        )
+        w1_code, w2_code, w3_code = (FORMAT_CODES[fmt] for fmt in formats)
+        lib.moetron_moe_swiglu(
+            x_TD.data_ptr(), expert_ids_TK.data_ptr(), weights_TK.data_ptr(), w1_EID.data_ptr(), w1_code,
+            w3_EID.data_ptr(), w3_code, w2_EDI.data_ptr(), w2_code, out_TD.data_ptr(), num_tokens, top_k,
+            dim, hidden, num_experts, torch.get_num_threads(),
+        )  # fmt: skip
     return out_TD
 
 

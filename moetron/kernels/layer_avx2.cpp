@@ -1,4 +1,5 @@
-// The two halves of a decoder layer as one call each (fp32, AVX2): the serving engine's fused path.
+// The two halves of a decoder layer as one call each (fp32 activations, AVX2): the serving engine's
+// fused path, over weights in any format of weights.h.
 //
 //   attention block: h += wo(attention(rope(wq, wk, wv (rmsnorm(h)))))  (keys/values into the cache)
 //   MoE block:       h += experts(router(rmsnorm(h)))                    (counts per expert added)
@@ -20,22 +21,19 @@
 
 #include "attention_item.h"
 #include "export.h"
-#include "linear_tiles.h"
 #include "moe.h"
 
 using namespace moetron;
 
 namespace {
 
-template <typename W>
 struct Projection {
-    const W* w;
+    Weight w;
     float* out;
     int64_t ldo, n0, n1;
 };
 
-template <typename W>
-void add_chunks(std::vector<Projection<W>>& items, const W* w, float* out, int64_t num_out, int64_t K) {
+void add_chunks(std::vector<Projection>& items, Weight w, float* out, int64_t num_out, int64_t K) {
     const int64_t rows = chunk_rows(K);
     for (int64_t n0 = 0; n0 < num_out; n0 += rows)
         items.push_back({w, out, num_out, n0, n0 + rows < num_out ? n0 + rows : num_out});
@@ -60,8 +58,7 @@ void rope_rows(float* x, int64_t heads, int64_t d, const float* cos, const float
 // h [T, D] is updated in place. wq [H*d, D], wk / wv [G*d, D], wo [D, H*d]; cos / sin [T, d];
 // caches [N, S, G, d]; slots [T] (cache row of each token); block_tables [Q, B]; seq_of_row,
 // pos_of_row [T]: as moetron_paged_attention_f32.
-template <typename W>
-void attention_block(float* h, const float* norm_w, float eps, const W* wq, const W* wk, const W* wv, const W* wo,
+void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight wk, Weight wv, Weight wo,
                      const float* cos, const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
                      const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
                      const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S,
@@ -69,7 +66,7 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
     const int64_t HD = H * d, GD = G * d, r = H / G;
     std::unique_ptr<float[]> xn(new float[T * D]), q(new float[T * HD]), k(new float[T * GD]),
         v(new float[T * GD]), att(new float[T * HD]), o(new float[T * D]);
-    std::vector<Projection<W>> qkv, out_proj;
+    std::vector<Projection> qkv, out_proj;
     add_chunks(qkv, wq, q.get(), HD, D);
     add_chunks(qkv, wk, k.get(), GD, D);
     add_chunks(qkv, wv, v.get(), GD, D);
@@ -82,7 +79,7 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
         for (int64_t t = 0; t < T; ++t) rms_norm_row(h + t * D, norm_w, xn.get() + t * D, D, eps);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_qkv; ++c) {
-            const Projection<W>& p = qkv[c];
+            const Projection& p = qkv[c];
             linear_chunk(xn.get(), D, p.w, D, p.out, p.ldo, T, D, p.n0, p.n1);
         }
 #pragma omp for schedule(static)
@@ -104,7 +101,7 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_out; ++c) {
-            const Projection<W>& p = out_proj[c];
+            const Projection& p = out_proj[c];
             linear_chunk(att.get(), HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t n = p.n0; n < p.n1; ++n) h[t * D + n] = h[t * D + n] + o[t * D + n];
@@ -117,9 +114,8 @@ void attention_block(float* h, const float* norm_w, float eps, const W* wq, cons
 // model's: fp32 softmax over E, top-K by probability + bias (lower expert first on ties), weighted by
 // the unbiased probabilities, renormalised over the K when `normalize`. A zero bias chooses exactly
 // as the probabilities alone (p + 0.0f == p).
-template <typename W>
-void moe_block(float* h, const float* norm_w, float eps, const W* gate, const float* bias, int64_t K,
-               int normalize, const W* w1, const W* w3, const W* w2, int64_t* counts, int64_t T, int64_t D,
+void moe_block(float* h, const float* norm_w, float eps, Weight gate, const float* bias, int64_t K,
+               int normalize, Weight w1, Weight w3, Weight w2, int64_t* counts, int64_t T, int64_t D,
                int64_t I, int64_t E, int num_threads) {
     std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
         out(new float[T * D]);
@@ -163,44 +159,29 @@ void moe_block(float* h, const float* norm_w, float eps, const W* gate, const fl
 
 extern "C" {
 
-// The entry points: fp32 weights, or bf16 ones (norm weights stay fp32) giving the same numbers as
-// the fp32 entries on the weights widened to fp32.
+// The entry points: each weight matrix in the format its code names (weights.h); norm weights,
+// the router's bias, activations and caches fp32.
 
-void moetron_attention_block_f32(float* h, const float* norm_w, float eps, const float* wq, const float* wk,
-                                 const float* wv, const float* wo, const float* cos, const float* sin,
-                                 float* k_cache, float* v_cache, const int64_t* slots, const int64_t* block_tables,
-                                 int64_t max_blocks, const int64_t* seq_of_row, const int64_t* pos_of_row,
-                                 int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S, float scale,
-                                 int num_threads) {
-    attention_block(h, norm_w, eps, wq, wk, wv, wo, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,
-                    seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
+void moetron_attention_block(float* h, const float* norm_w, float eps, const void* wq, int wq_format,
+                             const void* wk, int wk_format, const void* wv, int wv_format, const void* wo,
+                             int wo_format, const float* cos, const float* sin, float* k_cache, float* v_cache,
+                             const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
+                             const int64_t* seq_of_row, const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H,
+                             int64_t G, int64_t d, int64_t S, float scale, int num_threads) {
+    attention_block(h, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, {wo, wo_format}, cos, sin,
+                    k_cache, v_cache, slots, block_tables, max_blocks, seq_of_row, pos_of_row, T, D, H, G, d, S,
+                    scale, num_threads);
 }
 
-void moetron_attention_block_bf16w(float* h, const float* norm_w, float eps, const bf16* wq, const bf16* wk,
-                                   const bf16* wv, const bf16* wo, const float* cos, const float* sin,
-                                   float* k_cache, float* v_cache, const int64_t* slots,
-                                   const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
-                                   const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G,
-                                   int64_t d, int64_t S, float scale, int num_threads) {
-    attention_block(h, norm_w, eps, wq, wk, wv, wo, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,
-                    seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
-}
-
-void moetron_moe_block_f32(float* h, const float* norm_w, float eps, const float* gate, const float* bias,
-                           int64_t K, int normalize, const float* w1, const float* w3, const float* w2,
-                           int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E, int num_threads) {
-    moe_block(h, norm_w, eps, gate, bias, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
-}
-
-void moetron_moe_block_bf16w(float* h, const float* norm_w, float eps, const bf16* gate, const float* bias,
-                             int64_t K, int normalize, const bf16* w1, const bf16* w3, const bf16* w2,
-                             int64_t* counts, int64_t T, int64_t D, int64_t I, int64_t E, int num_threads) {
-    moe_block(h, norm_w, eps, gate, bias, K, normalize, w1, w3, w2, counts, T, D, I, E, num_threads);
+void moetron_moe_block(float* h, const float* norm_w, float eps, const void* gate, int gate_format,
+                       const float* bias, int64_t K, int normalize, const void* w1, int w1_format, const void* w3,
+                       int w3_format, const void* w2, int w2_format, int64_t* counts, int64_t T, int64_t D,
+                       int64_t I, int64_t E, int num_threads) {
+    moe_block(h, norm_w, eps, {gate, gate_format}, bias, K, normalize, {w1, w1_format}, {w3, w3_format},
+              {w2, w2_format}, counts, T, D, I, E, num_threads);
 }
 
 }  // extern "C"
 
-MOETRON_EXPORT(moetron_attention_block_f32);
-MOETRON_EXPORT(moetron_attention_block_bf16w);
-MOETRON_EXPORT(moetron_moe_block_f32);
-MOETRON_EXPORT(moetron_moe_block_bf16w);
+MOETRON_EXPORT(moetron_attention_block);
+MOETRON_EXPORT(moetron_moe_block);

@@ -1,4 +1,4 @@
-// Batch-invariant fp32 linear (out = x @ w.T) for AVX2+FMA CPUs: moetron's serving matmul.
+// Batch-invariant linear (out = x @ w.T, fp32 x and out) for AVX2+FMA CPUs: moetron's serving matmul.
 //
 // Every output element out[m, n] is one dot product computed the same way whatever M is, which
 // tile it falls in and which thread runs it: eight fp32 lanes accumulate x[m, k] * w[n, k] with
@@ -16,14 +16,16 @@
 #include <stdint.h>
 
 #include "export.h"
-#include "linear_tiles.h"
+#include "weights.h"
 
-namespace {
+extern "C" {
 
-template <typename W>
-void linear(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
-            int64_t K, int64_t N, int num_threads) {
+// w in any format of weights.h (`format` a Format code); fp32 x and out. bf16 weights give the bits
+// of their fp32 copy from half the bytes; quantized ones quantize each x row first (quant_tiles.h).
+void moetron_linear(const float* x, int64_t ldx, const void* w, int format, int64_t ldw, float* out, int64_t ldo,
+                    int64_t M, int64_t K, int64_t N, int num_threads) {
     using namespace moetron;
+    const Weight weight{w, format};
     const int64_t rows = chunk_rows(K), num_chunks = (N + rows - 1) / rows;
     // The caller passes torch's thread count: omp_set_num_threads is per calling thread, and the
     // serving engine steps the model from its own thread.
@@ -31,27 +33,10 @@ void linear(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, in
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t c = 0; c < num_chunks; ++c) {
         const int64_t n0 = c * rows, n1 = n0 + rows < N ? n0 + rows : N;
-        linear_chunk(x, ldx, w, ldw, out, ldo, M, K, n0, n1);
+        linear_chunk(x, ldx, weight, ldw, out, ldo, M, K, n0, n1);
     }
-}
-
-}  // namespace
-
-extern "C" {
-
-void moetron_linear_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out,
-                        int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
-    linear(x, ldx, w, ldw, out, ldo, M, K, N, num_threads);
-}
-
-// The same with bf16 weights (fp32 x and out): bit-identical to moetron_linear_f32 on the weights
-// widened to fp32.
-void moetron_linear_bf16w(const float* x, int64_t ldx, const moetron::bf16* w, int64_t ldw, float* out,
-                          int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads) {
-    linear(x, ldx, w, ldw, out, ldo, M, K, N, num_threads);
 }
 
 }  // extern "C"
 
-MOETRON_EXPORT(moetron_linear_f32);
-MOETRON_EXPORT(moetron_linear_bf16w);
+MOETRON_EXPORT(moetron_linear);

@@ -2,15 +2,13 @@
 #pragma once
 #include <stdint.h>
 
-#include "simd_avx2.h"
+#include "weights.h"
 
 namespace moetron {
 
-// out[t] = sum_k weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]); see moe_avx2.cpp. W: float or
-// bf16 expert weights (instantiated for both).
-template <typename W>
-void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const W* w1, const W* w3,
-                 const W* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E,
-                 int num_threads);
+// out[t] = sum_k weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]); see moe_avx2.cpp. The expert
+// weights in any format of weights.h.
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, Weight w1, Weight w3, Weight w2,
+                 float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads);
 
 }  // namespace moetron

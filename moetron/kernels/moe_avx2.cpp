@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "export.h"
-#include "linear_tiles.h"
 #include "moe.h"
 
 using namespace moetron;
@@ -55,10 +54,8 @@ void silu_mul(float* h, const float* b, int64_t ld, int64_t rows, int64_t n0, in
 
 namespace moetron {
 
-template <typename W>
-void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, const W* w1, const W* w3,
-                 const W* w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E,
-                 int num_threads) {
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, Weight w1, Weight w3, Weight w2,
+                 float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
     const int64_t P = T * K;
     // Pairs in expert order (stable: by token, then k): counting sort.
     std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P);
@@ -121,23 +118,19 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
     }
 }
 
-template void moe_experts<float>(const float*, const int64_t*, const float*, const float*, const float*,
-                                 const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-template void moe_experts<bf16>(const float*, const int64_t*, const float*, const bf16*, const bf16*,
-                                const bf16*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-
 }  // namespace moetron
 
 extern "C" {
 
 // x [T, D], expert_ids / weights [T, K] (int64 / fp32), w1 / w3 [E, I, D], w2 [E, D, I], all
-// contiguous. Writes out [T, D].
-void moetron_moe_swiglu_f32(const float* x, const int64_t* expert_ids, const float* weights,
-                            const float* w1, const float* w3, const float* w2, float* out, int64_t T,
-                            int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
-    moe_experts(x, expert_ids, weights, w1, w3, w2, out, T, K, D, I, E, num_threads);
+// contiguous, each in the format its code names (weights.h). Writes out [T, D].
+void moetron_moe_swiglu(const float* x, const int64_t* expert_ids, const float* weights, const void* w1,
+                        int w1_format, const void* w3, int w3_format, const void* w2, int w2_format, float* out,
+                        int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+    moe_experts(x, expert_ids, weights, {w1, w1_format}, {w3, w3_format}, {w2, w2_format}, out, T, K, D, I, E,
+                num_threads);
 }
 
 }  // extern "C"
 
-MOETRON_EXPORT(moetron_moe_swiglu_f32);
+MOETRON_EXPORT(moetron_moe_swiglu);

@@ -11,13 +11,18 @@ bytes are used as they are and moetron's writer produces what llama.cpp reads:
   Q4_0 (18 bytes per 32 weights): fp16 scale d = m / -8 where m is the block's value of largest
        magnitude, then 16 bytes of 4-bit q = min(15, trunc(x / d + 8.5)): weight j < 16 in the low
        nibble of byte j, weight j + 16 in its high nibble; x ≈ d * (q - 8).
-  Q4_K (144 bytes per 256 weights; read only, for now): fp16 d and dmin, 12 bytes packing eight
-       6-bit scales and mins (one per 32 weights), 128 bytes of 4-bit q (each 32-byte chunk holds
-       two sub-blocks: low nibbles, then high); x ≈ d * scale[s] * q - dmin * min[s].
+  Q4_K (144 bytes per 256 weights): fp16 d and dmin, 12 bytes packing eight 6-bit scales and
+       mins (one per 32 weights), 128 bytes of 4-bit q (each 32-byte chunk holds two sub-blocks:
+       low nibbles, then high); x ≈ d * scale[s] * q - dmin * min[s].
 
-The quantizers follow ggml-quants.c's reference ones (`quantize_row_q8_0_ref`,
+The Q8_0 and Q4_0 quantizers follow ggml-quants.c's reference ones (`quantize_row_q8_0_ref`,
 `quantize_row_q4_0_ref`): float32 arithmetic, the reciprocal scale taken before the fp16 rounding
-of the stored one, round half away from zero. Tests compare them with the `gguf` package's.
+of the stored one, round half away from zero. Tests compare them with the `gguf` package's. The
+Q4_K quantizer is moetron's own, simpler than llama.cpp's (which searches each sub-block's scale
+and min iteratively, optionally against an importance matrix): each sub-block's range [min(x, 0),
+max(x)] in 15 steps, the 6-bit scales and mins relative to the block's largest. Its bytes are
+valid Q4_K that any reader (llama.cpp, gguf) decodes to the same values; only the choice of
+values differs, which the perplexity table in the README measures.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class BlockFormat:
 
 Q8_0 = BlockFormat("q8_0", 2 + BLOCK_SIZE)
 Q4_0 = BlockFormat("q4_0", 2 + BLOCK_SIZE // 2)
-Q4_K = BlockFormat("q4_k", 2 + 2 + 12 + 128, block_size=256, writable=False)
+Q4_K = BlockFormat("q4_k", 2 + 2 + 12 + 128, block_size=256)
 FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K)}
 
 
@@ -54,11 +59,21 @@ def block_format(name: str) -> BlockFormat:
         raise ValueError(f"unknown block format {name!r}; choose one of {', '.join(FORMATS)}") from None
 
 
+def row_bytes(fmt: BlockFormat | str, width: int) -> int:
+    """Bytes of one row of `width` weights in `fmt` (a ValueError if the row is not whole blocks)."""
+    fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)
+    if width % fmt.block_size:
+        raise ValueError(f"{fmt.name} holds rows of a multiple of {fmt.block_size} weights, not {width}")
+    return width // fmt.block_size * fmt.block_bytes
+
+
 def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     """A float weight [R, C] (C a multiple of 32) → its GGML blocks, uint8 [R, C / 32 * block_bytes]."""
     fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)  # the canonical instance
     if not fmt.writable:
         raise ValueError(f"{fmt.name}: moetron reads this format but does not write it yet; use q8_0 or q4_0")
+    if fmt is Q4_K:
+        return _quantize_q4_k(_blocks(weight_RC, fmt).reshape(-1, 256)).reshape(weight_RC.shape[0], -1)
     blocks_XK = _blocks(weight_RC, fmt)  # X = R * B blocks of K = 32 weights
     quantize_blocks = _quantize_q8_0 if fmt is Q8_0 else _quantize_q4_0
     scale_X, payload_XK = quantize_blocks(blocks_XK)
@@ -90,9 +105,9 @@ def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
 
 
 def _blocks(weight_RC: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-    if weight_RC.dim() != 2 or weight_RC.shape[1] % BLOCK_SIZE:
+    if weight_RC.dim() != 2 or weight_RC.shape[1] % fmt.block_size:
         raise ValueError(
-            f"{fmt.name} quantizes [rows, columns] weights with columns a multiple of {BLOCK_SIZE}; "
+            f"{fmt.name} quantizes [rows, columns] weights with columns a multiple of {fmt.block_size}; "
             f"got shape {list(weight_RC.shape)}"
         )
     if not weight_RC.is_floating_point():
@@ -143,3 +158,36 @@ def _dequantize_q4_k(blocks_XY: torch.Tensor) -> torch.Tensor:
     chunks_X4L = blocks_XY[:, 16:].reshape(-1, 4, 32)  # L = 32 bytes: two sub-blocks of 32 weights
     q_X8K = torch.stack([chunks_X4L & 0x0F, chunks_X4L >> 4], dim=2).reshape(-1, 8, 32).float()
     return (step_X81 * q_X8K - offset_X81).reshape(-1, 256)
+
+
+def _quantize_q4_k(blocks_X256: torch.Tensor) -> torch.Tensor:
+    """256 weights per row → 144 bytes (see the module doc for the choice of scales and mins)."""
+    sub_X8K = blocks_X256.reshape(-1, 8, 32)
+    low_X8 = sub_X8K.amin(dim=2).clamp(max=0)
+    step_X8 = (sub_X8K.amax(dim=2) - low_X8) / 15  # each sub-block's range in 15 steps
+    offset_X8 = -low_X8  # >= 0: subtracted, as x = d * scale * q - dmin * min
+    d_X1 = (step_X8.amax(dim=1, keepdim=True) / 63).to(torch.float16)
+    dmin_X1 = (offset_X8.amax(dim=1, keepdim=True) / 63).to(torch.float16)
+    scales_X8 = torch.round(step_X8 * _reciprocal(d_X1.float())).clamp(0, 63).to(torch.uint8)
+    mins_X8 = torch.round(offset_X8 * _reciprocal(dmin_X1.float())).clamp(0, 63).to(torch.uint8)
+    # The values against the scales as stored (6-bit, fp16), as a reader reconstructs them.
+    step_X81 = (d_X1.float() * scales_X8.float()).unsqueeze(-1)
+    offset_X81 = (dmin_X1.float() * mins_X8.float()).unsqueeze(-1)
+    q_X8K = torch.round((sub_X8K + offset_X81) * _reciprocal(step_X81)).clamp(0, 15).to(torch.uint8)
+    # Pack the 6-bit scales and mins (the layout _dequantize_q4_k unpacks).
+    low_scales = (scales_X8[:, :4] & 0x3F) | ((scales_X8[:, 4:] >> 4) << 6)
+    low_mins = (mins_X8[:, :4] & 0x3F) | ((mins_X8[:, 4:] >> 4) << 6)
+    high = (scales_X8[:, 4:] & 0x0F) | ((mins_X8[:, 4:] & 0x0F) << 4)
+    q_X4L2 = q_X8K.reshape(-1, 4, 2, 32)  # sub-blocks 2c (low nibbles) and 2c + 1 (high) of chunk c
+    nibbles_X4L = q_X4L2[:, :, 0] | (q_X4L2[:, :, 1] << 4)
+    return torch.cat(
+        [
+            d_X1.view(torch.uint8),
+            dmin_X1.view(torch.uint8),
+            low_scales,
+            low_mins,
+            high,
+            nibbles_X4L.reshape(-1, 128),
+        ],
+        dim=1,
+    )

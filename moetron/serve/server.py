@@ -118,7 +118,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     engine = LLMEngine.from_pretrained(model_dir, **(engine_overrides or {}))
-    name = served_model_name or model_dir.resolve().name
+    name = served_model_name or (model_dir.stem if model_dir.suffix == ".gguf" else model_dir.resolve().name)
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer (tokenizer.json): the server needs one")
     state = make_state(engine, name, api_key, max_queued_requests)

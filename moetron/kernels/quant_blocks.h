@@ -1,0 +1,135 @@
+// GGML's block-quantized weight formats (the layouts of ggml-common.h, so GGUF tensors are used as
+// they lie in the file) and the integer dot products moetron's quantized matmuls are made of.
+//
+// Activations are quantized per row to Q8_0 blocks (32 int8 and one fp16 scale, as llama.cpp does
+// on x86), so a block's dot product is an exact int32 sum; only the per-block scaling is float.
+// Each int32 lane sums four adjacent products, whichever instruction computes it: AVX2's
+// maddubs + madd, or AVX512-VNNI's dpbusd in one step. The lanes are the same integers, so the
+// AVX2 and AVX-512 builds of these kernels give the same bits.
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+
+namespace moetron {
+
+// ggml_type ids (ggml.h), the format codes the C interface takes.
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, BF16 = 30 };
+
+struct BlockQ8_0 {
+    uint16_t d;  // fp16 scale
+    int8_t qs[32];
+};
+struct BlockQ4_0 {
+    uint16_t d;
+    uint8_t qs[16];  // element j in the low nibble of qs[j], j + 16 in its high nibble; value - 8
+};
+struct BlockQ4_K {
+    uint16_t d, dmin;     // super-block scales of the 6-bit sub-block scales and mins
+    uint8_t scales[12];   // 8 scales and 8 mins, 6 bits each
+    uint8_t qs[128];      // 256 4-bit values: 64 per 32 bytes, low nibbles first
+};
+struct BlockQ8_K {  // activations for Q4_K: one fp32 scale per 256, sums of each 16 for the mins
+    float d;
+    int8_t qs[256];
+    int16_t bsums[16];
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144);
+
+inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t fp32_to_fp16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+
+// One row of K floats (K a multiple of 32) as Q8_0 blocks, as llama.cpp's x86 quantize_row_q8_0:
+// d = max|x| / 127 stored as fp16, q = x * (127 / max|x|) rounded to nearest even.
+inline void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t K) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < K / 32; ++b) {
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + b * 32 + i * 8);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float max_abs = _mm_cvtss_f32(m);
+        y[b].d = fp32_to_fp16(max_abs / 127.f);
+        const __m256 inv = _mm256_set1_ps(max_abs != 0.0f ? 127.f / max_abs : 0.0f);
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i)
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_ROUND_NEAREST));
+        // int32 -> int16 -> int8 packs interleave 128-bit lanes; the permute puts them back in order.
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs), ordered);
+    }
+}
+
+// One row of K floats (K a multiple of 256) as Q8_K blocks, as llama.cpp's quantize_row_q8_K_ref:
+// the value of largest magnitude maps to -128, the rest round to nearest even, at most 127.
+inline void quantize_row_q8_k(const float* x, BlockQ8_K* y, int64_t K) {
+    for (int64_t b = 0; b < K / 256; ++b) {
+        const float* xb = x + b * 256;
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < 256; ++j) {
+            const float a = xb[j] < 0 ? -xb[j] : xb[j];
+            if (a > amax) {
+                amax = a;
+                max = xb[j];
+            }
+        }
+        if (amax == 0.0f) {
+            y[b].d = 0.0f;
+            for (int j = 0; j < 256; ++j) y[b].qs[j] = 0;
+        } else {
+            const float iscale = -128.f / max;
+            for (int j = 0; j < 256; ++j) {
+                const int v = static_cast<int>(__builtin_nearbyintf(iscale * xb[j]));
+                y[b].qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
+            }
+            y[b].d = 1.0f / iscale;
+        }
+        for (int g = 0; g < 16; ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += y[b].qs[g * 16 + j];
+            y[b].bsums[g] = static_cast<int16_t>(sum);
+        }
+    }
+}
+
+// 8 int32 lanes, lane l = the sum of products 4l..4l+3 of unsigned u and signed s (exact: |u| <= 128,
+// |s| <= 127, so maddubs' int16 pair sums never saturate).
+inline __m256i dot_lanes_us(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// The 32 signed products of w and a as 8 int32 lanes (the sign trick: |w| times a with w's sign).
+inline __m256i dot_lanes(__m256i w, __m256i a) {
+    return dot_lanes_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+}
+
+// A Q4_0 block's 32 values as int8 in [-8, 7], in element order.
+inline __m256i unpack_q4_0(const BlockQ4_0& b) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+}
+
+inline __m256i load_q8(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Q4_K's 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4).
+inline void q4_k_scale_min(int j, const uint8_t* q, int& scale, int& min) {
+    if (j < 4) {
+        scale = q[j] & 63;
+        min = q[j + 4] & 63;
+    } else {
+        scale = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+}  // namespace moetron
