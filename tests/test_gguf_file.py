@@ -1,0 +1,216 @@
+"""GGUF files by moetron's own writer and reader (moetron/convert/gguf_file.py, the `gguf` package):
+a float file round-trips the model and tokenizer exactly; a quantized file holds the blocks moetron's
+quantizer makes and serves exactly as `--quantization` does; the engine and the CLI take .gguf
+paths; broken files and what a llama-architecture file cannot carry are refused by name. With
+llama-cpp-python installed, llama.cpp runs the same files to the same logits (optional)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from moetron.cli import main
+from moetron.config import ModelConfig, MoEConfig
+from moetron.convert.gguf_file import GGUFError, load_gguf, write_gguf
+from moetron.convert.hf import save_pretrained
+from moetron.data.tokenizer import train_bpe
+from moetron.infer.engine import LLMEngine
+from moetron.infer.sampling_params import SamplingParams
+from moetron.kernels import cpu_kernels
+from moetron.model import Transformer
+from moetron.quant import ggml_blocks
+from moetron.quant.quantize import quantize_model
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="quantized serving runs on moetron's CPU kernels (AVX2, a compiler)"
+)
+# Multi-query attention with 8 heads (the rope permutation of q and k rows differs), widths that
+# hold every format except Q4_K at the experts' 96 (which then fall back to Q8_0).
+CFG = ModelConfig(
+    vocab_size=320, dim=256, num_layers=2, num_heads=8, num_kv_heads=1, head_dim=32, max_seq_len=128,
+    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=96, bias_update_rate=0.0),
+)  # fmt: skip
+TEXT = (
+    "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 20
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    return Transformer.from_config(CFG).eval(), train_bpe([TEXT], 300)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_float_file_round_trips_model_and_tokenizer(model_and_tokenizer, tmp_path) -> None:
+    model, tokenizer = model_and_tokenizer
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    loaded, loaded_tokenizer = load_gguf(path)
+    assert loaded.cfg.num_kv_heads == 1 and loaded.cfg.moe.num_experts == 4 and loaded.cfg.head_dim == 32
+    for (name, ours), (_, theirs) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()), model(_ids()))
+    for text in (TEXT[:80], "<|user|>\nhi<|end|>", "naïve 123456 \n\n x"):
+        assert loaded_tokenizer.encode(text) == tokenizer.encode(text)
+    assert loaded_tokenizer.eos_id == tokenizer.eos_id and loaded_tokenizer.bos_id == tokenizer.bos_id
+    messages = [{"role": "user", "content": "Speak."}]
+    assert loaded_tokenizer.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
+    # What llama.cpp reads: the llama architecture, a byte-level BPE with the Llama-3 split.
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    q_rows = {t.name: t for t in reader.tensors}["blk.0.attn_q.weight"].data
+    wq = model.layers[0].attention.wq.weight.detach()
+    assert np.array_equal(q_rows[1], wq[16].numpy())  # GGML's interleaved RoPE pairs: row 1 is row d/2
+
+
+@needs_kernels
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_k"])
+def test_quantized_file_serves_as_quantization_at_load(model_and_tokenizer, tmp_path, outtype) -> None:
+    model, tokenizer = model_and_tokenizer
+    path = write_gguf(model, tokenizer, tmp_path / f"m-{outtype}.gguf", outtype)
+    loaded, _ = load_gguf(path)
+    expert_format = "q8_0" if outtype == "q4_k" else outtype  # w2's width 96 is not Q4_K's 256
+    assert loaded.layers[1].ffn.experts.weight_formats["w2"] == expert_format
+    w1 = loaded.layers[1].ffn.experts.w1
+    assert torch.equal(
+        w1,
+        ggml_blocks.quantize(model.layers[1].ffn.experts.w1.detach().reshape(-1, 256), outtype).reshape(
+            w1.shape
+        ),
+    )
+    # The file's token embedding is quantized too (as llama.cpp's are); give the in-memory
+    # quantization the same rows, then both must compute the same bits.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        embedding = reference.tok_embeddings.weight
+        embedding.copy_(ggml_blocks.dequantize(ggml_blocks.quantize(embedding, outtype), outtype))
+    quantize_model(reference, outtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()), reference(_ids()))
+    engine = LLMEngine.from_pretrained(path, num_kv_blocks=32, block_size=8)
+    assert engine.runner.fused and engine.config.quantization == outtype
+    prompt = engine.tokenizer.encode("ROMEO: But soft")  # the tokenizer rebuilt from the file
+    request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=6))
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert len(finished[request].outputs[0].token_ids) == 6
+
+
+def test_cli_export_then_serve_config(model_and_tokenizer, tmp_path, capsys) -> None:
+    model, tokenizer = model_and_tokenizer
+    save_pretrained(model, tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    out = tmp_path / "out.gguf"
+    assert main(["export", "gguf", str(tmp_path / "hf"), str(out), "--outtype", "bf16"]) == 0
+    assert "bf16" in capsys.readouterr().out
+    loaded, _ = load_gguf(out)
+    with torch.no_grad():
+        expected = model.tok_embeddings.weight.bfloat16().float()
+        assert torch.equal(loaded.tok_embeddings.weight, expected)
+    assert not list(tmp_path.glob(".*.partial"))  # written beside and renamed
+
+
+def test_what_llama_files_cannot_carry_is_refused(model_and_tokenizer, tmp_path) -> None:
+    model, tokenizer = model_and_tokenizer
+    biased = copy.deepcopy(model)
+    biased.layers[0].ffn.router.expert_bias[1] = 0.5
+    with pytest.raises(GGUFError, match="nonzero router selection bias"):
+        write_gguf(biased, tokenizer, tmp_path / "b.gguf")
+    with pytest.raises(GGUFError, match="outtype 'q5_1'"):
+        write_gguf(model, tokenizer, tmp_path / "b.gguf", "q5_1")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def _rewrite(
+    src, dst, *, arch: str = "llama", drop: str = "", retype: str = "", tokenizer_model: str = "gpt2"
+):
+    """A copy of GGUF `src` with one thing changed, through the gguf package's writer."""
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        if name == "tokenizer.ggml.model":
+            value = tokenizer_model
+        key = name.replace("llama.", f"{arch}.", 1)
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name == drop:
+            continue
+        raw_type = tensor.tensor_type
+        data = np.asarray(tensor.data)
+        if tensor.name == retype:  # same bytes per row as Q4_0, another type: Q5_0 has 22, use IQ4_NL's 18
+            raw_type = gguf.GGMLQuantizationType.IQ4_NL
+        writer.add_tensor(tensor.name, data, raw_dtype=raw_type)  # quantized data: uint8 [rows, bytes]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_broken_files_are_refused_by_name(model_and_tokenizer, tmp_path) -> None:
+    model, tokenizer = model_and_tokenizer
+    good = write_gguf(model, tokenizer, tmp_path / "good.gguf", "q4_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(GGUFError, match=r"truncated\.gguf: not a readable GGUF file"):
+        load_gguf(truncated)
+    with pytest.raises(GGUFError, match="no such file"):
+        load_gguf(tmp_path / "absent.gguf")
+    cases = {
+        "arch": ({"arch": "qwen2"}, "architecture 'qwen2'; moetron serves 'llama'"),
+        "missing": ({"drop": "blk.1.ffn_up_exps.weight"}, "tensor 'blk.1.ffn_up_exps.weight' is missing"),
+        "type": ({"retype": "blk.0.attn_v.weight"}, "tensor 'blk.0.attn_v.weight' is IQ4_NL"),
+        "tokenizer": ({"tokenizer_model": "llama"}, "tokenizer.ggml.model='llama'"),
+    }
+    for label, (change, message) in cases.items():
+        path = _rewrite(good, tmp_path / f"{label}.gguf", **change)
+        with pytest.raises(GGUFError, match=message):
+            load_gguf(path)
+    with pytest.raises(ValueError, match="holds q4_0 weights already"):
+        LLMEngine.from_pretrained(good, quantization="q8_0")
+    assert main(["serve", str(truncated), "--port", "1"]) != 0  # a clear error at start, no traceback
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python (the bench extra)"
+)
+@needs_kernels
+def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -> None:
+    """Teacher-forced logits of llama.cpp and moetron on the same file. With an fp32 KV cache,
+    llama.cpp's Q8_0 path computes what ours does (Q8_0 activations, int8 dots): measured identical;
+    F32 differs by float summation order; Q4_0 by llama.cpp's repacked-weight path."""
+    import llama_cpp
+
+    model, tokenizer = model_and_tokenizer
+    ids = _ids()[0].tolist()
+    tolerances = {"f32": 1e-3, "q8_0": 1e-5, "q4_0": 0.03}
+    for outtype, tolerance in tolerances.items():
+        path = write_gguf(model, tokenizer, tmp_path / f"l-{outtype}.gguf", outtype)
+        f32 = llama_cpp.GGML_TYPE_F32
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=f32, type_v=f32)
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+        loaded, _ = load_gguf(path)
+        with torch.no_grad():
+            ours = loaded(torch.tensor([ids]))[0]
+        error = float((ours - theirs).norm() / theirs.norm())
+        assert error <= tolerance, (outtype, error)
+        assert bool((ours.argmax(-1) == theirs.argmax(-1)).all()), outtype
