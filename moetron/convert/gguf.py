@@ -21,6 +21,9 @@ Tokenizer: the converter identifies a byte-level BPE `tokenizer.json` by hashing
 probe string and rejects hashes it does not know, which includes every tokenizer moetron trains.
 A SentencePiece `tokenizer.model` (what Llama-2 and Mixtral ship) needs no such table;
 `write_sentencepiece_tokenizer` trains one. llama-cpp-python and sentencepiece are the `bench` extra.
+For moetron's own models use moetron's writer instead (`moetron export gguf`, convert/gguf_file.py):
+it names the pre-tokenizer (`llama-bpe`: GPT-4's split, which moetron's BPE uses) and quantizes to
+Q8_0/Q4_0/Q4_K without llama.cpp.
 """
 
 from __future__ import annotations

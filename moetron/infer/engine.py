@@ -166,7 +166,7 @@ class LLMEngine:
         if stored is None and cfg.quantization is not None:
             quantize_model(model, cfg.quantization)
         move_to_huge_pages(model)
-        return cls(model, tokenizer, cfg.replace(quantization=quantized_format(model)), model_name=path.stem)
+        return cls(model, tokenizer, cfg, model_name=path.stem)
 
     # --- requests ---
 

@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 10  # 10: one entry point per kernel, each weight with its format code
+ABI_VERSION = 11  # 11: Q6_K weights
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -66,7 +66,7 @@ ISAS = {
     ),
 }
 # Weight format codes of the C interface (weights.h): GGML's type ids.
-FORMAT_CODES = {"f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_k": 12}
+FORMAT_CODES = {"f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_k": 12, "q6_k": 14}
 DTYPE_FORMATS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # The argument codes the library exports for each entry point (export.h): the C signatures are the
 # only declaration.
@@ -208,9 +208,10 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k): `packed` is uint8
-    [N, bytes per row] (moetron/quant). Each x row is quantized on its own first (Q8_0, or Q8_K for
-    q4_k, as llama.cpp does), so a row's result is bit-identical whatever shares its batch."""
+    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k): `packed` is
+    uint8 [N, bytes per row] (moetron/quant). Each x row is quantized on its own first (Q8_0, or
+    Q8_K for the k-quants, as llama.cpp does), so a row's result is bit-identical whatever shares
+    its batch."""
     from moetron.quant.ggml_blocks import row_bytes
 
     num_in = x.shape[-1]

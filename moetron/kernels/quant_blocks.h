@@ -13,7 +13,7 @@
 namespace moetron {
 
 // ggml_type ids (ggml.h), the format codes the C interface takes.
-enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, BF16 = 30 };
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
 struct BlockQ8_0 {
     uint16_t d;  // fp16 scale
@@ -28,12 +28,18 @@ struct BlockQ4_K {
     uint8_t scales[12];   // 8 scales and 8 mins, 6 bits each
     uint8_t qs[128];      // 256 4-bit values: 64 per 32 bytes, low nibbles first
 };
+struct BlockQ6_K {
+    uint8_t ql[128];     // low 4 bits (see q6_k_dot for the order)
+    uint8_t qh[64];      // high 2 bits
+    int8_t scales[16];   // one per 16 values
+    uint16_t d;
+};
 struct BlockQ8_K {  // activations for Q4_K: one fp32 scale per 256, sums of each 16 for the mins
     float d;
     int8_t qs[256];
     int16_t bsums[16];
 };
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144);
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144 && sizeof(BlockQ6_K) == 210);
 
 inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
 inline uint16_t fp32_to_fp16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }

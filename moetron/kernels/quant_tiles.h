@@ -11,6 +11,7 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "quant_blocks.h"
@@ -82,6 +83,42 @@ inline float q4_k_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) {
     return hsum(acc) - acc_min;
 }
 
+// One Q6_K weight row times one Q8_K x row. A half of 128 values holds four groups of 32 (value
+// 32k + l: low nibble of ql[l + 32 (k % 2)] if k < 2 else its high nibble, bits 2k..2k+1 of qh[l]),
+// each two sub-blocks of 16 with their own int8 scale. The 6-bit values enter the int8 dot product
+// unsigned; their -32 offset is one int per super-block, 32 * sum(scale * x sums of its 16).
+inline float q6_k_dot(const BlockQ6_K* w, const BlockQ8_K* x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float acc_offset = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ6_K& wb = w[b];
+        const BlockQ8_K& xb = x[b];
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.ql + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.ql + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qh + 32 * h));
+            const __m256i lows[4] = {_mm256_and_si256(ql0, low), _mm256_and_si256(ql1, low),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low)};
+            for (int k = 0; k < 4; ++k) {
+                const __m256i highs = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), two);
+                const __m256i values = _mm256_or_si256(lows[k], _mm256_slli_epi16(highs, 4));
+                const __m256i lanes = dot_lanes_us(values, load_q8(xb.qs + 128 * h + 32 * k));
+                const int s0 = wb.scales[8 * h + 2 * k], s1 = wb.scales[8 * h + 2 * k + 1];
+                sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(lanes, _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1)));
+            }
+        }
+        int offset = 0;
+        for (int j = 0; j < 16; ++j) offset += wb.scales[j] * xb.bsums[j];
+        const float scale = xb.d * fp16_to_fp32(wb.d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sum), acc);
+        acc_offset = __builtin_fmaf(scale, static_cast<float>(32 * offset), acc_offset);
+    }
+    return hsum(acc) - acc_offset;
+}
+
 // The activation blocks a weight format pairs with.
 template <typename B>
 struct ActivationBlock {
@@ -95,6 +132,8 @@ struct ActivationBlock<BlockQ4_K> {
     static constexpr int64_t size = 256;
     static void quantize(const float* x, type* y, int64_t K) { quantize_row_q8_k(x, y, K); }
 };
+template <>
+struct ActivationBlock<BlockQ6_K> : ActivationBlock<BlockQ4_K> {};
 
 // x rows [0, M) quantized into a buffer kept per thread (grown only).
 template <typename B>
@@ -114,9 +153,14 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
     constexpr int64_t M_BLOCK = 64;  // quantized x rows per pass over the chunk (kept in L2 with it)
     const auto* xq = quantize_rows<B>(x, ldx, M, K);
     const int64_t nb = K / ActivationBlock<B>::size;
-    if constexpr (sizeof(B) == sizeof(BlockQ4_K)) {
+    if constexpr (std::is_same_v<B, BlockQ4_K> || std::is_same_v<B, BlockQ6_K>) {
         for (int64_t n = n0; n < n1; ++n)
-            for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = q4_k_dot(w + n * nb, xq + m * nb, nb);
+            for (int64_t m = 0; m < M; ++m) {
+                if constexpr (std::is_same_v<B, BlockQ4_K>)
+                    out[m * ldo + n] = q4_k_dot(w + n * nb, xq + m * nb, nb);
+                else
+                    out[m * ldo + n] = q6_k_dot(w + n * nb, xq + m * nb, nb);
+            }
         return;
     } else {
         for (int64_t mc = 0; mc < M; mc += M_BLOCK) {

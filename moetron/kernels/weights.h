@@ -1,4 +1,4 @@
-// A weight matrix of any format the kernels take (fp32, bf16, GGML's Q8_0 / Q4_0 / Q4_K), and the
+// A weight matrix of any format the kernels take (fp32, bf16, GGML's Q8_0 / Q4_0 / Q4_K / Q6_K), and the
 // matmul over a chunk of its rows, dispatched on the format. The layer kernels (layer_avx2.cpp,
 // moe_avx2.cpp) are written once against this; the format is a run-time code per tensor, so a
 // GGUF file's mix of formats (llama.cpp keeps the router in F32) needs no entry point per combination.
@@ -18,13 +18,16 @@ struct Weight {
     int format;  // a Format code
 
     // Elements per block and bytes per block of the format.
-    static int64_t block_elements(int format) { return format == Q4_K ? 256 : format == Q8_0 || format == Q4_0 ? 32 : 1; }
+    static int64_t block_elements(int format) {
+        return format == Q4_K || format == Q6_K ? 256 : format == Q8_0 || format == Q4_0 ? 32 : 1;
+    }
     static int64_t block_bytes(int format) {
         switch (format) {
             case F32: return 4;
             case BF16: return 2;
             case Q8_0: return sizeof(BlockQ8_0);
             case Q4_0: return sizeof(BlockQ4_0);
+            case Q6_K: return sizeof(BlockQ6_K);
             default: return sizeof(BlockQ4_K);
         }
     }
@@ -40,7 +43,7 @@ inline bool format_fits(int format, int64_t K) {
     switch (format) {
         case F32: case BF16: return true;
         case Q8_0: case Q4_0: return K % 32 == 0;
-        case Q4_K: return K % 256 == 0;
+        case Q4_K: case Q6_K: return K % 256 == 0;
         default: return false;
     }
 }
@@ -55,6 +58,7 @@ inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, flo
         case Q8_0: return quant_linear_chunk(x, ldx, static_cast<const BlockQ8_0*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_0: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_0*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_K*>(w.data), out, ldo, M, K, n0, n1);
+        case Q6_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ6_K*>(w.data), out, ldo, M, K, n0, n1);
     }
 }
 

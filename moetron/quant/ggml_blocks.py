@@ -11,6 +11,9 @@ bytes are used as they are and moetron's writer produces what llama.cpp reads:
   Q4_0 (18 bytes per 32 weights): fp16 scale d = m / -8 where m is the block's value of largest
        magnitude, then 16 bytes of 4-bit q = min(15, trunc(x / d + 8.5)): weight j < 16 in the low
        nibble of byte j, weight j + 16 in its high nibble; x ≈ d * (q - 8).
+  Q6_K (210 bytes per 256 weights; read only: what llama.cpp's Q4_K_M gives some attention-value
+       and down projections and the head): 128 bytes of low 4 bits, 64 of high 2 bits, sixteen
+       int8 scales (one per 16 weights), fp16 d; x = d * scale[s] * (q - 32).
   Q4_K (144 bytes per 256 weights): fp16 d and dmin, 12 bytes packing eight 6-bit scales and
        mins (one per 32 weights), 128 bytes of 4-bit q (each 32-byte chunk holds two sub-blocks:
        low nibbles, then high); x ≈ d * scale[s] * q - dmin * min[s].
@@ -49,7 +52,8 @@ class BlockFormat:
 Q8_0 = BlockFormat("q8_0", 2 + BLOCK_SIZE)
 Q4_0 = BlockFormat("q4_0", 2 + BLOCK_SIZE // 2)
 Q4_K = BlockFormat("q4_k", 2 + 2 + 12 + 128, block_size=256)
-FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K)}
+Q6_K = BlockFormat("q6_k", 128 + 64 + 16 + 2, block_size=256, writable=False)
+FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K, Q6_K)}
 
 
 def block_format(name: str) -> BlockFormat:
@@ -71,7 +75,9 @@ def quantize(weight_RC: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     """A float weight [R, C] (C a multiple of 32) → its GGML blocks, uint8 [R, C / 32 * block_bytes]."""
     fmt = block_format(fmt if isinstance(fmt, str) else fmt.name)  # the canonical instance
     if not fmt.writable:
-        raise ValueError(f"{fmt.name}: moetron reads this format but does not write it yet; use q8_0 or q4_0")
+        raise ValueError(
+            f"{fmt.name}: moetron reads this format but does not write it yet; use q8_0, q4_0 or q4_k"
+        )
     if fmt is Q4_K:
         return _quantize_q4_k(_blocks(weight_RC, fmt).reshape(-1, 256)).reshape(weight_RC.shape[0], -1)
     blocks_XK = _blocks(weight_RC, fmt)  # X = R * B blocks of K = 32 weights
@@ -94,6 +100,8 @@ def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     blocks_XY = data_RY.reshape(-1, fmt.block_bytes)
     if fmt is Q4_K:
         return _dequantize_q4_k(blocks_XY).reshape(rows, -1)
+    if fmt is Q6_K:
+        return _dequantize_q6_k(blocks_XY).reshape(rows, -1)
     scale_X = blocks_XY[:, :2].contiguous().view(torch.float16).float()  # [X, 1]
     payload_XY = blocks_XY[:, 2:]
     if fmt is Q8_0:
@@ -191,3 +199,19 @@ def _quantize_q4_k(blocks_X256: torch.Tensor) -> torch.Tensor:
         ],
         dim=1,
     )
+
+
+def _dequantize_q6_k(blocks_XY: torch.Tensor) -> torch.Tensor:
+    # Two halves of 128 weights; in each, weight 32k + l (k < 4, l < 32) takes the low (k < 2) or
+    # high nibble of low-bits byte l + 32 (k % 2) and bits 2k..2k+1 of high-bits byte l.
+    low_X22L = blocks_XY[:, :128].reshape(-1, 2, 2, 32)
+    high_X2L = blocks_XY[:, 128:192].reshape(-1, 2, 32)
+    scales_X16 = blocks_XY[:, 192:208].contiguous().view(torch.int8).float()
+    d_X1 = blocks_XY[:, 208:210].contiguous().view(torch.float16).float()
+    low_X24L = torch.stack(
+        [low_X22L[:, :, 0] & 0x0F, low_X22L[:, :, 1] & 0x0F, low_X22L[:, :, 0] >> 4, low_X22L[:, :, 1] >> 4],
+        dim=2,
+    )
+    high_X24L = torch.stack([(high_X2L >> (2 * k)) & 3 for k in range(4)], dim=2)
+    q_X256 = (low_X24L | (high_X24L << 4)).reshape(-1, 256).float() - 32
+    return d_X1 * scales_X16.repeat_interleave(16, dim=1) * q_X256
