@@ -178,7 +178,7 @@ def test_broken_files_are_refused_by_name(model_and_tokenizer, tmp_path) -> None
         "arch": ({"arch": "qwen2"}, "architecture 'qwen2'; moetron serves 'llama'"),
         "missing": ({"drop": "blk.1.ffn_up_exps.weight"}, "tensor 'blk.1.ffn_up_exps.weight' is missing"),
         "type": ({"retype": "blk.0.attn_v.weight"}, "tensor 'blk.0.attn_v.weight' is IQ4_NL"),
-        "tokenizer": ({"tokenizer_model": "llama"}, "tokenizer.ggml.model='llama'"),
+        "tokenizer": ({"tokenizer_model": "bert"}, "tokenizer.ggml.model='bert'"),
     }
     for label, (change, message) in cases.items():
         path = _rewrite(good, tmp_path / f"{label}.gguf", **change)
@@ -258,3 +258,49 @@ def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
         assert float((ours - theirs).norm() / theirs.norm()) <= tolerance, ftype
         agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
         assert agreement >= (1.0 if tolerance == 0 else 0.9), (ftype, agreement)
+
+
+def test_sentencepiece_vocabularies_encode_as_sentencepiece_does(tmp_path) -> None:
+    """A `llama` (SentencePiece BPE) vocabulary, the kind Llama 2 / Mistral / Mixtral files carry,
+    rebuilt from the file's pieces, scores and types: the same ids as SentencePiece itself on held-out
+    Shakespeare lines and on odd text (leading and doubled spaces, accents, CJK by byte fallback)."""
+    import io
+
+    import sentencepiece
+
+    from moetron.convert.gguf_file import _Fields, read_tokenizer
+    from moetron.data.shakespeare import documents
+
+    texts = documents()
+    lines = [line for text in texts[:200] for line in text.splitlines() if line.strip()]
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=1000,
+        byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama's tokenizer.model
+    )  # fmt: skip
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    ids = range(sp.GetPieceSize())
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.IdToPiece(i) for i in ids])
+    writer.add_token_scores([sp.GetScore(i) for i in ids])
+    kinds = gguf.TokenType
+    writer.add_token_types([
+        kinds.UNKNOWN if sp.IsUnknown(i) else kinds.CONTROL if sp.IsControl(i) else kinds.BYTE if sp.IsByte(i) else kinds.NORMAL
+        for i in ids
+    ])  # fmt: skip
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = read_tokenizer(_Fields(gguf.GGUFReader(str(tmp_path / "spm.gguf")), tmp_path / "spm.gguf"))
+    held_out = [line for text in texts[200:240] for line in text.splitlines()[:20]]
+    odd = ["   How should I your true love know", "  two  spaces", "héllo wörld ™ 日本", "tab\there", ""]
+    for line in held_out + odd:
+        ours = tokenizer.encode(line, allow_special=False)
+        assert ours == sp.encode(line), line
+        assert tokenizer.decode(ours) == line
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")

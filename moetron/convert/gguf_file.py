@@ -18,8 +18,9 @@ type. Files are written beside the target and renamed: a crash never leaves a ha
 Tokenizer: moetron's byte-level BPE splits text with GPT-4's pattern, which is Llama 3's too, so
 the file says `tokenizer.ggml.model = gpt2`, `tokenizer.ggml.pre = llama-bpe` (what llama.cpp's
 converter could not tell from its hash table of known tokenizers) with the vocabulary, merges,
-special tokens and chat template. Reading rebuilds that tokenizer from the same keys; other
-tokenizer kinds (SentencePiece `llama`, other pre-tokenizers) are refused by name.
+special tokens and chat template. Reading rebuilds that tokenizer from the same keys, and also
+SentencePiece BPE (`llama`: what Llama 2, Mistral and Mixtral files carry) from its pieces and
+scores; other kinds (other pre-tokenizers, unigram) are refused by name.
 
 What a llama-architecture file cannot carry is refused at export: a router selection bias (llama.cpp's
 Mixtral graph has none), shared experts, a mix of dense and MoE layers, unnormalised top-k weights,
@@ -296,35 +297,29 @@ def _model_config(meta: _Fields) -> ModelConfig:
 
 
 def read_tokenizer(meta: _Fields) -> Tokenizer:
-    import tokenizers
-    from tokenizers import AddedToken, models
-
-    from moetron.data.byte_level import byte_level_tokenizer
+    """The tokenizer the file's metadata describe: byte-level BPE with GPT-4's split (moetron's,
+    Llama 3's) or SentencePiece BPE (`llama`: Llama 2, Mistral, Mixtral), with its special tokens,
+    BOS/EOS and chat template."""
     from moetron.data.tokenizer import CHAT_TEMPLATE
 
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in GPT4_SPLIT_PRES:
-        raise GGUFError(
-            f"{meta.path}: tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}: moetron rebuilds "
-            f"byte-level BPE tokenizers with GPT-4's split ({', '.join(GPT4_SPLIT_PRES)}) only"
-        )
     tokens = meta.get("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
-    control, unused = 3, 5
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != unused}
-    try:
-        backend = byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    except Exception as e:  # tokenizers raises a bare Exception for inconsistent merges
+    if len(types) != len(tokens):
         raise GGUFError(
-            f"{meta.path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})"
-        ) from None
-    specials = [(i, t) for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind == control]
-    for token_id, token in sorted(specials):
-        backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-        if backend.token_to_id(token) != token_id:
-            raise GGUFError(f"{meta.path}: special token {token!r} is not at id {token_id} once rebuilt")
-    assert isinstance(backend, tokenizers.Tokenizer)
+            f"{meta.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    if kind == "gpt2" and pre in GPT4_SPLIT_PRES:
+        backend = _byte_level_backend(meta, tokens, types)
+    elif kind == "llama":
+        backend = _sentencepiece_backend(meta, tokens, types)
+    else:
+        raise GGUFError(
+            f"{meta.path}: tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}: moetron rebuilds "
+            f"SentencePiece ('llama') and byte-level BPE tokenizers with GPT-4's split "
+            f"({', '.join(GPT4_SPLIT_PRES)})"
+        )
+    _add_special_tokens(meta, backend, tokens, types)
 
     def token(key: str) -> str:
         token_id = int(meta.get(key))
@@ -339,6 +334,87 @@ def read_tokenizer(meta: _Fields) -> Tokenizer:
     )
     template = meta.get("tokenizer.chat_template", CHAT_TEMPLATE)
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template)
+
+
+CONTROL, UNUSED, BYTE = 3, 5, 6  # llama.cpp's token types (gguf.TokenType)
+
+
+def _byte_level_backend(meta: _Fields, tokens: list[str], types: list[int]) -> object:
+    from tokenizers import models
+
+    from moetron.data.byte_level import byte_level_tokenizer
+
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
+    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != UNUSED}
+    try:
+        return byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    except Exception as e:  # tokenizers raises a bare Exception for inconsistent merges
+        raise GGUFError(
+            f"{meta.path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})"
+        ) from None
+
+
+def _sentencepiece_backend(meta: _Fields, tokens: list[str], types: list[int]) -> object:
+    """SentencePiece BPE as llama.cpp's `llama` vocabulary runs it: "▁" for spaces, one prepended
+    to the text, pieces merged by score, bytes outside the vocabulary as <0xXX> tokens."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if len(scores) != len(tokens):
+        raise GGUFError(
+            f"{meta.path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens"
+        )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = next((t for t, kind in zip(tokens, types, strict=True) if kind == 2), None)
+    try:
+        backend = tokenizers.Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=_merges_by_score(tokens, scores, types),
+                unk_token=unk,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+    except Exception as e:
+        raise GGUFError(
+            f"{meta.path}: tokenizer.ggml.tokens do not make a SentencePiece vocabulary ({e})"
+        ) from None
+    # Always one "▁" before the text, as llama.cpp (and SentencePiece's dummy prefix) add it, also
+    # before leading spaces (tokenizers' Metaspace skips it there).
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return backend
+
+
+def _merges_by_score(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """SentencePiece BPE keeps no merge list: piece a + b merges when a, b and ab are all ordinary
+    pieces, the higher ab's score the earlier (ties: the shorter left part first)."""
+    ordinary = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind == 1}
+    candidates = []
+    for piece, index in ordinary.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ordinary and right in ordinary:
+                candidates.append((-scores[index], cut, ordinary[left], ordinary[right], left, right))
+    candidates.sort()
+    return [(left, right) for *_, left, right in candidates]
+
+
+def _add_special_tokens(meta: _Fields, backend: object, tokens: list[str], types: list[int]) -> None:
+    from tokenizers import AddedToken
+
+    for token_id, (token, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind != CONTROL:
+            continue
+        backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        if backend.token_to_id(token) != token_id:
+            raise GGUFError(f"{meta.path}: special token {token!r} is not at id {token_id} once rebuilt")
 
 
 def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
