@@ -24,7 +24,7 @@ def test_kernels_build_on_this_machine() -> None:
 
 
 @needs_kernels
-# (2053, 101): wide rows get shorter weight chunks (chunk_rows: 36 here), so N spans 36 + 36 + 29
+# (2053, 101): wide rows get shorter weight chunks (chunk_rows: 24 here), so N spans 4 x 24 + 5
 @pytest.mark.parametrize(
     "num_in, num_out", [(64, 48), (1027, 37), (5, 3), (8, 1), (256, 130), (1, 9), (2053, 101)]
 )

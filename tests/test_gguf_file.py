@@ -24,6 +24,7 @@ from moetron.infer.sampling_params import SamplingParams
 from moetron.kernels import cpu_kernels
 from moetron.model import Transformer
 from moetron.quant import ggml_blocks
+from moetron.quant.interleave import INTERLEAVED, from_r8
 from moetron.quant.quantize import quantize_model, quantized_format
 
 needs_kernels = pytest.mark.skipif(
@@ -81,14 +82,15 @@ def test_quantized_file_serves_as_quantization_at_load(model_and_tokenizer, tmp_
     model, tokenizer = model_and_tokenizer
     path = write_gguf(model, tokenizer, tmp_path / f"m-{outtype}.gguf", outtype)
     loaded, _ = load_gguf(path)
-    expert_format = "q8_0" if outtype == "q4_k" else outtype  # w2's width 96 is not Q4_K's 256
-    assert loaded.layers[1].ffn.experts.weight_formats["w2"] == expert_format
-    w1 = loaded.layers[1].ffn.experts.w1
+    # w2's width 96 is not Q4_K's 256: Q8_0 there; Q8_0/Q4_0 rows are kept interleaved (r8)
+    expert_format = "q8_0_r8" if outtype == "q4_k" else INTERLEAVED.get(outtype, outtype)
+    experts = loaded.layers[1].ffn.experts
+    assert experts.weight_formats["w2"] == expert_format
+    w1 = experts.w1.reshape(-1, experts.w1.shape[-1])
+    if experts.weight_formats["w1"].endswith("_r8"):
+        w1 = from_r8(w1, outtype)
     assert torch.equal(
-        w1,
-        ggml_blocks.quantize(model.layers[1].ffn.experts.w1.detach().reshape(-1, 256), outtype).reshape(
-            w1.shape
-        ),
+        w1, ggml_blocks.quantize(model.layers[1].ffn.experts.w1.detach().reshape(-1, 256), outtype)
     )
     # The file's token embedding is quantized too (as llama.cpp's are); give the in-memory
     # quantization the same rows, then both must compute the same bits.
@@ -195,8 +197,9 @@ def test_broken_files_are_refused_by_name(model_and_tokenizer, tmp_path) -> None
 @needs_kernels
 def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -> None:
     """Teacher-forced logits of llama.cpp and moetron on the same file. With an fp32 KV cache,
-    llama.cpp's Q8_0 path computes what ours does (Q8_0 activations, int8 dots): measured identical;
-    F32 differs by float summation order; Q4_0 by llama.cpp's repacked-weight path."""
+    llama.cpp's Q8_0 path computes what ours does (Q8_0 activations, exact int8 block sums) up to
+    the fp32 order of summing blocks; F32 differs by float summation order; Q4_0 by llama.cpp's
+    repacked-weight path."""
     import llama_cpp
 
     model, tokenizer = model_and_tokenizer
@@ -222,7 +225,8 @@ def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -
 @needs_kernels
 def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
     """What users have: files llama.cpp's own quantizer writes (Q4_K_M mixes Q4_K and Q6_K). Its
-    Q8_0 file gives llama.cpp's logits exactly; Q4_K_M within 5%, the same top-1 token at >= 90% of
+    Q8_0 file gives llama.cpp's logits within float rounding (the same integer block sums, summed
+    per block in moetron, per lane in llama.cpp: 9e-8 relative measured); Q4_K_M within 5%, the same top-1 token at >= 90% of
     the positions of this random model's flat distributions. (Measured on this model: from the float computation on the same dequantized weights,
     moetron's logits are 1.1% away, llama.cpp's, through its repacked K-quant path, 3.6%.)"""
     import ctypes
@@ -239,7 +243,7 @@ def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
     model = Transformer.from_config(cfg).eval()
     source = write_gguf(model, train_bpe([TEXT], 300), tmp_path / "f32.gguf", "f32")
     ids = _ids()[0].tolist()
-    for ftype, tolerance, kinds in ((7, 0.0, {"F32", "Q8_0"}), (15, 0.05, {"F32", "Q4_K", "Q6_K"})):
+    for ftype, tolerance, kinds in ((7, 1e-6, {"F32", "Q8_0"}), (15, 0.05, {"F32", "Q4_K", "Q6_K"})):
         target = tmp_path / f"llama-{ftype}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype  # LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -257,7 +261,7 @@ def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
             ours = loaded(torch.tensor([ids]))[0]
         assert float((ours - theirs).norm() / theirs.norm()) <= tolerance, ftype
         agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
-        assert agreement >= (1.0 if tolerance == 0 else 0.9), (ftype, agreement)
+        assert agreement >= (1.0 if ftype == 7 else 0.9), (ftype, agreement)
 
 
 def test_sentencepiece_vocabularies_encode_as_sentencepiece_does(tmp_path) -> None:

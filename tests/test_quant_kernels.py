@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moetron.kernels import cpu_kernels
-from moetron.quant import ggml_blocks
+from moetron.quant import ggml_blocks, interleave
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason="moetron's CPU kernels need an AVX2 CPU and a C++ compiler"
@@ -101,6 +101,22 @@ def test_a_row_is_the_same_bits_whatever_it_is_batched_with(fmt: str) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_interleaved_rows_give_the_same_bits(fmt: str) -> None:
+    """The r8 layout (8 rows' blocks interleaved: quant/interleave.py) runs other code (8 rows as 8
+    lanes) for the same arithmetic: identical outputs at every row count, and the layout round-trips."""
+    gen = torch.Generator().manual_seed(11)
+    packed = _quantized_weight(fmt, 48, 768, gen)
+    interleaved = interleave.to_r8(packed, fmt)
+    assert not torch.equal(interleaved, packed) and torch.equal(interleave.from_r8(interleaved, fmt), packed)
+    for num_rows in (1, 2, 3, 4, 5, 9, 70):
+        x = torch.randn(num_rows, 768, generator=gen)
+        ours = cpu_kernels.quantized_linear(x, interleaved, f"{fmt}_r8")
+        assert torch.equal(ours, cpu_kernels.quantized_linear(x, packed, fmt)), num_rows
+    with pytest.raises(ValueError, match="groups of 8 rows, not 12"):
+        cpu_kernels.quantized_linear(torch.randn(1, 768), interleaved[:12], f"{fmt}_r8")
+
+
 def _experts(fmt: str, num_experts: int, dim: int, hidden: int, gen: torch.Generator) -> list[torch.Tensor]:
     """w1, w2, w3 as [E, rows, bytes per row] blocks."""
     shapes = ((hidden, dim), (dim, hidden), (hidden, dim))
@@ -143,6 +159,7 @@ def test_every_instruction_set_build_gives_the_same_bits(monkeypatch: pytest.Mon
     dense = torch.randn(67, 512, generator=gen)
     weights = {"f32": dense, "bf16": dense.bfloat16()}
     weights |= {fmt: _quantized_weight(fmt, 67, 512, gen) for fmt in FORMATS}
+    weights |= {f"{fmt}_r8": interleave.to_r8(weights[fmt][:64], fmt) for fmt in ("q8_0", "q4_0")}
     w1, w2, w3 = _experts("q4_0", 3, 512, 256, gen)
     ids, routing = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]]), torch.rand(5, 2, generator=gen)
     results = {}

@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 11  # 11: Q6_K weights
+ABI_VERSION = 12  # 12: Q6_K weights, r8 layouts
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -66,7 +66,17 @@ ISAS = {
     ),
 }
 # Weight format codes of the C interface (weights.h): GGML's type ids.
-FORMAT_CODES = {"f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_k": 12, "q6_k": 14}
+# "_r8": the same blocks in moetron's 8-row interleaved layout (moetron/quant/interleave.py).
+FORMAT_CODES = {
+    "f32": 0,
+    "bf16": 30,
+    "q8_0": 8,
+    "q4_0": 2,
+    "q4_k": 12,
+    "q6_k": 14,
+    "q8_0_r8": 1008,
+    "q4_0_r8": 1002,
+}
 DTYPE_FORMATS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # The argument codes the library exports for each entry point (export.h): the C signatures are the
 # only declaration.
@@ -208,18 +218,18 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k): `packed` is
-    uint8 [N, bytes per row] (moetron/quant). Each x row is quantized on its own first (Q8_0, or
+    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k, or q8_0_r8 /
+    q4_0_r8: moetron/quant/interleave.py): `packed` is uint8 [N, bytes per row]. Each x row is quantized on its own first (Q8_0, or
     Q8_K for the k-quants, as llama.cpp does), so a row's result is bit-identical whatever shares
     its batch."""
-    from moetron.quant.ggml_blocks import row_bytes
-
     num_in = x.shape[-1]
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(
             f"quantized_linear: weight {packed.dtype} {tuple(packed.shape)}; want uint8 [rows, bytes]"
         )
-    if packed.shape[1] != row_bytes(fmt, num_in):
+    if fmt.endswith("_r8") and packed.shape[0] % 8:
+        raise ValueError(f"quantized_linear: {fmt} weights come in groups of 8 rows, not {packed.shape[0]}")
+    if packed.shape[1] != _row_size(fmt, num_in):
         raise ValueError(
             f"quantized_linear: rows of {packed.shape[1]} bytes are not {fmt} rows of {num_in} weights"
         )
@@ -234,7 +244,7 @@ def _row_size(fmt: str, width: int) -> int:
         return width
     from moetron.quant.ggml_blocks import row_bytes
 
-    return row_bytes(fmt, width)
+    return row_bytes(fmt.removesuffix("_r8"), width)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, num_out: int) -> torch.Tensor:

@@ -12,8 +12,9 @@
 
 namespace moetron {
 
-// ggml_type ids (ggml.h), the format codes the C interface takes.
-enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+// ggml_type ids (ggml.h), the format codes the C interface takes; 1000 + id: the same blocks in
+// moetron's 8-row interleaved layout (quant_tiles.h).
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008 };
 
 struct BlockQ8_0 {
     uint16_t d;  // fp16 scale

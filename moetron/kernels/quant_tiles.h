@@ -1,11 +1,19 @@
-// x @ w.T over a chunk of block-quantized weight rows (Q8_0, Q4_0, Q4_K): the quantized twin of
-// linear_tiles.h, used through weights.h's linear_chunk.
+// x @ w.T over a chunk of block-quantized weight rows (Q8_0, Q4_0, Q4_K, Q6_K): the quantized twin
+// of linear_tiles.h, used through weights.h's linear_chunk.
 //
-// Each x row is quantized on its own (Q8_0, or Q8_K for Q4_K; quant_blocks.h), and every output
-// element is one fixed sequence: per weight block, the exact int32 lanes of its dot product with
-// the x block, scaled by the two blocks' scales and accumulated lane-wise with FMA in block order;
-// then the lanes summed by hsum. No step depends on the tile, chunk, row count or thread, so a
-// row's result is the same bits whatever else is computed with it.
+// Each x row is quantized on its own (Q8_0, or Q8_K for the k-quants; quant_blocks.h). Every output
+// element is then one fixed sequence, whatever the layout, tile, chunk, row count, thread or ISA:
+//   out = 0; for each block b in order: out = fma(scale_b, float(isum_b), out)
+// where isum_b is the block's exact integer dot product (for the k-quants, its sub-block scales
+// applied in integers) and scale_b = d_w * d_x in fp32; Q4_K's min term is a second such chain,
+// subtracted at the end. Integer sums are exact, so how SIMD lanes split them never shows.
+//
+// Two layouts of the same blocks: GGML's (rows one after another; any row count), and "r8" for
+// Q8_0 / Q4_0 (moetron/quant/repack.py: each 8 rows' blocks interleaved, their 8 scales together,
+// their values in 4-byte groups), where one 32-byte load holds 4 values of each of 8 rows. There
+// the 8 rows are the 8 SIMD lanes, each running the chain above, so a decode step streams the
+// weights with a few instructions per 256 multiply-adds (the layout llama.cpp's CPU repack uses
+// for the same reason).
 //
 // Legend: M rows of x, K input width, N output width (rows of w), nb blocks per row.
 #pragma once
@@ -19,77 +27,68 @@
 
 namespace moetron {
 
-// A Q8_0 or Q4_0 weight block as 32 int8 values.
-inline __m256i block_values(const BlockQ8_0& b) { return load_q8(b.qs); }
-inline __m256i block_values(const BlockQ4_0& b) { return unpack_q4_0(b); }
+// Q8_0 / Q4_0 blocks of 8 rows interleaved (see the header).
+struct BlockQ8_0x8 {
+    uint16_t d[8];
+    int8_t qs[256];  // group g < 8, row r, j < 4: value 4g + j of row r at 32g + 4r + j
+};
+struct BlockQ4_0x8 {
+    uint16_t d[8];
+    uint8_t qs[128];  // group g < 4, row r, j < 4: values 4g + j (low nibble), 16 + 4g + j (high)
+};
+static_assert(sizeof(BlockQ8_0x8) == 8 * sizeof(BlockQ8_0) && sizeof(BlockQ4_0x8) == 8 * sizeof(BlockQ4_0));
 
-// out[i, j] for MR rows of quantized x and NR weight rows of nb Q8_0/Q4_0 blocks each.
-template <int MR, int NR, typename B>
-inline void qtile(const BlockQ8_0* xq, int64_t nb, const B* w, float* out, int64_t ldo) {
-    __m256 acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        __m256i values[NR], magnitudes[NR];
-        float dw[NR];
-        for (int j = 0; j < NR; ++j) {
-            const B& block = w[j * nb + b];
-            values[j] = block_values(block);
-            magnitudes[j] = _mm256_sign_epi8(values[j], values[j]);
-            dw[j] = fp16_to_fp32(block.d);
-        }
-        for (int i = 0; i < MR; ++i) {
-            const BlockQ8_0& xb = xq[i * nb + b];
-            const __m256i xv = load_q8(xb.qs);
-            const float dx = fp16_to_fp32(xb.d);
-            for (int j = 0; j < NR; ++j) {
-                const __m256i lanes = dot_lanes_us(magnitudes[j], _mm256_sign_epi8(xv, values[j]));
-                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(dw[j] * dx), _mm256_cvtepi32_ps(lanes), acc[i][j]);
-            }
-        }
-    }
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) out[i * ldo + j] = hsum(acc[i][j]);
+inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
 }
 
-// One Q4_K weight row (nb super-blocks) times one Q8_K x row. Per super-block: the int32 lanes of
-// the eight sub-blocks' products, each times its 6-bit scale, summed; the mins' term is one int.
-inline float q4_k_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    float acc_min = 0.0f;
+// --- GGML layout: one row at a time ---------------------------------------------------------------
+
+inline int32_t block_isum(const BlockQ8_0& w, const int8_t* x) { return hsum_epi32(dot_lanes(load_q8(w.qs), load_q8(x))); }
+inline int32_t block_isum(const BlockQ4_0& w, const int8_t* x) { return hsum_epi32(dot_lanes(unpack_q4_0(w), load_q8(x))); }
+
+template <typename B>
+inline float row_dot(const B* w, const BlockQ8_0* x, int64_t nb) {
+    float out = 0.0f;
+    for (int64_t b = 0; b < nb; ++b)
+        out = __builtin_fmaf(fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d), static_cast<float>(block_isum(w[b], x[b].qs)), out);
+    return out;
+}
+
+// Q4_K: per super-block, sum_j scale_j * dot_j and sum_j min_j * (sums of x over sub-block j).
+inline float row_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) {
+    float out = 0.0f, out_min = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; ++b) {
         const BlockQ4_K& wb = w[b];
         const BlockQ8_K& xb = x[b];
         __m256i sum = _mm256_setzero_si256();
-        int sum_min = 0;
+        int32_t sum_min = 0;
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
             const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs + 32 * g));
-            const __m256i lo = _mm256_and_si256(packed, low);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
             int scale_lo, min_lo, scale_hi, min_hi;
             q4_k_scale_min(2 * g, wb.scales, scale_lo, min_lo);
             q4_k_scale_min(2 * g + 1, wb.scales, scale_hi, min_hi);
-            const __m256i p_lo = dot_lanes_us(lo, load_q8(xb.qs + 64 * g));
-            const __m256i p_hi = dot_lanes_us(hi, load_q8(xb.qs + 64 * g + 32));
+            const __m256i p_lo = dot_lanes_us(_mm256_and_si256(packed, low), load_q8(xb.qs + 64 * g));
+            const __m256i p_hi = dot_lanes_us(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), load_q8(xb.qs + 64 * g + 32));
             sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(scale_lo)));
             sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(scale_hi)));
-            sum_min += min_lo * (xb.bsums[4 * g] + xb.bsums[4 * g + 1]);
-            sum_min += min_hi * (xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3]);
+            sum_min += min_lo * (xb.bsums[4 * g] + xb.bsums[4 * g + 1]) + min_hi * (xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3]);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(xb.d * fp16_to_fp32(wb.d)), _mm256_cvtepi32_ps(sum), acc);
-        acc_min = __builtin_fmaf(xb.d * fp16_to_fp32(wb.dmin), static_cast<float>(sum_min), acc_min);
+        out = __builtin_fmaf(xb.d * fp16_to_fp32(wb.d), static_cast<float>(hsum_epi32(sum)), out);
+        out_min = __builtin_fmaf(xb.d * fp16_to_fp32(wb.dmin), static_cast<float>(sum_min), out_min);
     }
-    return hsum(acc) - acc_min;
+    return out - out_min;
 }
 
-// One Q6_K weight row times one Q8_K x row. A half of 128 values holds four groups of 32 (value
-// 32k + l: low nibble of ql[l + 32 (k % 2)] if k < 2 else its high nibble, bits 2k..2k+1 of qh[l]),
-// each two sub-blocks of 16 with their own int8 scale. The 6-bit values enter the int8 dot product
-// unsigned; their -32 offset is one int per super-block, 32 * sum(scale * x sums of its 16).
-inline float q6_k_dot(const BlockQ6_K* w, const BlockQ8_K* x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    float acc_offset = 0.0f;
+// Q6_K: a half of 128 values holds four groups of 32 (value 32k + l: low nibble of ql[l + 32 (k % 2)]
+// if k < 2 else its high nibble, bits 2k..2k+1 of qh[l]), each two sub-blocks of 16 with their own
+// int8 scale. The 6-bit values enter the dot product unsigned; their -32 offset is exact integers too.
+inline float row_dot(const BlockQ6_K* w, const BlockQ8_K* x, int64_t nb) {
+    float out = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
     for (int64_t b = 0; b < nb; ++b) {
         const BlockQ6_K& wb = w[b];
@@ -110,18 +109,81 @@ inline float q6_k_dot(const BlockQ6_K* w, const BlockQ8_K* x, int64_t nb) {
                 sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(lanes, _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1)));
             }
         }
-        int offset = 0;
+        int32_t offset = 0;
         for (int j = 0; j < 16; ++j) offset += wb.scales[j] * xb.bsums[j];
-        const float scale = xb.d * fp16_to_fp32(wb.d);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sum), acc);
-        acc_offset = __builtin_fmaf(scale, static_cast<float>(32 * offset), acc_offset);
+        const int32_t isum = hsum_epi32(sum) - 32 * offset;
+        out = __builtin_fmaf(xb.d * fp16_to_fp32(wb.d), static_cast<float>(isum), out);
     }
-    return hsum(acc) - acc_offset;
+    return out;
 }
 
-// The activation blocks a weight format pairs with.
+// --- r8 layout: 8 rows as 8 lanes ---------------------------------------------------------------
+
+// One 4-byte group of an x block, as all 8 lanes.
+inline __m256i broadcast4(const int8_t* x) {
+    int32_t v;
+    __builtin_memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
+}
+
+// The 8 rows' exact block dot products with MR x rows, lane r = row r.
+template <int MR>
+inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {
+        const __m256i values = load_q8(w.qs + 32 * g);
+        const __m256i magnitudes = _mm256_sign_epi8(values, values);
+        for (int i = 0; i < MR; ++i) {
+            const __m256i xs = _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), values);
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(magnitudes, xs));
+        }
+    }
+}
+
+// Q4_0: unsigned nibbles (0..15) times x, minus 8 * (sum of the x block): the same integers as the
+// signed values (q - 8) would give, without the sign trick.
+template <int MR>
+inline void group_isums(const BlockQ4_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+    for (int g = 0; g < 4; ++g) {
+        const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(w.qs + 32 * g));
+        const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+        for (int i = 0; i < MR; ++i) {
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(lo, broadcast4(x[i][b].qs + 4 * g)));
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(hi, broadcast4(x[i][b].qs + 16 + 4 * g)));
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        // sum of the x block's 32 values, times 8 (exact), from its bytes
+        const __m256i xv = load_q8(x[i][b].qs);
+        const __m256i ones = _mm256_set1_epi8(1);
+        const int32_t x_sum = hsum_epi32(dot_lanes_us(ones, xv));
+        isum[i] = _mm256_sub_epi32(isum[i], _mm256_set1_epi32(8 * x_sum));
+    }
+}
+
+// out[i][r] for MR x rows and the 8 rows of a group: the chain per lane.
+template <int MR, typename G>
+inline void group_tile(const G* w, const BlockQ8_0* const* x, int64_t nb, float* const* out) {
+    __m256 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i isum[MR];
+        group_isums<MR>(w[b], x, b, isum);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].d)));
+        for (int i = 0; i < MR; ++i) {
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(fp16_to_fp32(x[i][b].d)));
+            acc[i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[i]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out[i], acc[i]);
+}
+
+// --- quantizing x, and the chunk ------------------------------------------------------------------
+
 template <typename B>
-struct ActivationBlock {
+struct ActivationBlock {  // Q8_0 for Q8_0 / Q4_0 weights (either layout)
     using type = BlockQ8_0;
     static constexpr int64_t size = 32;
     static void quantize(const float* x, type* y, int64_t K) { quantize_row_q8_0(x, y, K); }
@@ -146,35 +208,42 @@ const typename ActivationBlock<B>::type* quantize_rows(const float* x, int64_t l
     return buffer.data();
 }
 
-// out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T for w rows of K / block elements each (w points at row 0).
+// out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T for GGML-layout rows of K / block elements each (w points
+// at row 0).
 template <typename B>
 inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* out, int64_t ldo, int64_t M,
                                int64_t K, int64_t n0, int64_t n1) {
-    constexpr int64_t M_BLOCK = 64;  // quantized x rows per pass over the chunk (kept in L2 with it)
     const auto* xq = quantize_rows<B>(x, ldx, M, K);
     const int64_t nb = K / ActivationBlock<B>::size;
-    if constexpr (std::is_same_v<B, BlockQ4_K> || std::is_same_v<B, BlockQ6_K>) {
-        for (int64_t n = n0; n < n1; ++n)
-            for (int64_t m = 0; m < M; ++m) {
-                if constexpr (std::is_same_v<B, BlockQ4_K>)
-                    out[m * ldo + n] = q4_k_dot(w + n * nb, xq + m * nb, nb);
-                else
-                    out[m * ldo + n] = q6_k_dot(w + n * nb, xq + m * nb, nb);
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = row_dot(w + n * nb, xq + m * nb, nb);
+}
+
+// The same for r8 rows (G: BlockQ8_0x8 or BlockQ4_0x8; n0, n1 multiples of 8; w points at row 0).
+template <typename G>
+inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
+                                  int64_t K, int64_t n0, int64_t n1) {
+    constexpr int64_t MR = 4;
+    const BlockQ8_0* xq = quantize_rows<BlockQ8_0>(x, ldx, M, K);
+    const int64_t nb = K / 32;
+    float tmp[MR][8];
+    for (int64_t n = n0; n < n1; n += 8) {
+        const G* wg = w + (n / 8) * nb;
+        int64_t m = 0;
+        for (; m < M; m += MR) {
+            const int64_t rows = M - m < MR ? M - m : MR;
+            const BlockQ8_0* xs[MR];
+            float* outs[MR];
+            for (int i = 0; i < MR; ++i) {
+                xs[i] = xq + (m + (i < rows ? i : 0)) * nb;
+                outs[i] = tmp[i];
             }
-        return;
-    } else {
-        for (int64_t mc = 0; mc < M; mc += M_BLOCK) {
-            const int64_t me = mc + M_BLOCK < M ? mc + M_BLOCK : M;
-            int64_t n = n0;
-            for (; n + 4 <= n1 && me - mc < 4; n += 4)  // few rows: four weight rows per x row
-                for (int64_t m = mc; m < me; ++m) qtile<1, 4>(xq + m * nb, nb, w + n * nb, out + m * ldo + n, ldo);
-            for (; n + 2 <= n1; n += 2) {
-                int64_t m = mc;
-                for (; m + 4 <= me; m += 4) qtile<4, 2>(xq + m * nb, nb, w + n * nb, out + m * ldo + n, ldo);
-                for (; m < me; ++m) qtile<1, 2>(xq + m * nb, nb, w + n * nb, out + m * ldo + n, ldo);
-            }
-            for (; n < n1; ++n)
-                for (int64_t m = mc; m < me; ++m) qtile<1, 1>(xq + m * nb, nb, w + n * nb, out + m * ldo + n, ldo);
+            if (rows == MR)
+                group_tile<MR>(wg, xs, nb, outs);
+            else
+                for (int i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
+            for (int i = 0; i < rows; ++i)
+                for (int r = 0; r < 8; ++r) out[(m + i) * ldo + n + r] = tmp[i][r];
         }
     }
 }

@@ -19,14 +19,18 @@ struct Weight {
 
     // Elements per block and bytes per block of the format.
     static int64_t block_elements(int format) {
-        return format == Q4_K || format == Q6_K ? 256 : format == Q8_0 || format == Q4_0 ? 32 : 1;
+        switch (format) {
+            case Q4_K: case Q6_K: return 256;
+            case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return 32;
+            default: return 1;
+        }
     }
     static int64_t block_bytes(int format) {
         switch (format) {
             case F32: return 4;
             case BF16: return 2;
-            case Q8_0: return sizeof(BlockQ8_0);
-            case Q4_0: return sizeof(BlockQ4_0);
+            case Q8_0: case Q8_0_R8: return sizeof(BlockQ8_0);
+            case Q4_0: case Q4_0_R8: return sizeof(BlockQ4_0);
             case Q6_K: return sizeof(BlockQ6_K);
             default: return sizeof(BlockQ4_K);
         }
@@ -42,14 +46,15 @@ struct Weight {
 inline bool format_fits(int format, int64_t K) {
     switch (format) {
         case F32: case BF16: return true;
-        case Q8_0: case Q4_0: return K % 32 == 0;
+        case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return K % 32 == 0;
         case Q4_K: case Q6_K: return K % 256 == 0;
         default: return false;
     }
 }
 
 // out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T. ldw is w's row stride in elements; quantized weights
-// have contiguous rows (ldw == K).
+// have contiguous rows (ldw == K), and r8 ones chunks that start and end on multiples of 8 rows
+// (chunk_rows gives multiples of 24; a matrix's row count is a multiple of 8 in that layout).
 inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, float* out, int64_t ldo, int64_t M,
                          int64_t K, int64_t n0, int64_t n1) {
     switch (w.format) {
@@ -59,6 +64,10 @@ inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, flo
         case Q4_0: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_0*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_K*>(w.data), out, ldo, M, K, n0, n1);
         case Q6_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ6_K*>(w.data), out, ldo, M, K, n0, n1);
+        case Q8_0_R8:
+            return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ8_0x8*>(w.data), out, ldo, M, K, n0, n1);
+        case Q4_0_R8:
+            return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ4_0x8*>(w.data), out, ldo, M, K, n0, n1);
     }
 }
 

@@ -30,6 +30,7 @@ from moetron.model.moe import GroupedExperts, Router
 from moetron.model.ops import Linear
 from moetron.model.transformer import Transformer
 from moetron.quant import ggml_blocks
+from moetron.quant.interleave import INTERLEAVED, ROWS, to_r8
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,11 @@ class QuantizedGroupedExperts(GroupedExperts):
 
 def set_quantized_weight(module: nn.Module, name: str, packed: torch.Tensor, fmt: str) -> None:
     """Put `packed` (GGML blocks of `fmt`, or a float32 tensor for "f32") in place of `module`'s
-    weight `name`; a Linear or GroupedExperts becomes its quantized class on its first one."""
+    weight `name`; a Linear or GroupedExperts becomes its quantized class on its first one. Q8_0 and
+    Q4_0 rows in groups of 8 are stored interleaved (interleave.py), which the kernels stream fastest."""
+    if fmt in INTERLEAVED and packed.shape[-2] % ROWS == 0:
+        flat = packed.reshape(-1, packed.shape[-1])
+        packed, fmt = to_r8(flat, fmt).reshape(packed.shape), INTERLEAVED[fmt]
     if type(module) is Linear:
         module.__class__ = QuantizedLinear
         module.weight_formats = {}
@@ -166,7 +171,8 @@ def quantize_model(model: Transformer, fmt: str) -> QuantizationReport:
 
 
 def weight_format(module: nn.Module, name: str) -> str:
-    """The kernels' format name of `module`'s weight `name`: its quantized format, else its dtype's."""
+    """The kernels' format name of `module`'s weight `name`: its quantized format (an "_r8" one when
+    interleaved), else its dtype's."""
     formats = getattr(module, "weight_formats", None)
     if formats is not None and name in formats:
         return formats[name]
