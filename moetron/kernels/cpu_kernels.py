@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 12  # 12: Q6_K weights, r8 layouts
+ABI_VERSION = 13  # 13: Q6_K weights, r8 layouts of Q8_0 / Q4_0 / Q4_K
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -76,6 +76,7 @@ FORMAT_CODES = {
     "q6_k": 14,
     "q8_0_r8": 1008,
     "q4_0_r8": 1002,
+    "q4_k_r8": 1012,
 }
 DTYPE_FORMATS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # The argument codes the library exports for each entry point (export.h): the C signatures are the

@@ -10,11 +10,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd_avx2.h"
+
 namespace moetron {
 
 // ggml_type ids (ggml.h), the format codes the C interface takes; 1000 + id: the same blocks in
 // moetron's 8-row interleaved layout (quant_tiles.h).
-enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008 };
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008, Q4_K_R8 = 1012 };
 
 struct BlockQ8_0 {
     uint16_t d;  // fp16 scale
@@ -73,34 +75,47 @@ inline void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t K) {
 }
 
 // One row of K floats (K a multiple of 256) as Q8_K blocks, as llama.cpp's quantize_row_q8_K_ref:
-// the value of largest magnitude maps to -128, the rest round to nearest even, at most 127.
+// the value of largest magnitude (the first one on ties) maps to -128, the rest round to nearest
+// even, at most 127; bsums are the sums of each 16. Vectorised, the same numbers as that scalar loop.
 inline void quantize_row_q8_k(const float* x, BlockQ8_K* y, int64_t K) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < K / 256; ++b) {
         const float* xb = x + b * 256;
-        float max = 0.0f, amax = 0.0f;
-        for (int j = 0; j < 256; ++j) {
-            const float a = xb[j] < 0 ? -xb[j] : xb[j];
-            if (a > amax) {
-                amax = a;
-                max = xb[j];
-            }
-        }
+        __m256 vmax = _mm256_setzero_ps();
+        for (int i = 0; i < 32; ++i) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb + 8 * i)));
+        const float amax = hmax(vmax);
         if (amax == 0.0f) {
-            y[b].d = 0.0f;
-            for (int j = 0; j < 256; ++j) y[b].qs[j] = 0;
-        } else {
-            const float iscale = -128.f / max;
-            for (int j = 0; j < 256; ++j) {
-                const int v = static_cast<int>(__builtin_nearbyintf(iscale * xb[j]));
-                y[b].qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
+            y[b] = BlockQ8_K{};
+            continue;
+        }
+        float max = 0.0f;
+        for (int i = 0; i < 32; ++i) {
+            const __m256 hit = _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb + 8 * i)), _mm256_set1_ps(amax), _CMP_EQ_OQ);
+            const int mask = _mm256_movemask_ps(hit);
+            if (mask) {
+                max = xb[8 * i + __builtin_ctz(mask)];
+                break;
             }
-            y[b].d = 1.0f / iscale;
         }
-        for (int g = 0; g < 16; ++g) {
-            int sum = 0;
-            for (int j = 0; j < 16; ++j) sum += y[b].qs[g * 16 + j];
-            y[b].bsums[g] = static_cast<int16_t>(sum);
+        const float iscale = -128.f / max;
+        const __m256 scale = _mm256_set1_ps(iscale);
+        for (int g = 0; g < 16; ++g) {  // 16 values: two vectors, packed to 16 int8, summed
+            __m256i q[2];
+            for (int h = 0; h < 2; ++h) {
+                const __m256 v = _mm256_round_ps(_mm256_mul_ps(scale, _mm256_loadu_ps(xb + 16 * g + 8 * h)),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[h] = _mm256_min_epi32(_mm256_cvtps_epi32(v), _mm256_set1_epi32(127));
+            }
+            const __m256i sum = _mm256_add_epi32(q[0], q[1]);
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            y[b].bsums[g] = static_cast<int16_t>(_mm_cvtsi128_si32(s));
+            const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);  // 16 int16 in order
+            const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(y[b].qs + 16 * g), bytes);
         }
+        y[b].d = 1.0f / iscale;
     }
 }
 

@@ -9,7 +9,7 @@
 // subtracted at the end. Integer sums are exact, so how SIMD lanes split them never shows.
 //
 // Two layouts of the same blocks: GGML's (rows one after another; any row count), and "r8" for
-// Q8_0 / Q4_0 (moetron/quant/repack.py: each 8 rows' blocks interleaved, their 8 scales together,
+// Q8_0 / Q4_0 / Q4_K (moetron/quant/interleave.py: each 8 rows' blocks interleaved, their scales together,
 // their values in 4-byte groups), where one 32-byte load holds 4 values of each of 8 rows. There
 // the 8 rows are the 8 SIMD lanes, each running the chain above, so a decode step streams the
 // weights with a few instructions per 256 multiply-adds (the layout llama.cpp's CPU repack uses
@@ -36,7 +36,13 @@ struct BlockQ4_0x8 {
     uint16_t d[8];
     uint8_t qs[128];  // group g < 4, row r, j < 4: values 4g + j (low nibble), 16 + 4g + j (high)
 };
-static_assert(sizeof(BlockQ8_0x8) == 8 * sizeof(BlockQ8_0) && sizeof(BlockQ4_0x8) == 8 * sizeof(BlockQ4_0));
+struct BlockQ4_Kx8 {
+    uint16_t d[8], dmin[8];
+    uint8_t scales[96];  // 4-byte group c < 3, row r: the row's packed scales[4c .. 4c + 3] at 32c + 4r
+    uint8_t qs[1024];    // 4-byte group k < 32, row r: the row's qs[4k .. 4k + 3] at 32k + 4r
+};
+static_assert(sizeof(BlockQ8_0x8) == 8 * sizeof(BlockQ8_0) && sizeof(BlockQ4_0x8) == 8 * sizeof(BlockQ4_0) &&
+              sizeof(BlockQ4_Kx8) == 8 * sizeof(BlockQ4_K));
 
 inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -180,6 +186,55 @@ inline void group_tile(const G* w, const BlockQ8_0* const* x, int64_t nb, float*
     for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
 
+// Q4_K, 8 rows as 8 lanes, one x row: per super-block the lanes of sum_j scale_j * dot_j and of
+// sum_j min_j * (x sums over sub-block j), exact integers as in row_dot, then the same two chains.
+inline void q4_k_group_row(const BlockQ4_Kx8* w, const BlockQ8_K* x, int64_t nb, float* out) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ4_Kx8& wb = w[b];
+        const BlockQ8_K& xb = x[b];
+        // The 6-bit scales and mins of the 8 rows, lane by lane (q4_k_scale_min's bit layout): bytes
+        // 0-3 hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the mins, bytes
+        // 8-11 the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7 (high nibbles).
+        const __m256i a = load_q8(reinterpret_cast<const int8_t*>(wb.scales));
+        const __m256i m = load_q8(reinterpret_cast<const int8_t*>(wb.scales + 32));
+        const __m256i c = load_q8(reinterpret_cast<const int8_t*>(wb.scales + 64));
+        const __m256i six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15), two = _mm256_set1_epi32(3);
+        __m256i scale[8], min[8];
+        for (int j = 0; j < 4; ++j) {
+            const __m128i shift = _mm_cvtsi32_si128(8 * j);
+            const __m256i aj = _mm256_srl_epi32(a, shift), mj = _mm256_srl_epi32(m, shift), cj = _mm256_srl_epi32(c, shift);
+            scale[j] = _mm256_and_si256(aj, six);
+            min[j] = _mm256_and_si256(mj, six);
+            const __m256i top_s = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(aj, 6), two), 4);
+            const __m256i top_m = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(mj, 6), two), 4);
+            scale[j + 4] = _mm256_or_si256(_mm256_and_si256(cj, four), top_s);
+            min[j + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(cj, 4), four), top_m);
+        }
+        __m256i isum = _mm256_setzero_si256(), msum = _mm256_setzero_si256();
+        for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
+            __m256i dot_lo = _mm256_setzero_si256(), dot_hi = _mm256_setzero_si256();
+            for (int t = 0; t < 8; ++t) {
+                const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t)));
+                const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                dot_lo = _mm256_add_epi32(dot_lo, dot_lanes_us(lo, broadcast4(xb.qs + 64 * g + 4 * t)));
+                dot_hi = _mm256_add_epi32(dot_hi, dot_lanes_us(hi, broadcast4(xb.qs + 64 * g + 32 + 4 * t)));
+            }
+            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_lo, scale[2 * g]));
+            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_hi, scale[2 * g + 1]));
+            msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(min[2 * g], _mm256_set1_epi32(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
+            msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(min[2 * g + 1], _mm256_set1_epi32(xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3])));
+        }
+        const __m256 dx = _mm256_set1_ps(xb.d);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb.d)));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb.dmin)));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(isum), acc);
+        acc_min = _mm256_fmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc_min);
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, acc_min));
+}
+
 // --- quantizing x, and the chunk ------------------------------------------------------------------
 
 template <typename B>
@@ -196,6 +251,8 @@ struct ActivationBlock<BlockQ4_K> {
 };
 template <>
 struct ActivationBlock<BlockQ6_K> : ActivationBlock<BlockQ4_K> {};
+template <>
+struct ActivationBlock<BlockQ4_Kx8> : ActivationBlock<BlockQ4_K> {};
 
 // x rows [0, M) quantized into a buffer kept per thread (grown only).
 template <typename B>
@@ -219,8 +276,20 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
         for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = row_dot(w + n * nb, xq + m * nb, nb);
 }
 
-// The same for r8 rows (G: BlockQ8_0x8 or BlockQ4_0x8; n0, n1 multiples of 8; w points at row 0).
-template <typename G>
+// The same for r8 rows (n0, n1 multiples of 8; w points at row 0).
+inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8* w, float* out, int64_t ldo,
+                                  int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const BlockQ8_K* xq = quantize_rows<BlockQ4_Kx8>(x, ldx, M, K);
+    const int64_t nb = K / 256;
+    float tmp[8];
+    for (int64_t n = n0; n < n1; n += 8)
+        for (int64_t m = 0; m < M; ++m) {
+            q4_k_group_row(w + (n / 8) * nb, xq + m * nb, nb, tmp);
+            for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
+        }
+}
+
+template <typename G>  // BlockQ8_0x8 or BlockQ4_0x8
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
     constexpr int64_t MR = 4;

@@ -20,7 +20,7 @@ struct Weight {
     // Elements per block and bytes per block of the format.
     static int64_t block_elements(int format) {
         switch (format) {
-            case Q4_K: case Q6_K: return 256;
+            case Q4_K: case Q6_K: case Q4_K_R8: return 256;
             case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return 32;
             default: return 1;
         }
@@ -47,7 +47,7 @@ inline bool format_fits(int format, int64_t K) {
     switch (format) {
         case F32: case BF16: return true;
         case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return K % 32 == 0;
-        case Q4_K: case Q6_K: return K % 256 == 0;
+        case Q4_K: case Q6_K: case Q4_K_R8: return K % 256 == 0;
         default: return false;
     }
 }
@@ -68,6 +68,8 @@ inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, flo
             return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ8_0x8*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_0_R8:
             return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ4_0x8*>(w.data), out, ldo, M, K, n0, n1);
+        case Q4_K_R8:
+            return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ4_Kx8*>(w.data), out, ldo, M, K, n0, n1);
     }
 }
 

@@ -1,14 +1,15 @@
-"""moetron's "r8" layout of Q8_0 / Q4_0 weights: the blocks of each 8 rows interleaved so that one
-32-byte load holds 4 values of each of the 8 rows (moetron/kernels/quant_tiles.h computes 8 output
-rows as the 8 lanes of a vector). The same bytes as GGML's layout, reordered within each group of 8
-rows: a weight [R, B * block_bytes] keeps its shape, R a multiple of 8.
+"""moetron's "r8" layout of Q8_0 / Q4_0 / Q4_K weights: the blocks of each 8 rows interleaved so
+that one 32-byte load holds 4 values of each of the 8 rows (moetron/kernels/quant_tiles.h computes
+8 output rows as the 8 lanes of a vector). The same bytes as GGML's layout, reordered within each
+group of 8 rows: a weight [R, B * block_bytes] keeps its shape, R a multiple of 8.
 
-Per group of 8 rows and block b (Q8_0: 272 bytes; Q4_0: 144):
-  the 8 rows' fp16 scales, then their values in 4-byte groups g: row r's values 4g..4g+3 at
-  bytes 32g + 4r (Q8_0, g < 8); for Q4_0 (g < 4) byte 32g + 4r + j holds value 4g + j in its low
-  nibble and value 16 + 4g + j in its high nibble, as a GGML Q4_0 byte pairs j and j + 16.
+Per group of 8 rows and block b: each header field of the 8 rows together (Q8_0 / Q4_0: the fp16
+scales; Q4_K: the 8 d, then the 8 dmin), then the rest in 4-byte groups: the k-th 4 bytes of every
+row, row after row (32k + 4r for row r); for Q4_K the rest starts with its 12 bytes of packed scales. A 4-byte group holds 4
+consecutive Q8_0 values; for Q4_0 (and Q4_K) its low nibbles are 4 values and its high nibbles the 4
+that GGML pairs with them (16 on in Q4_0, 32 on in Q4_K's 64-value chunks).
 
-Legend: R rows (G = R / 8 groups), B blocks per row, L values per block (32).
+Legend: R rows (G = R / 8 groups), B blocks per row, Y bytes per block, V value bytes per block.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import torch
 
 from moetron.quant.ggml_blocks import block_format
 
-INTERLEAVED = {"q8_0": "q8_0_r8", "q4_0": "q4_0_r8"}
+INTERLEAVED = {"q8_0": "q8_0_r8", "q4_0": "q4_0_r8", "q4_k": "q4_k_r8"}
 ROWS = 8
+# Each format's header fields as (start, stop) bytes of a block; the values follow the last.
+# (Q4_K's 12 bytes of packed scales count as values: 3 more 4-byte groups, which the kernel then
+# unpacks for 8 rows at once, lane by lane.)
+_HEADER = {"q8_0": ((0, 2),), "q4_0": ((0, 2),), "q4_k": ((0, 2), (2, 4))}
 
 
 def base_format(fmt: str) -> str:
@@ -29,9 +34,10 @@ def base_format(fmt: str) -> str:
 def _grouped(data_RY: torch.Tensor, fmt: str) -> torch.Tensor:
     rows, width = data_RY.shape
     block = block_format(fmt).block_bytes
-    if data_RY.dtype != torch.uint8 or rows % ROWS or width % block:
+    if fmt not in _HEADER or data_RY.dtype != torch.uint8 or rows % ROWS or width % block:
         raise ValueError(
-            f"the r8 layout takes uint8 {fmt} rows in groups of {ROWS}, got {data_RY.dtype} {list(data_RY.shape)}"
+            f"the r8 layout takes uint8 q8_0/q4_0/q4_k rows in groups of {ROWS}, got {fmt} "
+            f"{data_RY.dtype} {list(data_RY.shape)}"
         )
     return data_RY.reshape(rows // ROWS, ROWS, width // block, block)  # [G, 8, B, Y]
 
@@ -39,27 +45,33 @@ def _grouped(data_RY: torch.Tensor, fmt: str) -> torch.Tensor:
 def to_r8(data_RY: torch.Tensor, fmt: str) -> torch.Tensor:
     """GGML-layout blocks [R, B * Y] → the same blocks interleaved by 8 rows (same shape)."""
     blocks_G8BY = _grouped(data_RY, fmt)
-    scales_GB8Z = blocks_G8BY[..., :2].permute(0, 2, 1, 3)  # Z = 2 bytes of an fp16 scale
-    values_G8BV = blocks_G8BY[..., 2:]
-    groups = values_G8BV.shape[-1] // 4
-    # [G, 8, B, g, 4] -> [G, B, g, 8, 4]: group g of every row together
-    values_GBg84 = values_G8BV.reshape(*values_G8BV.shape[:3], groups, 4).permute(0, 2, 3, 1, 4)
-    out = torch.cat(
-        [scales_GB8Z.reshape(*scales_GB8Z.shape[:2], -1), values_GBg84.reshape(*values_GBg84.shape[:2], -1)],
-        dim=2,
-    )
-    return out.reshape(data_RY.shape).contiguous()
+    num_groups, _, num_blocks, _ = blocks_G8BY.shape
+    header_end = _HEADER[fmt][-1][1]
+    parts = [
+        blocks_G8BY[..., a:b].permute(0, 2, 1, 3).reshape(num_groups, num_blocks, -1) for a, b in _HEADER[fmt]
+    ]
+    values_G8BV = blocks_G8BY[..., header_end:]
+    chunks = values_G8BV.shape[-1] // 4
+    # [G, 8, B, k, 4] -> [G, B, k, 8, 4]: the k-th 4 bytes of every row together
+    values_GBk84 = values_G8BV.reshape(num_groups, ROWS, num_blocks, chunks, 4).permute(0, 2, 3, 1, 4)
+    parts.append(values_GBk84.reshape(num_groups, num_blocks, -1))
+    return torch.cat(parts, dim=2).reshape(data_RY.shape).contiguous()
 
 
 def from_r8(data_RY: torch.Tensor, fmt: str) -> torch.Tensor:
     """The inverse of to_r8: GGML's layout back."""
-    rows, width = data_RY.shape
-    block = block_format(fmt).block_bytes
-    num_blocks, groups = width // block, (block - 2) // 4
-    _grouped(data_RY, fmt)  # the checks
-    interleaved_GBY = data_RY.reshape(rows // ROWS, num_blocks, ROWS * block)
-    scales_GB8Z = interleaved_GBY[..., : 2 * ROWS].reshape(rows // ROWS, num_blocks, ROWS, 2)
-    values_GBg84 = interleaved_GBY[..., 2 * ROWS :].reshape(rows // ROWS, num_blocks, groups, ROWS, 4)
-    values_G8BV = values_GBg84.permute(0, 3, 1, 2, 4).reshape(rows // ROWS, ROWS, num_blocks, groups * 4)
-    blocks_G8BY = torch.cat([scales_GB8Z.permute(0, 2, 1, 3), values_G8BV], dim=3)
-    return blocks_G8BY.reshape(rows, width).contiguous()
+    blocks_G8BY = _grouped(data_RY, fmt)  # the checks; the bytes are read below as interleaved
+    num_groups, _, num_blocks, block = blocks_G8BY.shape
+    interleaved_GBX = data_RY.reshape(num_groups, num_blocks, ROWS * block)
+    fields, offset = [], 0
+    for a, b in _HEADER[fmt]:
+        size = ROWS * (b - a)
+        fields.append(
+            interleaved_GBX[..., offset : offset + size].reshape(num_groups, num_blocks, ROWS, b - a)
+        )
+        offset += size
+    chunks = (block - _HEADER[fmt][-1][1]) // 4
+    values_GBk84 = interleaved_GBX[..., offset:].reshape(num_groups, num_blocks, chunks, ROWS, 4)
+    fields.append(values_GBk84.permute(0, 1, 3, 2, 4).reshape(num_groups, num_blocks, ROWS, chunks * 4))
+    blocks_GB8Y = torch.cat(fields, dim=3)
+    return blocks_GB8Y.permute(0, 2, 1, 3).reshape(data_RY.shape).contiguous()
