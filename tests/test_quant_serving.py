@@ -124,8 +124,8 @@ def test_quantized_modules_and_fallbacks(model) -> None:
     assert isinstance(layer.attention.wq, QuantizedLinear) and isinstance(
         layer.ffn.experts, QuantizedGroupedExperts
     )
-    # q8_0 rows in groups of 8 are stored interleaved for the kernels (quant/interleave.py)
-    assert layer.ffn.experts.weight_formats == {"w1": "q4_k", "w2": "q8_0_r8", "w3": "q4_k"}
+    # rows in groups of 8 are stored interleaved for the kernels (quant/interleave.py)
+    assert layer.ffn.experts.weight_formats == {"w1": "q4_k_r8", "w2": "q8_0_r8", "w3": "q4_k_r8"}
     assert copied.output.weight_formats == {"weight": "q8_0"}  # the head keeps 8 bits (211 rows: not r8)
     assert layer.ffn.router.gate.weight.dtype == torch.float32  # the router stays float
     assert report.fallbacks == {("q4_k", "q8_0"): CFG.num_layers}
