@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import itertools
 import sys
 
 import torch
@@ -53,10 +54,12 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
-    """Re-home every CPU parameter of at least `min_bytes` on huge pages; returns bytes moved.
-    Tied parameters stay tied (`parameters()` yields a shared one once, and `.data` swaps in place)."""
+    """Re-home every CPU parameter of at least `min_bytes` on huge pages, and every quantized weight
+    (uint8 buffers: moetron/quant/quantize.py); returns bytes moved. Tied parameters stay tied
+    (`parameters()` yields a shared one once, and `.data` swaps in place)."""
     total = 0
-    for param in model.parameters():
+    quantized = (buffer for buffer in model.buffers() if buffer.dtype == torch.uint8)
+    for param in itertools.chain(model.parameters(), quantized):
         if param.device.type != "cpu" or param.nbytes < min_bytes or not param.is_contiguous():
             continue
         fresh = huge_page_empty(param.numel(), param.dtype).view(param.shape)
