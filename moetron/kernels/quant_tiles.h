@@ -135,15 +135,17 @@ inline __m256i broadcast4(const int8_t* x) {
 // The 8 rows' exact block dot products with MR x rows, lane r = row r.
 template <int MR>
 inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {
-        const __m256i values = load_q8(w.qs + 32 * g);
-        const __m256i magnitudes = _mm256_sign_epi8(values, values);
+    __m256i odd[MR];  // two accumulator chains (even and odd groups): dpbusd's latency overlaps
+    for (int i = 0; i < MR; ++i) isum[i] = odd[i] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g += 2) {
+        const __m256i v0 = load_q8(w.qs + 32 * g), v1 = load_q8(w.qs + 32 * g + 32);
+        const __m256i m0 = _mm256_sign_epi8(v0, v0), m1 = _mm256_sign_epi8(v1, v1);
         for (int i = 0; i < MR; ++i) {
-            const __m256i xs = _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), values);
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(magnitudes, xs));
+            isum[i] = dot_lanes_us_acc(isum[i], m0, _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), v0));
+            odd[i] = dot_lanes_us_acc(odd[i], m1, _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g + 4), v1));
         }
     }
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_add_epi32(isum[i], odd[i]);
 }
 
 // Q4_0: unsigned nibbles (0..15) times x, minus 8 * (sum of the x block): the same integers as the
@@ -151,15 +153,17 @@ inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t
 template <int MR>
 inline void group_isums(const BlockQ4_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+    __m256i high[MR];  // two accumulator chains (low and high nibbles): dpbusd's latency overlaps
+    for (int i = 0; i < MR; ++i) isum[i] = high[i] = _mm256_setzero_si256();
     for (int g = 0; g < 4; ++g) {
         const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(w.qs + 32 * g));
         const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
         for (int i = 0; i < MR; ++i) {
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(lo, broadcast4(x[i][b].qs + 4 * g)));
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(hi, broadcast4(x[i][b].qs + 16 + 4 * g)));
+            isum[i] = dot_lanes_us_acc(isum[i], lo, broadcast4(x[i][b].qs + 4 * g));
+            high[i] = dot_lanes_us_acc(high[i], hi, broadcast4(x[i][b].qs + 16 + 4 * g));
         }
     }
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_add_epi32(isum[i], high[i]);
     for (int i = 0; i < MR; ++i) {
         // sum of the x block's 32 values, times 8 (exact), from its bytes
         const __m256i xv = load_q8(x[i][b].qs);
@@ -214,13 +218,18 @@ inline void q4_k_group_row(const BlockQ4_Kx8* w, const BlockQ8_K* x, int64_t nb,
         }
         __m256i isum = _mm256_setzero_si256(), msum = _mm256_setzero_si256();
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
-            __m256i dot_lo = _mm256_setzero_si256(), dot_hi = _mm256_setzero_si256();
-            for (int t = 0; t < 8; ++t) {
-                const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t)));
-                const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                dot_lo = _mm256_add_epi32(dot_lo, dot_lanes_us(lo, broadcast4(xb.qs + 64 * g + 4 * t)));
-                dot_hi = _mm256_add_epi32(dot_hi, dot_lanes_us(hi, broadcast4(xb.qs + 64 * g + 32 + 4 * t)));
+            // Four accumulator chains (low/high nibbles, even/odd t): dpbusd's latency overlaps.
+            __m256i dot_lo = _mm256_setzero_si256(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
+            for (int t = 0; t < 8; t += 2) {
+                const __m256i p0 = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t)));
+                const __m256i p1 = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t + 1)));
+                dot_lo = dot_lanes_us_acc(dot_lo, _mm256_and_si256(p0, low), broadcast4(xb.qs + 64 * g + 4 * t));
+                dot_hi = dot_lanes_us_acc(dot_hi, _mm256_and_si256(_mm256_srli_epi16(p0, 4), low), broadcast4(xb.qs + 64 * g + 32 + 4 * t));
+                dot_lo1 = dot_lanes_us_acc(dot_lo1, _mm256_and_si256(p1, low), broadcast4(xb.qs + 64 * g + 4 * t + 4));
+                dot_hi1 = dot_lanes_us_acc(dot_hi1, _mm256_and_si256(_mm256_srli_epi16(p1, 4), low), broadcast4(xb.qs + 64 * g + 36 + 4 * t));
             }
+            dot_lo = _mm256_add_epi32(dot_lo, dot_lo1);
+            dot_hi = _mm256_add_epi32(dot_hi, dot_hi1);
             isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_lo, scale[2 * g]));
             isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_hi, scale[2 * g + 1]));
             msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(min[2 * g], _mm256_set1_epi32(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
