@@ -61,8 +61,8 @@ WEIGHT_BYTES = {"f32": 4, "bf16": 2}
 PROBE_TOKENS = 4  # new tokens per call when choosing transformers' experts implementation
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape (model_config reads them); decode_quant.py shares it."""
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--num-layers", type=int, default=4)
@@ -71,6 +71,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-hidden-dim", type=int, default=2048)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt, (a) and (b)")
     p.add_argument("--new-tokens", type=int, default=64, help="(a): new tokens per generation")
     p.add_argument("--concurrent", type=int, default=32, help="(b): number of requests")

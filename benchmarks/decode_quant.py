@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_line, print_table, read_bandwidth_gbs, setup_threads, time_interleaved
-from benchmarks.decode import agreement, llama_cpp_generate, model_config, moetron_generate
+from benchmarks.decode import add_model_args, agreement, llama_cpp_generate, model_config, moetron_generate
 from moetron.model.accounting import kv_bytes_per_token, param_counts
 
 FORMATS = ("f32", "q8_0", "q4_0", "q4_k")
@@ -38,14 +38,7 @@ FORMATS = ("f32", "q8_0", "q4_0", "q4_k")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=16)
-    p.add_argument("--num-kv-heads", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert-hidden-dim", type=int, default=2048)
+    add_model_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrent", type=int, default=32)

@@ -200,20 +200,12 @@ def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -
     llama.cpp's Q8_0 path computes what ours does (Q8_0 activations, exact int8 block sums) up to
     the fp32 order of summing blocks; F32 differs by float summation order; Q4_0 by llama.cpp's
     repacked-weight path."""
-    import llama_cpp
-
     model, tokenizer = model_and_tokenizer
     ids = _ids()[0].tolist()
     tolerances = {"f32": 1e-3, "q8_0": 1e-5, "q4_0": 0.03}
     for outtype, tolerance in tolerances.items():
         path = write_gguf(model, tokenizer, tmp_path / f"l-{outtype}.gguf", outtype)
-        f32 = llama_cpp.GGML_TYPE_F32
-        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=f32, type_v=f32)
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-        loaded, _ = load_gguf(path)
-        with torch.no_grad():
-            ours = loaded(torch.tensor([ids]))[0]
+        ours, theirs = _both_logits(path, ids)
         error = float((ours - theirs).norm() / theirs.norm())
         assert error <= tolerance, (outtype, error)
         assert bool((ours.argmax(-1) == theirs.argmax(-1)).all()), outtype
@@ -226,9 +218,10 @@ def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -
 def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
     """What users have: files llama.cpp's own quantizer writes (Q4_K_M mixes Q4_K and Q6_K). Its
     Q8_0 file gives llama.cpp's logits within float rounding (the same integer block sums, summed
-    per block in moetron, per lane in llama.cpp: 9e-8 relative measured); Q4_K_M within 5%, the same top-1 token at >= 90% of
-    the positions of this random model's flat distributions. (Measured on this model: from the float computation on the same dequantized weights,
-    moetron's logits are 1.1% away, llama.cpp's, through its repacked K-quant path, 3.6%.)"""
+    per block in moetron, per lane in llama.cpp: 9e-8 relative measured); Q4_K_M within 5%, the
+    same top-1 token at >= 90% of the positions of this random model's flat distributions.
+    (Measured on this model: from the float computation on the same dequantized weights, moetron's
+    logits are 1.1% away; llama.cpp's, through its repacked K-quant path, 3.6%.)"""
     import ctypes
 
     import llama_cpp
@@ -252,13 +245,7 @@ def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
             == 0
         )
         assert {t.tensor_type.name for t in gguf.GGUFReader(str(target)).tensors} == kinds
-        f32 = llama_cpp.GGML_TYPE_F32
-        llm = llama_cpp.Llama(str(target), n_ctx=64, logits_all=True, verbose=False, type_k=f32, type_v=f32)
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-        loaded, _ = load_gguf(target)
-        with torch.no_grad():
-            ours = loaded(torch.tensor([ids]))[0]
+        ours, theirs = _both_logits(target, ids)
         assert float((ours - theirs).norm() / theirs.norm()) <= tolerance, ftype
         agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
         assert agreement >= (1.0 if ftype == 7 else 0.9), (ftype, agreement)
@@ -308,3 +295,16 @@ def test_sentencepiece_vocabularies_encode_as_sentencepiece_does(tmp_path) -> No
         assert ours == sp.encode(line), line
         assert tokenizer.decode(ours) == line
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+
+
+def _both_logits(path, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits of moetron and of llama.cpp (fp32 KV cache, like ours) on one file."""
+    import llama_cpp
+
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=f32, type_v=f32)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    loaded, _ = load_gguf(path)
+    with torch.no_grad():
+        return loaded(torch.tensor([ids]))[0], theirs
