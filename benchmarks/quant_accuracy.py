@@ -7,6 +7,8 @@ format against float32, and moetron's logits against llama.cpp's on the same GGU
 (a) Perplexity: the validation documents the trainer held out (the run's config.json: its data
     sources, val_fraction and seed), scored in windows of --seq-len tokens, with the float model
     and with its matmul weights quantized as `moetron serve --quantization` does.
+(c) The KV cache in bf16 (engine.kv_cache_dtype): the engine scores the held-out windows (prompt
+    logprobs, so every key is read back from the cache) with an fp32 and a bf16 cache.
 (b) Agreement with llama.cpp (llama-cpp-python, fp32 KV cache): moetron's writer makes one GGUF
     per format; both systems score the same held-out windows teacher-forced; printed: the share of
     positions with the same top-1 token and the mean KL(llama.cpp || moetron) in nats.
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_line, print_table, setup_threads
+from moetron.config import EngineConfig
 
 FORMATS = ("q8_0", "q4_0", "q4_k")
 
@@ -38,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=60_000)
     p.add_argument("--llama-windows", type=int, default=8, help="(b): windows scored by both systems")
+    p.add_argument("--cache-windows", type=int, default=24, help="(c): windows scored through the engine")
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args()
@@ -90,6 +94,12 @@ def main() -> None:
     print(f"\n(a) held-out perplexity: {len(documents)} validation documents, {scored:,} tokens scored "
           f"in windows of {args.seq_len}, {threads} threads")  # fmt: skip
     print_table(["weights", "nats/token", "perplexity", "vs float32", "bits/byte"], rows)
+    print(
+        f"\n(c) KV cache dtype: the engine's prompt logprobs over {args.cache_windows} windows of {args.seq_len}"
+    )
+    print_table(
+        ["kv cache", "nats/token", "perplexity", "vs float32"], cache_rows(model, tokenizer, documents, args)
+    )
     if args.skip_llama_cpp or importlib.util.find_spec("llama_cpp") is None:
         return
     biased = any(bool(m.router.expert_bias.any()) for m in model.moe_layers())
@@ -103,6 +113,33 @@ def main() -> None:
     )
     print_table(["format", "positions", "same top-1", "mean KL (nats)", "max |Δlogit|"],
                 llama_agreement(model, tokenizer, documents, args))  # fmt: skip
+
+
+def cache_rows(model, tokenizer, documents: list[str], args: argparse.Namespace) -> list[list[object]]:
+    from moetron.infer.engine import LLMEngine
+    from moetron.infer.sampling_params import SamplingParams
+
+    stream = [t for d in documents for t in (*tokenizer.encode(d, allow_special=False), tokenizer.eos_id)]
+    windows = [stream[i * args.seq_len : (i + 1) * args.seq_len] for i in range(args.cache_windows)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    rows, losses = [], {}
+    for kv in ("float32", "bfloat16"):
+        engine = LLMEngine(
+            copy.deepcopy(model), tokenizer, EngineConfig(kv_cache_dtype=kv, num_kv_blocks=4 * args.seq_len)
+        )
+        total = count = 0.0
+        for window in windows:
+            request = engine.add_request(window, params)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id == request and out.finished:
+                        for token, position in zip(window[1:], out.prompt_logprobs[1:], strict=True):
+                            total -= position[token].logprob
+                            count += 1
+        losses[kv] = total / count
+        delta = "" if kv == "float32" else f"{math.exp(losses[kv] - losses['float32']) - 1:+.3%}"
+        rows.append([kv, f"{losses[kv]:.5f}", f"{math.exp(losses[kv]):.3f}", delta])
+    return rows
 
 
 def llama_agreement(model, tokenizer, documents: list[str], args: argparse.Namespace) -> list[list[object]]:

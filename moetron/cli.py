@@ -191,6 +191,7 @@ ENGINE_FLAGS = (
     "num_kv_blocks",
     "dtype",
     "quantization",
+    "kv_cache_dtype",
     "device",
     "speculative_method",
     "num_speculative_tokens",
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
         help="quantize the matmul weights at load to this GGML block format (CPU; int8 kernels)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+        help="the KV cache's dtype (auto: the activations'); bfloat16 holds twice the tokens",
     )  # fmt: skip
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (default: the engine's)")
     srv.add_argument(

@@ -444,6 +444,9 @@ class EngineConfig:
     # Matmul weights quantized at load to GGML block formats (moetron/quant/quantize.py): served by
     # moetron's int8 kernels in float32 activations, on the CPU; None keeps the checkpoint's.
     quantization: Literal["q8_0", "q4_0", "q4_k"] | None = None
+    # The KV cache's dtype: "auto" = the activations'; "bfloat16" under float32 activations halves
+    # the cache (twice the blocks in the same memory), each value rounded once when written.
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "cpu"
     # Speculative decoding (infer/spec_decode.py): "ngram" (prompt lookup) or "draft" (a small model
     # with the target's vocabulary, from draft_model_dir). Exact: greedy output stays bit-identical.
@@ -496,6 +499,12 @@ class EngineConfig:
         max_model_len = self.max_model_len or model.max_seq_len
         self._check_prompt_fits_a_step(max_model_len)
         return max_model_len
+
+    def torch_kv_dtype(self, activations: Any) -> Any:
+        """`kv_cache_dtype` as a torch.dtype, for these activations (the "auto" case)."""
+        import torch
+
+        return activations if self.kv_cache_dtype == "auto" else getattr(torch, self.kv_cache_dtype)
 
     @property
     def torch_dtype(self) -> Any:

@@ -92,10 +92,11 @@ class LLMEngine:
         if cfg.quantization is not None and quantized_format(model) != cfg.quantization:
             quantize_model(model, cfg.quantization)  # float32 afterwards
         dtype = serving_dtype(model, cfg.torch_dtype)
-        blocks = num_kv_blocks(model.cfg, cfg, dtype, self.max_model_len)
+        kv_dtype = cfg.torch_kv_dtype(dtype)
+        blocks = num_kv_blocks(model.cfg, cfg, kv_dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, cfg, blocks, dtype)
+        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -139,7 +139,8 @@ class FusedBlock(ServingModule, Block):
         attention_kernel(
             h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
             wo, o_format, cos_BTd.data_ptr(),
-            sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), attention_backend.slot_mapping_T.data_ptr(),
+            sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], attention_backend.slot_mapping_T.data_ptr(),
             tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
             tables.pos_of_row_T.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim, k_cache.shape[1],
             scale, threads,

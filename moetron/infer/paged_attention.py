@@ -92,7 +92,9 @@ class PagedAttention:
     """attention_backend(q_BHTd, k_BGTd, v_BGTd, layer_id) -> out_BHTd for one engine step (all layers).
 
     The fused decoder layers (fused_layers.py) read its caches, slot mapping and kernel tables
-    instead of calling it; `every_row_to_kernel` builds the tables for all rows in both modes."""
+    instead of calling it; `every_row_to_kernel` builds the tables for all rows in both modes. The
+    caches may hold a narrower dtype than the queries (bf16 under fp32): values are rounded once as
+    they are written and widened where they are read."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class PagedAttention:
         seqs: list[SeqSlice],
         invariant: bool,
         every_row_to_kernel: bool = False,
+        float32_queries: bool = True,
     ) -> None:
         self.k_caches, self.v_caches = k_caches, v_caches  # per layer [N, S, G, d]
         self.slot_mapping_T = slot_mapping_T
@@ -111,7 +114,9 @@ class PagedAttention:
         self.kernel_tables: KernelTables | None = None
         self.kernel_rows_T: torch.Tensor | None = None
         cache = k_caches[0]
-        if cache.device.type == "cpu" and cache.dtype == torch.float32 and cpu_kernels.available():
+        # The kernel takes fp32 queries over an fp32 or bf16 cache (engine.kv_cache_dtype).
+        kernel_dtypes = float32_queries and cache.dtype in (torch.float32, torch.bfloat16)
+        if cache.device.type == "cpu" and kernel_dtypes and cpu_kernels.available():
             to_sdpa = [
                 not (invariant or every_row_to_kernel) and s.num_new > 1 and s.context_len == s.num_new
                 for s in seqs
@@ -171,8 +176,8 @@ class PagedAttention:
             # mask, which costs more to build than the tiled kernel costs to run.
             tiled = self.invariant or (seq.num_new > 1 and first_pos > 0)
             key_len = _round_up(seq.context_len, KEY_TILE) if tiled else seq.context_len
-            k_GCd = gather(k_cache_NSGd, seq.block_table, key_len)
-            v_GCd = gather(v_cache_NSGd, seq.block_table, key_len)
+            k_GCd = gather(k_cache_NSGd, seq.block_table, key_len).to(q_HTd.dtype)
+            v_GCd = gather(v_cache_NSGd, seq.block_table, key_len).to(q_HTd.dtype)
             attend = invariant_attention if tiled else sdpa_attention
             out_HTd[:, seq.start : end] = attend(q_HTd[:, seq.start : end], k_GCd, v_GCd, first_pos)
         if self.decodes:
@@ -189,6 +194,7 @@ class PagedAttention:
             cache.index_select(0, self.decode_table_SX.flatten())
             .view(num_seqs, -1, *cache.shape[-2:])[:, :key_len]
             .transpose(1, 2)
+            .to(q_HTd.dtype)
             .contiguous()
             for cache in (k_cache_NSGd, v_cache_NSGd)
         )

@@ -61,23 +61,30 @@ def num_kv_blocks(model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype,
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, cfg: EngineConfig, num_blocks: int, dtype: torch.dtype | None = None
+        self,
+        model: Transformer,
+        cfg: EngineConfig,
+        num_blocks: int,
+        dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        """`dtype`: activations and KV cache, default the parameters'. float32 with a bf16 model
-        runs the fused path on the bf16 weights (serving_dtype() in engine.py decides)."""
+        """`dtype`: activations, default the parameters'. float32 with a bf16 model runs the fused
+        path on the bf16 weights (serving_dtype() in engine.py decides). `kv_dtype`: the KV cache's,
+        default `dtype` (bf16 under float32 activations: half the cache bytes, engine.kv_cache_dtype)."""
         self.model = model
         self.block_size = cfg.block_size
         self.invariant = cfg.batch_invariant
         param = next(model.parameters())
         self.device, self.dtype = param.device, dtype or param.dtype
+        self.kv_dtype = kv_dtype or self.dtype
         mc = model.cfg
         shape = (num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
         # Zeros, not empty: padded attention reads (masked) slots never written, and 0 * NaN is NaN.
         self.k_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)
         ]
         self.v_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)
         ]
         self.fused = cfg.fused_layers and self.dtype == torch.float32 and fused_layers.supports(model)
         if self.dtype != param.dtype and not self.fused:
@@ -115,7 +122,13 @@ class ModelRunner:
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
         slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)
         attention = PagedAttention(
-            self.k_caches, self.v_caches, slots_T, seqs, self.invariant, every_row_to_kernel=self.fused
+            self.k_caches,
+            self.v_caches,
+            slots_T,
+            seqs,
+            self.invariant,
+            every_row_to_kernel=self.fused,
+            float32_queries=self.dtype == torch.float32,
         )
         h_TD = self.model.hidden_states(ids_BT, positions_BT, attention)[0]
         rows = batch.logits_rows

@@ -1,5 +1,5 @@
-// Causal attention of packed query rows over the paged KV cache (fp32, AVX2): moetron's serving
-// attention for prefill chunks and decodes alike.
+// Causal attention of packed query rows over the paged KV cache (fp32 queries; an fp32 or bf16
+// cache, AVX2): moetron's serving attention for prefill chunks and decodes alike.
 //
 // Each (query token, kv head) item reads its sequence's keys 0..pos straight from the cache blocks
 // (no gather copy, no key padding) and computes, for each query head sharing that kv head, scores
@@ -16,18 +16,17 @@
 
 #include "attention_item.h"
 #include "export.h"
+#include "quant_blocks.h"
 
 using namespace moetron;
 
-extern "C" {
+namespace {
 
-// q: [T, H, d] with row stride ldq_t and head stride ldq_h (d contiguous); caches [N, S, G, d]
-// contiguous; block_tables [num_seqs, B]; seq_of_row / pos_of_row [T]; out [T, H, d] contiguous.
-void moetron_paged_attention_f32(const float* q, int64_t ldq_t, int64_t ldq_h, const float* k_cache,
-                                 const float* v_cache, const int64_t* block_tables, int64_t max_blocks,
-                                 const int64_t* seq_of_row, const int64_t* pos_of_row, float* out,
-                                 int64_t T, int64_t H, int64_t G, int64_t d, int64_t S, float scale,
-                                 int num_threads) {
+template <typename C>
+void paged_attention(const float* q, int64_t ldq_t, int64_t ldq_h, const C* k_cache, const C* v_cache,
+                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
+                     const int64_t* pos_of_row, float* out, int64_t T, int64_t H, int64_t G, int64_t d, int64_t S,
+                     float scale, int num_threads) {
     const int64_t r = H / G;
     const int64_t items = T * G;
     if (num_threads > items) num_threads = static_cast<int>(items);
@@ -44,6 +43,25 @@ void moetron_paged_attention_f32(const float* q, int64_t ldq_t, int64_t ldq_h, c
     }
 }
 
+}  // namespace
+
+extern "C" {
+
+// q: [T, H, d] with row stride ldq_t and head stride ldq_h (d contiguous); caches [N, S, G, d]
+// contiguous, fp32 (cache_format 0) or bf16 (30); block_tables [num_seqs, B]; seq_of_row /
+// pos_of_row [T]; out [T, H, d] contiguous.
+void moetron_paged_attention(const float* q, int64_t ldq_t, int64_t ldq_h, const void* k_cache, const void* v_cache,
+                             int cache_format, const int64_t* block_tables, int64_t max_blocks,
+                             const int64_t* seq_of_row, const int64_t* pos_of_row, float* out, int64_t T, int64_t H,
+                             int64_t G, int64_t d, int64_t S, float scale, int num_threads) {
+    if (cache_format == BF16)
+        paged_attention(q, ldq_t, ldq_h, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
+                        block_tables, max_blocks, seq_of_row, pos_of_row, out, T, H, G, d, S, scale, num_threads);
+    else
+        paged_attention(q, ldq_t, ldq_h, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
+                        block_tables, max_blocks, seq_of_row, pos_of_row, out, T, H, G, d, S, scale, num_threads);
+}
+
 }  // extern "C"
 
-MOETRON_EXPORT(moetron_paged_attention_f32);
+MOETRON_EXPORT(moetron_paged_attention);

@@ -10,7 +10,9 @@
 
 namespace moetron {
 
-inline void attend_item(const float* q_Hd, int64_t ldq_h, const float* k_cache, const float* v_cache,
+// C: the cache's element type, float or bf16 (widened exactly in registers, simd_avx2.h).
+template <typename C>
+inline void attend_item(const float* q_Hd, int64_t ldq_h, const C* k_cache, const C* v_cache,
                  const int64_t* block_table, int64_t num_keys, int64_t kv_head, int64_t r, int64_t G,
                  int64_t d, int64_t S, float scale, float* out_Hd, std::vector<float>& scratch) {
     const int64_t padded = (num_keys + 7) & ~int64_t(7);
@@ -19,7 +21,7 @@ inline void attend_item(const float* q_Hd, int64_t ldq_h, const float* k_cache, 
     const int64_t row = G * d;  // floats per cached token
     // Scores: one dot product per (head, key).
     for (int64_t j = 0; j < num_keys; ++j) {
-        const float* k = k_cache + (block_table[j / S] * S + j % S) * row + kv_head * d;
+        const C* k = k_cache + (block_table[j / S] * S + j % S) * row + kv_head * d;
         for (int64_t h = 0; h < r; ++h) scratch[h * padded + j] = dot(q_Hd + h * ldq_h, k, d) * scale;
     }
     for (int64_t h = 0; h < r; ++h) {
@@ -43,11 +45,11 @@ inline void attend_item(const float* q_Hd, int64_t ldq_h, const float* k_cache, 
         for (int64_t i = 0; i < d; ++i) acc[i] = 0.0f;
         const int64_t d8 = d & ~int64_t(7);
         for (int64_t j = 0; j < num_keys; ++j) {
-            const float* v = v_cache + (block_table[j / S] * S + j % S) * row + kv_head * d;
+            const C* v = v_cache + (block_table[j / S] * S + j % S) * row + kv_head * d;
             const __m256 p = _mm256_set1_ps(s[j]);
             for (int64_t i = 0; i < d8; i += 8)
-                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
-            for (int64_t i = d8; i < d; ++i) acc[i] = __builtin_fmaf(s[j], v[i], acc[i]);
+                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load_w(v + i), _mm256_loadu_ps(acc + i)));
+            for (int64_t i = d8; i < d; ++i) acc[i] = __builtin_fmaf(s[j], w_at(v + i), acc[i]);
         }
         float* o = out_Hd + h * d;
         for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv_sum;

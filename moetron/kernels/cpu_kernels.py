@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 13  # 13: Q6_K weights, r8 layouts of Q8_0 / Q4_0 / Q4_K
+ABI_VERSION = 14  # 14: bf16 KV caches
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -280,7 +280,8 @@ def paged_attention_f32(
     seq_of_row_T: torch.Tensor,
     pos_of_row_T: torch.Tensor,
 ) -> torch.Tensor:
-    """Causal attention of T packed query rows over the paged cache → [T, H, d] (fp32, CPU).
+    """Causal attention of T packed query rows over the paged cache → [T, H, d] (fp32 queries, an
+    fp32 or bf16 cache, CPU).
 
     Row t belongs to sequence seq_of_row_T[t] (a row of block_tables_QB, int64) and attends that
     sequence's cached keys 0..pos_of_row_T[t]. Those keys must already be in the cache. Each row's
@@ -294,19 +295,25 @@ def paged_attention_f32(
         if not t.is_contiguous():
             raise ValueError(f"paged_attention_f32: {name} must be contiguous")
     tables = (block_tables_QB, seq_of_row_T, pos_of_row_T)
-    if any(t.dtype != torch.int64 for t in tables) or any(
-        t.dtype != torch.float32 for t in (q_THd, k_cache_NSGd, v_cache_NSGd)
+    if (
+        any(t.dtype != torch.int64 for t in tables)
+        or q_THd.dtype != torch.float32
+        or k_cache_NSGd.dtype not in DTYPE_FORMATS
+        or v_cache_NSGd.dtype != k_cache_NSGd.dtype
     ):
-        raise ValueError("paged_attention_f32 takes float32 queries and caches and int64 tables")
+        raise ValueError(
+            "paged_attention_f32 takes float32 queries, float32/bfloat16 caches and int64 tables"
+        )
     seq_of_row_T, pos_of_row_T = seq_of_row_T.contiguous(), pos_of_row_T.contiguous()
     out_THd = torch.empty(num_rows, num_heads, head_dim, dtype=torch.float32)
     if num_rows:
-        lib.moetron_paged_attention_f32(
+        lib.moetron_paged_attention(
             q_THd.data_ptr(),
             q_THd.stride(0),
             q_THd.stride(1),
             k_cache_NSGd.data_ptr(),
             v_cache_NSGd.data_ptr(),
+            FORMAT_CODES[DTYPE_FORMATS[k_cache_NSGd.dtype]],
             block_tables_QB.data_ptr(),
             block_tables_QB.shape[1],
             seq_of_row_T.data_ptr(),

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "attention_item.h"
@@ -58,8 +59,9 @@ void rope_rows(float* x, int64_t heads, int64_t d, const float* cos, const float
 // h [T, D] is updated in place. wq [H*d, D], wk / wv [G*d, D], wo [D, H*d]; cos / sin [T, d];
 // caches [N, S, G, d]; slots [T] (cache row of each token); block_tables [Q, B]; seq_of_row,
 // pos_of_row [T]: as moetron_paged_attention_f32.
+template <typename C>  // the cache's element type: float, or bf16 (each value rounded as torch rounds it)
 void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight wk, Weight wv, Weight wo,
-                     const float* cos, const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                     const float* cos, const float* sin, C* k_cache, C* v_cache, const int64_t* slots,
                      const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
                      const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S,
                      float scale, int num_threads) {
@@ -86,11 +88,16 @@ void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight
         for (int64_t t = 0; t < T; ++t) {
             rope_rows(q.get() + t * HD, H, d, cos + t * d, sin + t * d, tmp.data());
             rope_rows(k.get() + t * GD, G, d, cos + t * d, sin + t * d, tmp.data());
-            float* k_row = k_cache + slots[t] * GD;
-            float* v_row = v_cache + slots[t] * GD;
+            C* k_row = k_cache + slots[t] * GD;
+            C* v_row = v_cache + slots[t] * GD;
             for (int64_t i = 0; i < GD; ++i) {
-                k_row[i] = k[t * GD + i];
-                v_row[i] = v[t * GD + i];
+                if constexpr (std::is_same_v<C, float>) {
+                    k_row[i] = k[t * GD + i];
+                    v_row[i] = v[t * GD + i];
+                } else {
+                    k_row[i] = to_bf16(k[t * GD + i]);
+                    v_row[i] = to_bf16(v[t * GD + i]);
+                }
             }
         }
 #pragma omp for schedule(dynamic, 1)
@@ -162,15 +169,21 @@ extern "C" {
 // The entry points: each weight matrix in the format its code names (weights.h); norm weights,
 // the router's bias, activations and caches fp32.
 
+// The caches are fp32 (cache_format 0) or bf16 (30).
 void moetron_attention_block(float* h, const float* norm_w, float eps, const void* wq, int wq_format,
                              const void* wk, int wk_format, const void* wv, int wv_format, const void* wo,
-                             int wo_format, const float* cos, const float* sin, float* k_cache, float* v_cache,
-                             const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
+                             int wo_format, const float* cos, const float* sin, void* k_cache, void* v_cache,
+                             int cache_format, const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
                              const int64_t* seq_of_row, const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H,
                              int64_t G, int64_t d, int64_t S, float scale, int num_threads) {
-    attention_block(h, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, {wo, wo_format}, cos, sin,
-                    k_cache, v_cache, slots, block_tables, max_blocks, seq_of_row, pos_of_row, T, D, H, G, d, S,
-                    scale, num_threads);
+    if (cache_format == BF16)
+        attention_block(h, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, {wo, wo_format}, cos,
+                        sin, static_cast<bf16*>(k_cache), static_cast<bf16*>(v_cache), slots, block_tables, max_blocks,
+                        seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
+    else
+        attention_block(h, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, {wo, wo_format}, cos,
+                        sin, static_cast<float*>(k_cache), static_cast<float*>(v_cache), slots, block_tables,
+                        max_blocks, seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads);
 }
 
 void moetron_moe_block(float* h, const float* norm_w, float eps, const void* gate, int gate_format,

@@ -27,6 +27,14 @@ inline float w_at(const bf16* p) {
     return f;
 }
 
+// fp32 -> bf16 rounded to nearest even, NaN kept a (quiet) NaN: torch's conversion, bit for bit.
+inline bf16 to_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16{0x7FC0};
+    return bf16{static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+
 // Sum of the 8 lanes in one fixed tree.
 inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -45,13 +53,14 @@ inline float hmax(__m256 v) {
 }
 
 // Dot product of length n: 8 lanes accumulated with FMA in increasing index, summed by hsum, then
-// the n mod 8 tail in order.
-inline float dot(const float* a, const float* b, int64_t n) {
+// the n mod 8 tail in order. B: float or bf16 (the same arithmetic on the widened values).
+template <typename B>
+inline float dot(const float* a, const B* b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     const int64_t n8 = n & ~int64_t(7);
-    for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_w(b + i), acc);
     float s = hsum(acc);
-    for (int64_t i = n8; i < n; ++i) s = __builtin_fmaf(a[i], b[i], s);
+    for (int64_t i = n8; i < n; ++i) s = __builtin_fmaf(a[i], w_at(b + i), s);
     return s;
 }
 
