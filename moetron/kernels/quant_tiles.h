@@ -19,6 +19,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <stddef.h>
+
 #include <type_traits>
 #include <vector>
 
@@ -190,58 +192,134 @@ inline void group_tile(const G* w, const BlockQ8_0* const* x, int64_t nb, float*
     for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
 
-// Q4_K, 8 rows as 8 lanes, one x row: per super-block the lanes of sum_j scale_j * dot_j and of
+// Vectors of 8 (Lanes8) or, in the AVX-512 build, 16 (Lanes16) int32/fp32 lanes: lane 8g + r is row r
+// of row group g. The kernels below are written once over these; every lane runs the same chain,
+// so both widths give the same bits (a wider vector only serves two groups of 8 rows at once).
+struct Lanes8 {
+    static constexpr int GROUPS = 1;
+    using I = __m256i;
+    using F = __m256;
+    // 32 bytes at byte `at` of each group's block b, as one vector.
+    template <typename G>
+    static I load(const G* const* w, int64_t b, size_t at) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(w[0] + b) + at));
+    }
+    // 8 fp16 at byte `at` of each group's block b, as floats.
+    template <typename G>
+    static F halves(const G* const* w, int64_t b, size_t at) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(w[0] + b) + at)));
+    }
+    static I zero() { return _mm256_setzero_si256(); }
+    static I bytes(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+    static I ints(int v) { return _mm256_set1_epi32(v); }
+    static I broadcast(const int8_t* x) { return moetron::broadcast4(x); }
+    static I band(I a, I b) { return _mm256_and_si256(a, b); }
+    static I bor(I a, I b) { return _mm256_or_si256(a, b); }
+    static I shr16(I a, int n) { return _mm256_srli_epi16(a, n); }
+    static I shr32(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    static I shl32(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+    static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
+    static I dot_acc(I acc, I u, I s) { return dot_lanes_us_acc(acc, u, s); }
+    static F floats(I a) { return _mm256_cvtepi32_ps(a); }
+    static F splat(float v) { return _mm256_set1_ps(v); }
+    static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F fsub(F a, F b) { return _mm256_sub_ps(a, b); }
+    static F fzero() { return _mm256_setzero_ps(); }
+    static void store(float* out, F v) { _mm256_storeu_ps(out, v); }
+};
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+struct Lanes16 {
+    static constexpr int GROUPS = 2;
+    using I = __m512i;
+    using F = __m512;
+    template <typename G>
+    static I load(const G* const* w, int64_t b, size_t at) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(w[0] + b) + at));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(w[1] + b) + at));
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    template <typename G>
+    static F halves(const G* const* w, int64_t b, size_t at) {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(w[0] + b) + at));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(w[1] + b) + at));
+        return _mm512_cvtph_ps(_mm256_set_m128i(hi, lo));
+    }
+    static I zero() { return _mm512_setzero_si512(); }
+    static I bytes(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+    static I ints(int v) { return _mm512_set1_epi32(v); }
+    static I broadcast(const int8_t* x) {
+        int32_t v;
+        __builtin_memcpy(&v, x, 4);
+        return _mm512_set1_epi32(v);
+    }
+    static I band(I a, I b) { return _mm512_and_si512(a, b); }
+    static I bor(I a, I b) { return _mm512_or_si512(a, b); }
+    static I shr16(I a, int n) { return _mm512_srli_epi16(a, n); }
+    static I shr32(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    static I shl32(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+    static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
+    static I dot_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+    static F floats(I a) { return _mm512_cvtepi32_ps(a); }
+    static F splat(float v) { return _mm512_set1_ps(v); }
+    static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F fsub(F a, F b) { return _mm512_sub_ps(a, b); }
+    static F fzero() { return _mm512_setzero_ps(); }
+    static void store(float* out, F v) { _mm512_storeu_ps(out, v); }
+};
+#endif
+
+// Q4_K, rows as lanes, one x row: per super-block the lanes of sum_j scale_j * dot_j and of
 // sum_j min_j * (x sums over sub-block j), exact integers as in row_dot, then the same two chains.
-inline void q4_k_group_row(const BlockQ4_Kx8* w, const BlockQ8_K* x, int64_t nb, float* out) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
+// w: V::GROUPS row groups; out: their 8 * GROUPS results.
+template <typename V>
+inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int64_t nb, float* out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    const I low = V::bytes(0x0F), six = V::ints(63), four = V::ints(15), two = V::ints(3);
+    F acc = V::fzero(), acc_min = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ4_Kx8& wb = w[b];
         const BlockQ8_K& xb = x[b];
-        // The 6-bit scales and mins of the 8 rows, lane by lane (q4_k_scale_min's bit layout): bytes
-        // 0-3 hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the mins, bytes
-        // 8-11 the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7 (high nibbles).
-        const __m256i a = load_q8(reinterpret_cast<const int8_t*>(wb.scales));
-        const __m256i m = load_q8(reinterpret_cast<const int8_t*>(wb.scales + 32));
-        const __m256i c = load_q8(reinterpret_cast<const int8_t*>(wb.scales + 64));
-        const __m256i six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15), two = _mm256_set1_epi32(3);
-        __m256i scale[8], min[8];
+        // The 6-bit scales and mins, lane by lane (q4_k_scale_min's bit layout): bytes 0-3 hold
+        // scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the
+        // low 4 bits of scales 4-7 (low nibbles) and of mins 4-7 (high nibbles).
+        const I a = V::load(w, b, offsetof(BlockQ4_Kx8, scales));
+        const I m = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 32);
+        const I c = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 64);
+        I scale[8], min[8];
         for (int j = 0; j < 4; ++j) {
-            const __m128i shift = _mm_cvtsi32_si128(8 * j);
-            const __m256i aj = _mm256_srl_epi32(a, shift), mj = _mm256_srl_epi32(m, shift), cj = _mm256_srl_epi32(c, shift);
-            scale[j] = _mm256_and_si256(aj, six);
-            min[j] = _mm256_and_si256(mj, six);
-            const __m256i top_s = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(aj, 6), two), 4);
-            const __m256i top_m = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(mj, 6), two), 4);
-            scale[j + 4] = _mm256_or_si256(_mm256_and_si256(cj, four), top_s);
-            min[j + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(cj, 4), four), top_m);
+            const I aj = V::shr32(a, 8 * j), mj = V::shr32(m, 8 * j), cj = V::shr32(c, 8 * j);
+            scale[j] = V::band(aj, six);
+            min[j] = V::band(mj, six);
+            scale[j + 4] = V::bor(V::band(cj, four), V::shl32(V::band(V::shr32(aj, 6), two), 4));
+            min[j + 4] = V::bor(V::band(V::shr32(cj, 4), four), V::shl32(V::band(V::shr32(mj, 6), two), 4));
         }
-        __m256i isum = _mm256_setzero_si256(), msum = _mm256_setzero_si256();
+        I isum = V::zero(), msum = V::zero();
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
             // Four accumulator chains (low/high nibbles, even/odd t): dpbusd's latency overlaps.
-            __m256i dot_lo = _mm256_setzero_si256(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
+            I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
             for (int t = 0; t < 8; t += 2) {
-                const __m256i p0 = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t)));
-                const __m256i p1 = load_q8(reinterpret_cast<const int8_t*>(wb.qs + 32 * (8 * g + t + 1)));
-                dot_lo = dot_lanes_us_acc(dot_lo, _mm256_and_si256(p0, low), broadcast4(xb.qs + 64 * g + 4 * t));
-                dot_hi = dot_lanes_us_acc(dot_hi, _mm256_and_si256(_mm256_srli_epi16(p0, 4), low), broadcast4(xb.qs + 64 * g + 32 + 4 * t));
-                dot_lo1 = dot_lanes_us_acc(dot_lo1, _mm256_and_si256(p1, low), broadcast4(xb.qs + 64 * g + 4 * t + 4));
-                dot_hi1 = dot_lanes_us_acc(dot_hi1, _mm256_and_si256(_mm256_srli_epi16(p1, 4), low), broadcast4(xb.qs + 64 * g + 36 + 4 * t));
+                const I p0 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t));
+                const I p1 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t + 1));
+                dot_lo = V::dot_acc(dot_lo, V::band(p0, low), V::broadcast(xb.qs + 64 * g + 4 * t));
+                dot_hi = V::dot_acc(dot_hi, V::band(V::shr16(p0, 4), low), V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
+                dot_lo1 = V::dot_acc(dot_lo1, V::band(p1, low), V::broadcast(xb.qs + 64 * g + 4 * t + 4));
+                dot_hi1 = V::dot_acc(dot_hi1, V::band(V::shr16(p1, 4), low), V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
             }
-            dot_lo = _mm256_add_epi32(dot_lo, dot_lo1);
-            dot_hi = _mm256_add_epi32(dot_hi, dot_hi1);
-            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_lo, scale[2 * g]));
-            isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(dot_hi, scale[2 * g + 1]));
-            msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(min[2 * g], _mm256_set1_epi32(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
-            msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(min[2 * g + 1], _mm256_set1_epi32(xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3])));
+            isum = V::add(isum, V::mul(V::add(dot_lo, dot_lo1), scale[2 * g]));
+            isum = V::add(isum, V::mul(V::add(dot_hi, dot_hi1), scale[2 * g + 1]));
+            msum = V::add(msum, V::mul(min[2 * g], V::ints(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
+            msum = V::add(msum, V::mul(min[2 * g + 1], V::ints(xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3])));
         }
-        const __m256 dx = _mm256_set1_ps(xb.d);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb.d)));
-        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb.dmin)));
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(isum), acc);
-        acc_min = _mm256_fmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc_min);
+        const F dx = V::splat(xb.d);
+        acc = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, d))), V::floats(isum), acc);
+        acc_min = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, dmin))), V::floats(msum), acc_min);
     }
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, acc_min));
+    V::store(out, V::fsub(acc, acc_min));
 }
 
 // --- quantizing x, and the chunk ------------------------------------------------------------------
@@ -290,12 +368,24 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8
                                   int64_t M, int64_t K, int64_t n0, int64_t n1) {
     const BlockQ8_K* xq = quantize_rows<BlockQ4_Kx8>(x, ldx, M, K);
     const int64_t nb = K / 256;
-    float tmp[8];
-    for (int64_t n = n0; n < n1; n += 8)
+    float tmp[16];
+    int64_t n = n0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
+        const BlockQ4_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
         for (int64_t m = 0; m < M; ++m) {
-            q4_k_group_row(w + (n / 8) * nb, xq + m * nb, nb, tmp);
+            q4_k_groups_row<Lanes16>(groups, xq + m * nb, nb, tmp);
+            for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
+        }
+    }
+#endif
+    for (; n < n1; n += 8) {
+        const BlockQ4_Kx8* group[1] = {w + (n / 8) * nb};
+        for (int64_t m = 0; m < M; ++m) {
+            q4_k_groups_row<Lanes8>(group, xq + m * nb, nb, tmp);
             for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
         }
+    }
 }
 
 template <typename G>  // BlockQ8_0x8 or BlockQ4_0x8
