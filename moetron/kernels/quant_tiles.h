@@ -137,17 +137,15 @@ inline __m256i broadcast4(const int8_t* x) {
 // The 8 rows' exact block dot products with MR x rows, lane r = row r.
 template <int MR>
 inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
-    __m256i odd[MR];  // two accumulator chains (even and odd groups): dpbusd's latency overlaps
-    for (int i = 0; i < MR; ++i) isum[i] = odd[i] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; g += 2) {
-        const __m256i v0 = load_q8(w.qs + 32 * g), v1 = load_q8(w.qs + 32 * g + 32);
-        const __m256i m0 = _mm256_sign_epi8(v0, v0), m1 = _mm256_sign_epi8(v1, v1);
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {
+        const __m256i values = load_q8(w.qs + 32 * g);
+        const __m256i magnitudes = _mm256_sign_epi8(values, values);
         for (int i = 0; i < MR; ++i) {
-            isum[i] = dot_lanes_us_acc(isum[i], m0, _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), v0));
-            odd[i] = dot_lanes_us_acc(odd[i], m1, _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g + 4), v1));
+            const __m256i xs = _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), values);
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(magnitudes, xs));
         }
     }
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_add_epi32(isum[i], odd[i]);
 }
 
 // Q4_0: unsigned nibbles (0..15) times x, minus 8 * (sum of the x block): the same integers as the
@@ -155,17 +153,15 @@ inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t
 template <int MR>
 inline void group_isums(const BlockQ4_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256i high[MR];  // two accumulator chains (low and high nibbles): dpbusd's latency overlaps
-    for (int i = 0; i < MR; ++i) isum[i] = high[i] = _mm256_setzero_si256();
+    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
     for (int g = 0; g < 4; ++g) {
         const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(w.qs + 32 * g));
         const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
         for (int i = 0; i < MR; ++i) {
-            isum[i] = dot_lanes_us_acc(isum[i], lo, broadcast4(x[i][b].qs + 4 * g));
-            high[i] = dot_lanes_us_acc(high[i], hi, broadcast4(x[i][b].qs + 16 + 4 * g));
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(lo, broadcast4(x[i][b].qs + 4 * g)));
+            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(hi, broadcast4(x[i][b].qs + 16 + 4 * g)));
         }
     }
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_add_epi32(isum[i], high[i]);
     for (int i = 0; i < MR; ++i) {
         // sum of the x block's 32 values, times 8 (exact), from its bytes
         const __m256i xv = load_q8(x[i][b].qs);
@@ -219,6 +215,7 @@ struct Lanes8 {
     static I shr32(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
     static I dot_acc(I acc, I u, I s) { return dot_lanes_us_acc(acc, u, s); }
     static F floats(I a) { return _mm256_cvtepi32_ps(a); }
@@ -261,6 +258,7 @@ struct Lanes16 {
     static I shr32(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
     static I dot_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
     static F floats(I a) { return _mm512_cvtepi32_ps(a); }
@@ -320,6 +318,36 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int
         acc_min = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, dmin))), V::floats(msum), acc_min);
     }
     V::store(out, V::fsub(acc, acc_min));
+}
+
+// Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: group_isums<BlockQ4_0x8> and group_tile's
+// arithmetic, lane for lane.
+template <typename V, int MR>
+inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const* x, int64_t nb, float* const* out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    const I low = V::bytes(0x0F);
+    F acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
+    for (int64_t b = 0; b < nb; ++b) {
+        I isum[MR];
+        for (int i = 0; i < MR; ++i) isum[i] = V::zero();
+        for (int g = 0; g < 4; ++g) {
+            const I packed = V::load(w, b, offsetof(BlockQ4_0x8, qs) + 32 * g);
+            const I lo = V::band(packed, low), hi = V::band(V::shr16(packed, 4), low);
+            for (int i = 0; i < MR; ++i) {
+                isum[i] = V::add(isum[i], V::dot_acc(V::zero(), lo, V::broadcast(x[i][b].qs + 4 * g)));
+                isum[i] = V::add(isum[i], V::dot_acc(V::zero(), hi, V::broadcast(x[i][b].qs + 16 + 4 * g)));
+            }
+        }
+        const F dw = V::halves(w, b, offsetof(BlockQ4_0x8, d));
+        for (int i = 0; i < MR; ++i) {
+            const int32_t x_sum = hsum_epi32(dot_lanes_us(_mm256_set1_epi8(1), load_q8(x[i][b].qs)));
+            isum[i] = V::sub(isum[i], V::ints(8 * x_sum));
+            acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(isum[i]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
 }
 
 // --- quantizing x, and the chunk ------------------------------------------------------------------
@@ -388,31 +416,53 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8
     }
 }
 
+// x rows in tiles of MR (then one at a time) against the row groups of one vector width.
+template <int MR, typename Tile>
+inline void row_tiles(const BlockQ8_0* xq, int64_t M, int64_t nb, int lanes, float* out, int64_t ldo, int64_t n,
+                      Tile tile) {
+    float tmp[MR][16];
+    for (int64_t m = 0; m < M; m += MR) {
+        const int64_t rows = M - m < MR ? M - m : MR;
+        const BlockQ8_0* xs[MR];
+        float* outs[MR];
+        for (int i = 0; i < MR; ++i) {
+            xs[i] = xq + (m + (i < rows ? i : 0)) * nb;
+            outs[i] = tmp[i];
+        }
+        tile(xs, outs, rows);
+        for (int i = 0; i < rows; ++i)
+            for (int r = 0; r < lanes; ++r) out[(m + i) * ldo + n + r] = tmp[i][r];
+    }
+}
+
 template <typename G>  // BlockQ8_0x8 or BlockQ4_0x8
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
-    constexpr int64_t MR = 4;
+    constexpr int MR = 4;
     const BlockQ8_0* xq = quantize_rows<BlockQ8_0>(x, ldx, M, K);
     const int64_t nb = K / 32;
-    float tmp[MR][8];
-    for (int64_t n = n0; n < n1; n += 8) {
+    int64_t n = n0;
+    if constexpr (std::is_same_v<G, BlockQ4_0x8>) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
+            const G* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
+            row_tiles<MR>(xq, M, nb, 16, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
+                if (rows == MR)
+                    q4_0_groups_tile<Lanes16, MR>(groups, xs, nb, outs);
+                else
+                    for (int64_t i = 0; i < rows; ++i) q4_0_groups_tile<Lanes16, 1>(groups, xs + i, nb, outs + i);
+            });
+        }
+#endif
+    }
+    for (; n < n1; n += 8) {
         const G* wg = w + (n / 8) * nb;
-        int64_t m = 0;
-        for (; m < M; m += MR) {
-            const int64_t rows = M - m < MR ? M - m : MR;
-            const BlockQ8_0* xs[MR];
-            float* outs[MR];
-            for (int i = 0; i < MR; ++i) {
-                xs[i] = xq + (m + (i < rows ? i : 0)) * nb;
-                outs[i] = tmp[i];
-            }
+        row_tiles<MR>(xq, M, nb, 8, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
             if (rows == MR)
                 group_tile<MR>(wg, xs, nb, outs);
             else
-                for (int i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
-            for (int i = 0; i < rows; ++i)
-                for (int r = 0; r < 8; ++r) out[(m + i) * ldo + n + r] = tmp[i][r];
-        }
+                for (int64_t i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
+        });
     }
 }
 
