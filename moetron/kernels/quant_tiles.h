@@ -148,30 +148,7 @@ inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t
     }
 }
 
-// Q4_0: unsigned nibbles (0..15) times x, minus 8 * (sum of the x block): the same integers as the
-// signed values (q - 8) would give, without the sign trick.
-template <int MR>
-inline void group_isums(const BlockQ4_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
-    for (int g = 0; g < 4; ++g) {
-        const __m256i packed = load_q8(reinterpret_cast<const int8_t*>(w.qs + 32 * g));
-        const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        for (int i = 0; i < MR; ++i) {
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(lo, broadcast4(x[i][b].qs + 4 * g)));
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(hi, broadcast4(x[i][b].qs + 16 + 4 * g)));
-        }
-    }
-    for (int i = 0; i < MR; ++i) {
-        // sum of the x block's 32 values, times 8 (exact), from its bytes
-        const __m256i xv = load_q8(x[i][b].qs);
-        const __m256i ones = _mm256_set1_epi8(1);
-        const int32_t x_sum = hsum_epi32(dot_lanes_us(ones, xv));
-        isum[i] = _mm256_sub_epi32(isum[i], _mm256_set1_epi32(8 * x_sum));
-    }
-}
-
-// out[i][r] for MR x rows and the 8 rows of a group: the chain per lane.
+// Q8_0: out[i][r] for MR x rows and the 8 rows of a group: the chain per lane.
 template <int MR, typename G>
 inline void group_tile(const G* w, const BlockQ8_0* const* x, int64_t nb, float* const* out) {
     __m256 acc[MR];
@@ -320,10 +297,12 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int
     V::store(out, V::fsub(acc, acc_min));
 }
 
-// Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: group_isums<BlockQ4_0x8> and group_tile's
-// arithmetic, lane for lane.
+// Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: unsigned nibbles (0..15) times x, minus
+// 8 * (the x block's sum, x_sums: exact, computed once per x row): the same integers as the signed
+// values (q - 8) would give, without the sign trick; then group_tile's chain, lane for lane.
 template <typename V, int MR>
-inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const* x, int64_t nb, float* const* out) {
+inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums,
+                             int64_t nb, float* const* out) {
     using I = typename V::I;
     using F = typename V::F;
     const I low = V::bytes(0x0F);
@@ -331,7 +310,7 @@ inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const
     for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
         I isum[MR];
-        for (int i = 0; i < MR; ++i) isum[i] = V::zero();
+        for (int i = 0; i < MR; ++i) isum[i] = V::ints(-8 * x_sums[i][b]);
         for (int g = 0; g < 4; ++g) {
             const I packed = V::load(w, b, offsetof(BlockQ4_0x8, qs) + 32 * g);
             const I lo = V::band(packed, low), hi = V::band(V::shr16(packed, 4), low);
@@ -341,13 +320,19 @@ inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const
             }
         }
         const F dw = V::halves(w, b, offsetof(BlockQ4_0x8, d));
-        for (int i = 0; i < MR; ++i) {
-            const int32_t x_sum = hsum_epi32(dot_lanes_us(_mm256_set1_epi8(1), load_q8(x[i][b].qs)));
-            isum[i] = V::sub(isum[i], V::ints(8 * x_sum));
+        for (int i = 0; i < MR; ++i)
             acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(isum[i]), acc[i]);
-        }
     }
     for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
+}
+
+// The sum of each Q8_0 block's 32 values, for M rows of nb blocks (kept per thread, grown only).
+inline const int32_t* block_sums(const BlockQ8_0* xq, int64_t M, int64_t nb) {
+    static thread_local std::vector<int32_t> sums;
+    if (sums.size() < static_cast<size_t>(M * nb)) sums.resize(M * nb);
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int64_t k = 0; k < M * nb; ++k) sums[k] = hsum_epi32(dot_lanes_us(ones, load_q8(xq[k].qs)));
+    return sums.data();
 }
 
 // --- quantizing x, and the chunk ------------------------------------------------------------------
@@ -443,26 +428,38 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float
     const int64_t nb = K / 32;
     int64_t n = n0;
     if constexpr (std::is_same_v<G, BlockQ4_0x8>) {
+        const int32_t* sums = block_sums(xq, M, nb);
+        // Rows in groups of 8 * V::GROUPS (the AVX-512 build: 16 per vector while they last).
+        const auto groups_of = [&](auto lanes) {
+            using V = decltype(lanes);
+            constexpr int64_t width = 8 * V::GROUPS;
+            for (; n + width <= n1; n += width) {
+                const G* groups[V::GROUPS];
+                for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
+                row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
+                    const int32_t* xsums[MR];
+                    for (int i = 0; i < MR; ++i) xsums[i] = sums + (xs[i] - xq);
+                    if (rows == MR)
+                        q4_0_groups_tile<V, MR>(groups, xs, xsums, nb, outs);
+                    else
+                        for (int64_t i = 0; i < rows; ++i) q4_0_groups_tile<V, 1>(groups, xs + i, xsums + i, nb, outs + i);
+                });
+            }
+        };
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
-            const G* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
-            row_tiles<MR>(xq, M, nb, 16, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
+        groups_of(Lanes16{});
+#endif
+        groups_of(Lanes8{});
+    } else {
+        for (; n < n1; n += 8) {
+            const G* wg = w + (n / 8) * nb;
+            row_tiles<MR>(xq, M, nb, 8, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
                 if (rows == MR)
-                    q4_0_groups_tile<Lanes16, MR>(groups, xs, nb, outs);
+                    group_tile<MR>(wg, xs, nb, outs);
                 else
-                    for (int64_t i = 0; i < rows; ++i) q4_0_groups_tile<Lanes16, 1>(groups, xs + i, nb, outs + i);
+                    for (int64_t i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
             });
         }
-#endif
-    }
-    for (; n < n1; n += 8) {
-        const G* wg = w + (n / 8) * nb;
-        row_tiles<MR>(xq, M, nb, 8, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
-            if (rows == MR)
-                group_tile<MR>(wg, xs, nb, outs);
-            else
-                for (int64_t i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
-        });
     }
 }
 
