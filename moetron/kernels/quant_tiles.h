@@ -195,6 +195,21 @@ struct Lanes8 {
     static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
     static I dot_acc(I acc, I u, I s) { return dot_lanes_us_acc(acc, u, s); }
+    // Products of unsigned 4-bit values u and int8 s, summed in pairs (`pairs`, added with
+    // `add_pairs`) and then to 8 int32 lanes (`widen`). Without VNNI the pairs are maddubs's int16
+    // sums, added as int16: up to 8 of them (|sum| <= 8 * 2 * 15 * 128 = 30720) are exact, and one
+    // madd per 8 replaces 8. With VNNI, dpbusd's int32 lanes directly. The same integers either way.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    static I pairs(I u, I s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+    static I pairs_acc(I acc, I u, I s) { return _mm256_dpbusd_epi32(acc, u, s); }
+    static I add_pairs(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I widen(I a) { return a; }
+#else
+    static I pairs(I u, I s) { return _mm256_maddubs_epi16(u, s); }
+    static I pairs_acc(I acc, I u, I s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+    static I add_pairs(I a, I b) { return _mm256_add_epi16(a, b); }
+    static I widen(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+#endif
     static F floats(I a) { return _mm256_cvtepi32_ps(a); }
     static F splat(float v) { return _mm256_set1_ps(v); }
     static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -238,6 +253,10 @@ struct Lanes16 {
     static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
     static I dot_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+    static I pairs(I u, I s) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s); }
+    static I pairs_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+    static I add_pairs(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I widen(I a) { return a; }
     static F floats(I a) { return _mm512_cvtepi32_ps(a); }
     static F splat(float v) { return _mm512_set1_ps(v); }
     static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -275,18 +294,19 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int
         }
         I isum = V::zero(), msum = V::zero();
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
-            // Four accumulator chains (low/high nibbles, even/odd t): dpbusd's latency overlaps.
+            // Each sub-block's 32 products as 8 pair sums (exact as int16 too: V::pairs), widened
+            // once; four accumulator chains (low/high nibbles, even/odd t) so dpbusd's latency overlaps.
             I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
             for (int t = 0; t < 8; t += 2) {
                 const I p0 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t));
                 const I p1 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t + 1));
-                dot_lo = V::dot_acc(dot_lo, V::band(p0, low), V::broadcast(xb.qs + 64 * g + 4 * t));
-                dot_hi = V::dot_acc(dot_hi, V::band(V::shr16(p0, 4), low), V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
-                dot_lo1 = V::dot_acc(dot_lo1, V::band(p1, low), V::broadcast(xb.qs + 64 * g + 4 * t + 4));
-                dot_hi1 = V::dot_acc(dot_hi1, V::band(V::shr16(p1, 4), low), V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
+                dot_lo = V::pairs_acc(dot_lo, V::band(p0, low), V::broadcast(xb.qs + 64 * g + 4 * t));
+                dot_hi = V::pairs_acc(dot_hi, V::band(V::shr16(p0, 4), low), V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
+                dot_lo1 = V::pairs_acc(dot_lo1, V::band(p1, low), V::broadcast(xb.qs + 64 * g + 4 * t + 4));
+                dot_hi1 = V::pairs_acc(dot_hi1, V::band(V::shr16(p1, 4), low), V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
             }
-            isum = V::add(isum, V::mul(V::add(dot_lo, dot_lo1), scale[2 * g]));
-            isum = V::add(isum, V::mul(V::add(dot_hi, dot_hi1), scale[2 * g + 1]));
+            isum = V::add(isum, V::mul(V::widen(V::add_pairs(dot_lo, dot_lo1)), scale[2 * g]));
+            isum = V::add(isum, V::mul(V::widen(V::add_pairs(dot_hi, dot_hi1)), scale[2 * g + 1]));
             msum = V::add(msum, V::mul(min[2 * g], V::ints(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
             msum = V::add(msum, V::mul(min[2 * g + 1], V::ints(xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3])));
         }
@@ -309,16 +329,18 @@ inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const
     F acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
-        I isum[MR];
-        for (int i = 0; i < MR; ++i) isum[i] = V::ints(-8 * x_sums[i][b]);
+        I sums[MR];  // 8 pair sums per x row: exact as int16 too (V::pairs)
         for (int g = 0; g < 4; ++g) {
             const I packed = V::load(w, b, offsetof(BlockQ4_0x8, qs) + 32 * g);
             const I lo = V::band(packed, low), hi = V::band(V::shr16(packed, 4), low);
             for (int i = 0; i < MR; ++i) {
-                isum[i] = V::add(isum[i], V::dot_acc(V::zero(), lo, V::broadcast(x[i][b].qs + 4 * g)));
-                isum[i] = V::add(isum[i], V::dot_acc(V::zero(), hi, V::broadcast(x[i][b].qs + 16 + 4 * g)));
+                const I both = V::add_pairs(V::pairs(lo, V::broadcast(x[i][b].qs + 4 * g)),
+                                            V::pairs(hi, V::broadcast(x[i][b].qs + 16 + 4 * g)));
+                sums[i] = g == 0 ? both : V::add_pairs(sums[i], both);
             }
         }
+        I isum[MR];
+        for (int i = 0; i < MR; ++i) isum[i] = V::add(V::ints(-8 * x_sums[i][b]), V::widen(sums[i]));
         const F dw = V::halves(w, b, offsetof(BlockQ4_0x8, d));
         for (int i = 0; i < MR; ++i)
             acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(isum[i]), acc[i]);
