@@ -46,7 +46,7 @@ from moetron.model.moe import GroupedExperts, MoELayer
 from moetron.model.ops import Linear
 from moetron.model.transformer import Transformer
 from moetron.quant import ggml_blocks
-from moetron.quant.quantize import HEAD_FORMAT, WIDER, set_quantized_weight
+from moetron.quant.quantize import HEAD_FORMAT, pack, set_quantized_weight, usable_format
 
 ARCH = "llama"
 # GGUF tensor types moetron reads, by ggml type id → its name in moetron/quant (floats: None).
@@ -125,9 +125,7 @@ def _tensor_type(name: str, outtype: str, width: int) -> str:
     if _FLOAT_ONLY.search(name):
         return "f32"
     fmt = HEAD_FORMAT[outtype] if name == "output.weight" and outtype in HEAD_FORMAT else outtype
-    while fmt not in ("f32", "bf16") and width % ggml_blocks.block_format(fmt).block_size:
-        fmt = WIDER[fmt]
-    return fmt
+    return usable_format(fmt, width)
 
 
 def _gguf_array(weight: torch.Tensor, fmt: str) -> tuple[np.ndarray, object]:
@@ -139,8 +137,7 @@ def _gguf_array(weight: torch.Tensor, fmt: str) -> tuple[np.ndarray, object]:
         return weight.numpy(), None
     if fmt == "bf16":
         return weight.bfloat16().view(torch.uint16).numpy(), GGMLQuantizationType.BF16
-    packed = ggml_blocks.quantize(weight.reshape(-1, weight.shape[-1]), fmt)
-    return packed.reshape(*weight.shape[:-1], -1).numpy(), GGMLQuantizationType[fmt.upper()]
+    return pack(weight, fmt).numpy(), GGMLQuantizationType[fmt.upper()]
 
 
 def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, outtype: str = "f32") -> Path:

@@ -219,10 +219,10 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k, or q8_0_r8 /
-    q4_0_r8: moetron/quant/interleave.py): `packed` is uint8 [N, bytes per row]. Each x row is quantized on its own first (Q8_0, or
-    Q8_K for the k-quants, as llama.cpp does), so a row's result is bit-identical whatever shares
-    its batch."""
+    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k, or their "_r8"
+    interleaved layouts: moetron/quant/interleave.py): `packed` is uint8 [N, bytes per row]. Each x
+    row is quantized on its own first (Q8_0, or Q8_K for the k-quants, as llama.cpp does), so a
+    row's result is bit-identical whatever shares its batch."""
     num_in = x.shape[-1]
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(
@@ -244,8 +244,9 @@ def _row_size(fmt: str, width: int) -> int:
     if fmt in ("f32", "bf16", ""):
         return width
     from moetron.quant.ggml_blocks import row_bytes
+    from moetron.quant.interleave import base_format
 
-    return row_bytes(fmt.removesuffix("_r8"), width)
+    return row_bytes(base_format(fmt), width)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, fmt: str, num_out: int) -> torch.Tensor:

@@ -129,15 +129,6 @@ inline __m256i dot_lanes_us(__m256i u, __m256i s) {
 #endif
 }
 
-// acc + dot_lanes_us(u, s), in one instruction where VNNI has it (the same integers either way).
-inline __m256i dot_lanes_us_acc(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
 // The 32 signed products of w and a as 8 int32 lanes (the sign trick: |w| times a with w's sign).
 inline __m256i dot_lanes(__m256i w, __m256i a) {
     return dot_lanes_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));

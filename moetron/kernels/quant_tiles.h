@@ -192,9 +192,7 @@ struct Lanes8 {
     static I shr32(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
-    static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm256_mullo_epi32(a, b); }
-    static I dot_acc(I acc, I u, I s) { return dot_lanes_us_acc(acc, u, s); }
     // Products of unsigned 4-bit values u and int8 s, summed in pairs (`pairs`, added with
     // `add_pairs`) and then to 8 int32 lanes (`widen`). Without VNNI the pairs are maddubs's int16
     // sums, added as int16: up to 8 of them (|sum| <= 8 * 2 * 15 * 128 = 30720) are exact, and one
@@ -250,9 +248,7 @@ struct Lanes16 {
     static I shr32(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm512_add_epi32(a, b); }
-    static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
     static I mul(I a, I b) { return _mm512_mullo_epi32(a, b); }
-    static I dot_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
     static I pairs(I u, I s) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s); }
     static I pairs_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
     static I add_pairs(I a, I b) { return _mm512_add_epi32(a, b); }

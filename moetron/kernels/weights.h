@@ -42,16 +42,6 @@ struct Weight {
     }
 };
 
-// Whether `format` is one the kernels take with rows of K (quantized rows hold whole blocks).
-inline bool format_fits(int format, int64_t K) {
-    switch (format) {
-        case F32: case BF16: return true;
-        case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return K % 32 == 0;
-        case Q4_K: case Q6_K: case Q4_K_R8: return K % 256 == 0;
-        default: return false;
-    }
-}
-
 // out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T. ldw is w's row stride in elements; quantized weights
 // have contiguous rows (ldw == K), and r8 ones chunks that start and end on multiples of 8 rows
 // (chunk_rows gives multiples of 24; a matrix's row count is a multiple of 8 in that layout).

@@ -59,13 +59,14 @@ class QuantizationReport:
         return line
 
 
-def _usable_format(fmt: str, width: int) -> str:
-    while fmt != "f32" and width % ggml_blocks.block_format(fmt).block_size:
+def usable_format(fmt: str, width: int) -> str:
+    """`fmt`, or the next wider format (WIDER) whose blocks rows of `width` hold; float formats as is."""
+    while fmt not in ("f32", "bf16") and width % ggml_blocks.block_format(fmt).block_size:
         fmt = WIDER[fmt]
     return fmt
 
 
-def _pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+def pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """[..., rows, width] float → [..., rows, bytes per row] uint8 GGML blocks."""
     flat = weight.detach().float().reshape(-1, weight.shape[-1])
     return ggml_blocks.quantize(flat, fmt).reshape(*weight.shape[:-1], -1)
@@ -128,14 +129,14 @@ def set_quantized_weight(module: nn.Module, name: str, packed: torch.Tensor, fmt
 def _replace(module: nn.Module, name: str, fmt: str, report: QuantizationReport) -> None:
     weight = getattr(module, name)
     report.bytes_before += weight.numel() * 4
-    packed = weight.detach().float().contiguous() if fmt == "f32" else _pack(weight, fmt)
+    packed = weight.detach().float().contiguous() if fmt == "f32" else pack(weight, fmt)
     report.bytes_after += packed.numel() * packed.element_size()
     report.weights[fmt] += 1
     set_quantized_weight(module, name, packed, fmt)
 
 
 def _assign(asked: str, width: int, report: QuantizationReport) -> str:
-    used = _usable_format(asked, width)
+    used = usable_format(asked, width)
     if used != asked:
         report.fallbacks[asked, used] += 1
     return used
