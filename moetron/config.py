@@ -455,9 +455,36 @@ class EngineConfig:
     ngram_min: int = 1
     ngram_max: int = 4
     draft_model_dir: str | None = None
+    # Serving across processes (infer/data_parallel.py), in vLLM's spelling. Attention is
+    # data-parallel: each of the data_parallel_size ranks holds whole requests and their KV cache.
+    # enable_expert_parallel: each rank holds num_experts / ranks of every MoE layer's experts
+    # (infer/expert_parallel.py); without it every rank holds the whole model.
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    tensor_parallel_size: int = 1  # > 1 is refused (LLMEngine.from_pretrained says why)
+    # Several nodes: every node runs the same command with its node_rank (or all run under torchrun).
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (one node only)
 
     def __post_init__(self) -> None:
         _check_field_types(self, "engine.")
+        for name in ("data_parallel_size", "tensor_parallel_size", "nnodes"):
+            _check(getattr(self, name) >= 1, f"engine.{name}={getattr(self, name)} must be >= 1")
+        _check(
+            0 <= self.node_rank < self.nnodes,
+            f"engine.node_rank={self.node_rank} must lie in [0, engine.nnodes={self.nnodes})",
+        )
+        _check(
+            self.data_parallel_size % self.nnodes == 0,
+            f"--data-parallel-size={self.data_parallel_size} must be a multiple of --nnodes={self.nnodes} "
+            "(the same number of ranks on every node)",
+        )
+        _check(
+            self.nnodes == 1 or self.master_port is not None,
+            "several nodes (--nnodes > 1) need --master-addr and --master-port (node 0's address)",
+        )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
             _check(getattr(self, name) >= 1, f"engine.{name}={getattr(self, name)} must be >= 1")
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):

@@ -20,12 +20,13 @@ without the tensor (any Mixtral checkpoint) loads with a zero bias.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moetron.config import ConfigError, ModelConfig, MoEConfig, RopeConfig, from_dict
+from moetron.model.moe import GroupedExperts
 from moetron.model.transformer import Transformer
 
 MIXTRAL = "MixtralForCausalLM"
@@ -330,11 +332,18 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(
+    file: Path, rows: Callable[[str], slice | None] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors; with `rows`, only the dim-0 rows it gives for each name (None: skip the
+    tensor, unread)."""
     try:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                if rows is None:
+                    yield name, f.get_tensor(name)
+                elif (part := rows(name)) is not None:
+                    yield name, f.get_slice(name)[part]
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     except Exception as e:  # safetensors_rust.SafetensorError does not subclass the above
@@ -351,20 +360,29 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def from_pretrained(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    experts: range | None = None,
 ) -> Transformer:
-    """Load a Hugging Face (Mixtral) or moetron model directory. dtype defaults to the stored one."""
+    """Load a Hugging Face (Mixtral) or moetron model directory. dtype defaults to the stored one.
+    `experts`: load only these routed experts of every MoE layer (an expert-parallel rank's shard,
+    stacked from index 0); the other experts' tensors are never read."""
     directory = Path(path)
     cfg = load_config(directory)
     files = safetensors_files(directory)
     with torch.device("meta"):
         model = Transformer(cfg)
+        if experts is not None:
+            for layer in model.moe_layers():
+                layer.experts = GroupedExperts(cfg.dim, cfg.moe.expert_hidden_dim, len(experts))
+    rows = None if experts is None else functools.partial(_shard_rows, experts)
     params = dict(model.named_parameters())
     filled: dict[str, set[int | None]] = {name: set() for name in params}
     biases: dict[str, tuple[str, torch.Tensor]] = {}  # fp32 whatever the weights' dtype: set last
     materialised = False
     for file in files:
-        for hf_name, tensor in _iter_safetensors(file):
+        for hf_name, tensor in _iter_safetensors(file, rows):
             targets = hf_to_moetron(hf_name)
             if not targets:
                 if _IGNORED.match(hf_name):
@@ -385,6 +403,8 @@ def from_pretrained(
             for target, part in targets:
                 if target.name == "output.weight" and cfg.tie_embeddings:
                     continue  # tied: the embedding is the head
+                if experts is not None and target.expert is not None:
+                    target = Target(target.name, target.expert - experts.start)
                 _copy_into(params, target, part, tensor, hf_name, filled)
     if cfg.tie_embeddings:
         filled.pop("output.weight", None)
@@ -396,6 +416,18 @@ def from_pretrained(
     model.eval()
     model.name_or_path = str(directory)
     return model
+
+
+def _shard_rows(experts: range, hf_name: str) -> slice | None:
+    """The rows of `hf_name` an expert shard reads: all of a non-expert tensor, a per-expert tensor
+    of its experts whole (others: None), its experts' rows of a stacked [E, ...] tensor."""
+    targets = hf_to_moetron(hf_name)
+    if not targets or not targets[0][0].name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+        return slice(None)
+    expert = targets[0][0].expert
+    if expert is None:  # transformers >= 5's stacked experts
+        return slice(experts.start, experts.stop)
+    return slice(None) if expert in experts else None
 
 
 def _load_expert_biases(model: Transformer, biases: dict[str, tuple[str, torch.Tensor]]) -> None:

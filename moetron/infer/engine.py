@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -27,6 +28,7 @@ from moetron.config import EngineConfig
 from moetron.infer import fused_layers
 from moetron.infer.block_manager import BlockManager
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
+from moetron.infer.expert_parallel import ExpertExchange
 from moetron.infer.output_processor import OutputProcessor
 from moetron.infer.outputs import EngineStats, RequestMetrics, RequestOutput
 from moetron.infer.runner import ModelRunner, num_kv_blocks
@@ -68,6 +70,16 @@ def serving_dtype(model: Transformer, requested: torch.dtype | None) -> torch.dt
     return requested
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights `model` holds: parameters and buffers (quantized blocks are buffers),
+    each storage once (a tied head is the embedding)."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 class LLMEngine:
     """The engine takes over `model`: it is put in eval mode, converted when a dtype asks for it, and
     its runner installs the serving kernels into it by swapping module classes (serving_kernels.py).
@@ -81,6 +93,7 @@ class LLMEngine:
         config: EngineConfig | None = None,
         model_name: str | None = None,
         draft_model: Transformer | None = None,
+        exchange: ExpertExchange | None = None,
     ) -> None:
         cfg = config or EngineConfig()
         self.config = cfg
@@ -96,7 +109,8 @@ class LLMEngine:
         blocks = num_kv_blocks(model.cfg, cfg, kv_dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype)
+        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange)
+        self.num_forward_steps_total = 0
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -117,18 +131,40 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
-        """An HF Mixtral (or moetron) directory, or a GGUF file; `overrides` are EngineConfig fields."""
+        """An HF Mixtral (or moetron) directory, or a GGUF file; `overrides` are EngineConfig fields.
+        With data_parallel_size > 1 (or under torchrun) this starts the serving ranks and returns
+        rank 0's DataParallelEngine, which has this class's interface (infer/data_parallel.py)."""
+        cfg = EngineConfig.from_overrides(**overrides)
+        distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if cfg.data_parallel_size > 1 or cfg.tensor_parallel_size > 1 or distributed:
+            from moetron.infer.data_parallel import launch
+
+            return launch(model_dir, cfg)  # type: ignore[return-value]
+        return cls.load(model_dir, cfg)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        cfg: EngineConfig,
+        experts: range | None = None,
+        exchange: ExpertExchange | None = None,
+    ) -> LLMEngine:
+        """One process's engine; an expert-parallel rank's with `experts` (the shard it loads) and
+        `exchange` (its collectives)."""
         from moetron.convert.hf import from_pretrained
         from moetron.data.errors import DataError
         from moetron.data.tokenizer import load_tokenizer
         from moetron.infer.huge_pages import move_to_huge_pages
 
-        cfg = EngineConfig.from_overrides(**overrides)
         if Path(model_dir).suffix == ".gguf":
             return cls._from_gguf(Path(model_dir), cfg)
         # Served in float32, a bf16 checkpoint may keep its bf16 weights (serving_dtype): load as is.
         model = from_pretrained(
-            model_dir, device=cfg.device, dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype
+            model_dir,
+            device=cfg.device,
+            dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype,
+            experts=experts,
         )
         if cfg.quantization is not None:  # before the weights move to huge pages
             quantize_model(model, cfg.quantization)
@@ -147,7 +183,7 @@ class LLMEngine:
             tokenizer = load_tokenizer(model_dir)
         except DataError:
             tokenizer = None  # token-id prompts still work; outputs then carry no text
-        return cls(model, tokenizer, cfg, model_name=Path(model_dir).name)
+        return cls(model, tokenizer, cfg, model_name=Path(model_dir).name, exchange=exchange)
 
     @classmethod
     def _from_gguf(cls, path: Path, cfg: EngineConfig) -> LLMEngine:
@@ -252,8 +288,10 @@ class LLMEngine:
             self.spec.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
+            self.runner.idle()
             return []
         logits_RV = self.runner.run(batch)
+        self.num_forward_steps_total += 1
         self.scheduler.update(batch)
         return self.output_processor.process(batch, logits_RV)
 
@@ -274,6 +312,11 @@ class LLMEngine:
             tokens_per_expert=[layer.tokens_per_expert.tolist() for layer in self.model.moe_layers()],
             spec_proposed_tokens_total=self.spec.num_proposed_total if self.spec else 0,
             spec_accepted_tokens_total=self.spec.num_accepted_total if self.spec else 0,
+            weight_bytes=model_weight_bytes(self.model),
+            num_forward_steps_total=self.num_forward_steps_total,
+            exchange_seconds_total=exchange.exchange_seconds_total
+            if (exchange := self.runner.exchange)
+            else 0.0,
         )
 
     def kv_cache_bytes(self) -> int:

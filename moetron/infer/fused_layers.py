@@ -126,43 +126,51 @@ class FusedBlock(ServingModule, Block):
         h_TD = x_BTD[0]
         if h_TD.dtype != torch.float32 or not (h_TD.is_contiguous() and cos_BTd.is_contiguous()):
             raise ValueError("the fused layers take contiguous float32 hidden states and RoPE rows")
+        self.attention_half(h_TD, cos_BTd, sin_BTd, attention_backend)
+        self.moe_half(h_TD)
+        return x_BTD
+
+    def attention_half(
+        self,
+        h_TD: torch.Tensor,
+        cos_BTd: torch.Tensor,
+        sin_BTd: torch.Tensor,
+        attention_backend: PagedAttention,
+    ) -> None:
+        tables = attention_backend.kernel_tables
         num_tokens, dim = h_TD.shape
         k_cache, v_cache = (
             attention_backend.k_caches[self.layer_id],
             attention_backend.v_caches[self.layer_id],
         )
         num_heads, num_kv_heads, head_dim, scale = self.attention_constants
-        threads = torch.get_num_threads()
-        attention_kernel, moe_kernel = _block_kernels()
         attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
         q_format, k_format, v_format, o_format = self.attention_formats
-        attention_kernel(
+        cpu_kernels.library().moetron_attention_block(
             h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
             wo, o_format, cos_BTd.data_ptr(),
             sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], attention_backend.slot_mapping_T.data_ptr(),
             tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
             tables.pos_of_row_T.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim, k_cache.shape[1],
-            scale, threads,
+            scale, torch.get_num_threads(),
         )  # fmt: skip
-        moe = self.ffn
+
+    def moe_half(self, h_TD: torch.Tensor) -> None:
+        num_tokens, dim = h_TD.shape
         top_k, normalize, hidden, num_experts = self.routed_constants
         ffn_norm, gate, bias, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
         gate_format, w1_format, w3_format, w2_format = self.routed_formats
-        counts = moe.tokens_per_expert if moe.record_stats else self.discarded_counts
-        moe_kernel(
+        cpu_kernels.library().moetron_moe_block(
             h_TD.data_ptr(), ffn_norm, self.ffn_norm.eps, gate, gate_format, bias, top_k, normalize, w1,
             w1_format, w3, w3_format, w2, w2_format,
-            counts.data_ptr(), num_tokens, dim, hidden, num_experts, threads,
+            self.expert_counts().data_ptr(), num_tokens, dim, hidden, num_experts, torch.get_num_threads(),
         )  # fmt: skip
-        return x_BTD
 
-
-def _block_kernels() -> tuple:
-    """The two C entry points of the selected ISA's library (looked up per call, not kept on the
-    module: ctypes functions do not deep-copy, and a served model may be copied)."""
-    lib = cpu_kernels.library()
-    return lib.moetron_attention_block, lib.moetron_moe_block
+    def expert_counts(self) -> torch.Tensor:
+        """Where this step's (token, expert) choices are counted: the layer's tokens_per_expert."""
+        moe = self.ffn
+        return moe.tokens_per_expert if moe.record_stats else self.discarded_counts
 
 
 def _format_code(module: nn.Module, name: str) -> int:

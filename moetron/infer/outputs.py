@@ -73,6 +73,11 @@ class EngineStats:
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [moe layer][expert], cumulative
     spec_proposed_tokens_total: int = 0  # speculative decoding: draft tokens checked by the target
     spec_accepted_tokens_total: int = 0  # ... and kept (bonus/recovered tokens not counted)
+    weight_bytes: int = 0  # parameters and quantized weights held (an expert-parallel rank: its shard)
+    num_forward_steps_total: int = 0  # steps that ran a forward (expert parallelism: on any rank)
+    exchange_seconds_total: float = 0.0  # inside the expert exchange's collectives
+    # Serving across processes (infer/data_parallel.py): each rank's own; the fields above are sums.
+    ranks: list[EngineStats] = field(default_factory=list)
 
     @property
     def spec_acceptance_rate(self) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from moetron.config import EngineConfig, ModelConfig
 from moetron.infer import fused_layers, serving_kernels
+from moetron.infer.expert_parallel import ExpertExchange, expert_parallel_kernels
 from moetron.infer.paged_attention import PagedAttention, SeqSlice
 from moetron.infer.scheduler import ScheduledBatch
 from moetron.model.accounting import kv_bytes_per_token
@@ -67,10 +68,13 @@ class ModelRunner:
         num_blocks: int,
         dtype: torch.dtype | None = None,
         kv_dtype: torch.dtype | None = None,
+        exchange: ExpertExchange | None = None,
     ) -> None:
         """`dtype`: activations, default the parameters'. float32 with a bf16 model runs the fused
         path on the bf16 weights (serving_dtype() in engine.py decides). `kv_dtype`: the KV cache's,
-        default `dtype` (bf16 under float32 activations: half the cache bytes, engine.kv_cache_dtype)."""
+        default `dtype` (bf16 under float32 activations: half the cache bytes, engine.kv_cache_dtype).
+        `exchange`: this rank's expert-parallel collectives when `model` holds a shard of its
+        experts (expert_parallel.py); every step then takes part in them, `idle()` included."""
         self.model = model
         self.block_size = cfg.block_size
         self.invariant = cfg.batch_invariant
@@ -90,8 +94,24 @@ class ModelRunner:
         if self.dtype != param.dtype and not self.fused:
             raise ValueError(f"{self.dtype} activations over {param.dtype} weights need the fused path")
         kernels = serving_kernels.INVARIANT if self.invariant else serving_kernels.FAST
-        self.kernels = fused_layers.fused_kernels(model, kernels) if self.fused else kernels
+        self.exchange = exchange
+        if exchange is not None:
+            if not self.fused:
+                raise ValueError(
+                    "expert-parallel serving runs the fused CPU path: float32 activations (fp32, bf16 or "
+                    "quantized weights), MoE layers without shared experts, moetron's CPU kernels, "
+                    "engine.fused_layers=true"
+                )
+            self.kernels = expert_parallel_kernels(model, kernels, exchange)
+        else:
+            self.kernels = fused_layers.fused_kernels(model, kernels) if self.fused else kernels
         serving_kernels.install(model, self.kernels)
+
+    def idle(self) -> None:
+        """A step with nothing scheduled here: an expert-parallel rank still serves its experts to
+        the ranks that run one (a one-process engine has nothing to do)."""
+        if self.exchange is not None:
+            self.exchange.idle(self.model)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -118,6 +138,8 @@ class ModelRunner:
             token_ids.extend(seq.scheduled_token_ids(first, num_new))  # + draft tokens
             positions.extend(range(first, first + num_new))
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
+        if self.exchange is not None:
+            self.exchange.begin_step(len(token_ids))
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
         slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)

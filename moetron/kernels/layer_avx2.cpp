@@ -116,25 +116,24 @@ void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight
     }
 }
 
-// h [T, D] is updated in place. gate [E, D]; bias [E] fp32 (the router's selection bias); w1 / w3
-// [E, I, D], w2 [E, D, I]; counts [E] int64 is added to (the layer's tokens_per_expert). Router as the
-// model's: fp32 softmax over E, top-K by probability + bias (lower expert first on ties), weighted by
-// the unbiased probabilities, renormalised over the K when `normalize`. A zero bias chooses exactly
-// as the probabilities alone (p + 0.0f == p).
-void moe_block(float* h, const float* norm_w, float eps, Weight gate, const float* bias, int64_t K,
-               int normalize, Weight w1, Weight w3, Weight w2, int64_t* counts, int64_t T, int64_t D,
-               int64_t I, int64_t E, int num_threads) {
-    std::unique_ptr<float[]> xn(new float[T * D]), logits(new float[T * E]), weights(new float[T * K]),
-        out(new float[T * D]);
-    std::unique_ptr<int64_t[]> ids(new int64_t[T * K]);
+// The router of the MoE block: xn = rmsnorm(h) [T, D], and each token's K experts (ids [T, K]) and
+// weights [T, K]; counts [E] int64 is added to (the layer's tokens_per_expert). gate [E, D]; bias [E]
+// fp32 (the router's selection bias). As the model's router: fp32 softmax over E, top-K by
+// probability + bias (lower expert first on ties), weighted by the unbiased probabilities,
+// renormalised over the K when `normalize`. A zero bias chooses exactly as the probabilities alone
+// (p + 0.0f == p).
+void route(const float* h, const float* norm_w, float eps, Weight gate, const float* bias, int64_t K,
+           int normalize, float* xn, int64_t* ids, float* weights, int64_t* counts, int64_t T, int64_t D,
+           int64_t E, int num_threads) {
+    std::unique_ptr<float[]> logits(new float[T * E]);
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
         std::vector<float> probs(E), scores(E);
         std::vector<char> taken(E);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
-            rms_norm_row(h + t * D, norm_w, xn.get() + t * D, D, eps);
-            linear_chunk(xn.get() + t * D, D, gate, D, logits.get() + t * E, E, 1, D, 0, E);
+            rms_norm_row(h + t * D, norm_w, xn + t * D, D, eps);
+            linear_chunk(xn + t * D, D, gate, D, logits.get() + t * E, E, 1, D, 0, E);
             const float* l = logits.get() + t * E;
             float top = l[0];
             for (int64_t e = 1; e < E; ++e) top = l[e] > top ? l[e] : top;
@@ -158,6 +157,17 @@ void moe_block(float* h, const float* norm_w, float eps, Weight gate, const floa
         }
     }
     for (int64_t p = 0; p < T * K; ++p) ++counts[ids[p]];
+}
+
+// h [T, D] is updated in place: h += experts(route(h)). w1 / w3 [E, I, D], w2 [E, D, I]; the rest as
+// route's.
+void moe_block(float* h, const float* norm_w, float eps, Weight gate, const float* bias, int64_t K,
+               int normalize, Weight w1, Weight w3, Weight w2, int64_t* counts, int64_t T, int64_t D,
+               int64_t I, int64_t E, int num_threads) {
+    std::unique_ptr<float[]> xn(new float[T * D]), weights(new float[T * K]), out(new float[T * D]);
+    std::unique_ptr<int64_t[]> ids(new int64_t[T * K]);
+    route(h, norm_w, eps, gate, bias, K, normalize, xn.get(), ids.get(), weights.get(), counts, T, D, E,
+          num_threads);
     moe_experts(xn.get(), ids.get(), weights.get(), w1, w3, w2, out.get(), T, K, D, I, E, num_threads);
     for (int64_t i = 0; i < T * D; ++i) h[i] = h[i] + out[i];
 }
@@ -194,7 +204,16 @@ void moetron_moe_block(float* h, const float* norm_w, float eps, const void* gat
               {w2, w2_format}, counts, T, D, I, E, num_threads);
 }
 
+// The MoE block's router alone (expert parallelism runs the experts and the combine apart):
+// writes xn [T, D], ids [T, K], weights [T, K]; adds to counts [E].
+void moetron_moe_route(const float* h, const float* norm_w, float eps, const void* gate, int gate_format,
+                       const float* bias, int64_t K, int normalize, float* xn, int64_t* ids, float* weights,
+                       int64_t* counts, int64_t T, int64_t D, int64_t E, int num_threads) {
+    route(h, norm_w, eps, {gate, gate_format}, bias, K, normalize, xn, ids, weights, counts, T, D, E, num_threads);
+}
+
 }  // extern "C"
 
 MOETRON_EXPORT(moetron_attention_block);
 MOETRON_EXPORT(moetron_moe_block);
+MOETRON_EXPORT(moetron_moe_route);

@@ -54,25 +54,41 @@ void silu_mul(float* h, const float* b, int64_t ld, int64_t rows, int64_t n0, in
 
 namespace moetron {
 
-void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, Weight w1, Weight w3, Weight w2,
-                 float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+// The pairs (t, k) whose expert lies in [first_expert, first_expert + E) run that expert, whose
+// weights are the E stacked here; the others (another rank's experts, or id -1) are skipped.
+// `finish` then runs once per token t in the parallel region, given y (the pairs' outputs in expert
+// order) and slot_of_pair (-1 for a skipped pair): the combine of moe_experts, or expert_outputs'
+// copy-out.
+template <typename Finish>
+void routed_pairs(const float* x, const int64_t* expert_ids, int64_t first_expert, Weight w1, Weight w3,
+                  Weight w2, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads,
+                  Finish finish) {
     const int64_t P = T * K;
     // Pairs in expert order (stable: by token, then k): counting sort.
-    std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P);
-    for (int64_t p = 0; p < P; ++p) ++counts[expert_ids[p]];
+    std::vector<int64_t> counts(E, 0), start(E + 1, 0), slot_of_pair(P, -1);
+    auto local = [&](int64_t p) {
+        const int64_t e = expert_ids[p] - first_expert;
+        return e >= 0 && e < E ? e : -1;
+    };
+    for (int64_t p = 0; p < P; ++p)
+        if (local(p) >= 0) ++counts[local(p)];
     for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < P; ++p) slot_of_pair[p] = fill[expert_ids[p]]++;
-    // Workspace: gathered rows xs [P, D], h and b [P, I], y [P, D]. Kept per calling thread and only
-    // grown: a fresh allocation per call page-faults (and zeroes) tens of MB per prefill layer.
+    for (int64_t p = 0; p < P; ++p)
+        if (local(p) >= 0) slot_of_pair[p] = fill[local(p)]++;
+    const int64_t num_pairs = start[E];
+    // Workspace: gathered rows xs [N, D], h and b [N, I], y [N, D] for the N local pairs. Kept per
+    // calling thread and only grown: a fresh allocation per call page-faults (and zeroes) tens of MB
+    // per prefill layer.
     static thread_local std::vector<float> workspace;
-    const size_t need = static_cast<size_t>(P * (2 * D + 2 * I));
+    const size_t need = static_cast<size_t>(num_pairs * (2 * D + 2 * I));
     if (workspace.size() < need) workspace.resize(need);
     float* const xs = workspace.data();
-    float* const h = xs + P * D;
-    float* const b = h + P * I;
-    float* const y = b + P * I;
+    float* const h = xs + num_pairs * D;
+    float* const b = h + num_pairs * I;
+    float* const y = b + num_pairs * I;
     for (int64_t p = 0; p < P; ++p) {
+        if (slot_of_pair[p] < 0) continue;
         const float* src = x + (p / K) * D;
         float* dst = xs + slot_of_pair[p] * D;
         for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
@@ -100,22 +116,49 @@ void moe_experts(const float* x, const int64_t* expert_ids, const float* weights
                          it.n0, it.n1);
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            // out[t] = weight_0 * y_0 + weight_1 * y_1 + ... in k order.
-            float* o = out + t * D;
-            const int64_t D8 = D & ~int64_t(7);
-            for (int64_t k = 0; k < K; ++k) {
-                const float* yk = y + slot_of_pair[t * K + k] * D;
-                const float wk = weights[t * K + k];
-                const __m256 wv = _mm256_set1_ps(wk);
-                for (int64_t i = 0; i < D8; i += 8) {
-                    const __m256 v = _mm256_loadu_ps(yk + i);
-                    _mm256_storeu_ps(o + i, k == 0 ? _mm256_mul_ps(wv, v) : _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(o + i)));
-                }
-                for (int64_t i = D8; i < D; ++i) o[i] = k == 0 ? wk * yk[i] : __builtin_fmaf(wk, yk[i], o[i]);
-            }
-        }
+        for (int64_t t = 0; t < T; ++t) finish(t, y, slot_of_pair.data());
     }
+}
+
+// out[t] = weight_0 * y_0 + weight_1 * y_1 + ... in k order, y_k = row(k) ([D] each): a product,
+// then one FMA per further expert. The one combine of every path (one process, or a rank
+// combining the expert outputs the exchange brought back), so their bits agree.
+template <typename Row>
+void combine_token(float* o, Row row, const float* weights, int64_t K, int64_t D) {
+    const int64_t D8 = D & ~int64_t(7);
+    for (int64_t k = 0; k < K; ++k) {
+        const float* yk = row(k);
+        const float wk = weights[k];
+        const __m256 wv = _mm256_set1_ps(wk);
+        for (int64_t i = 0; i < D8; i += 8) {
+            const __m256 v = _mm256_loadu_ps(yk + i);
+            _mm256_storeu_ps(o + i, k == 0 ? _mm256_mul_ps(wv, v) : _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(o + i)));
+        }
+        for (int64_t i = D8; i < D; ++i) o[i] = k == 0 ? wk * yk[i] : __builtin_fmaf(wk, yk[i], o[i]);
+    }
+}
+
+void moe_experts(const float* x, const int64_t* expert_ids, const float* weights, Weight w1, Weight w3, Weight w2,
+                 float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+    routed_pairs(x, expert_ids, 0, w1, w3, w2, T, K, D, I, E, num_threads,
+                 [&](int64_t t, const float* y, const int64_t* slot_of_pair) {
+                     auto row = [&](int64_t k) { return y + slot_of_pair[t * K + k] * D; };
+                     combine_token(out + t * D, row, weights + t * K, K, D);
+                 });
+}
+
+void expert_outputs(const float* x, const int64_t* expert_ids, int64_t first_expert, Weight w1, Weight w3,
+                    Weight w2, float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+    routed_pairs(x, expert_ids, first_expert, w1, w3, w2, T, K, D, I, E, num_threads,
+                 [&](int64_t t, const float* y, const int64_t* slot_of_pair) {
+                     for (int64_t k = 0; k < K; ++k) {
+                         const int64_t slot = slot_of_pair[t * K + k];
+                         if (slot < 0) continue;
+                         const float* src = y + slot * D;
+                         float* dst = out + (t * K + k) * D;
+                         for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
+                     }
+                 });
 }
 
 }  // namespace moetron
@@ -131,6 +174,29 @@ void moetron_moe_swiglu(const float* x, const int64_t* expert_ids, const float* 
                 num_threads);
 }
 
+// Expert parallelism's half of the layer: x [T, D] (every rank's routed rows), expert_ids [T, K]
+// (global ids; -1 for padding), w1 / w3 [E, I, D], w2 [E, D, I] the E experts from first_expert on.
+// Writes out[t, k] ([T, K, D]) for the pairs routed to those experts and leaves the others as the
+// caller filled them (-0.0, the exact identity of the sum that brings them home).
+void moetron_moe_expert_outputs(const float* x, const int64_t* expert_ids, int64_t first_expert, const void* w1,
+                                int w1_format, const void* w3, int w3_format, const void* w2, int w2_format,
+                                float* out, int64_t T, int64_t K, int64_t D, int64_t I, int64_t E, int num_threads) {
+    expert_outputs(x, expert_ids, first_expert, {w1, w1_format}, {w3, w3_format}, {w2, w2_format}, out, T, K, D,
+                   I, E, num_threads);
+}
+
+// h[t] = h[t] + sum_k weights[t, k] * y[t, k] (y [T, K, D]): moe_block's combine and residual add,
+// op for op, on expert outputs computed elsewhere.
+void moetron_moe_combine(float* h, const float* y, const float* weights, int64_t T, int64_t K, int64_t D) {
+    std::vector<float> o(D);
+    for (int64_t t = 0; t < T; ++t) {
+        combine_token(o.data(), [&](int64_t k) { return y + (t * K + k) * D; }, weights + t * K, K, D);
+        for (int64_t i = 0; i < D; ++i) h[t * D + i] = h[t * D + i] + o[i];
+    }
+}
+
 }  // extern "C"
 
 MOETRON_EXPORT(moetron_moe_swiglu);
+MOETRON_EXPORT(moetron_moe_expert_outputs);
+MOETRON_EXPORT(moetron_moe_combine);

@@ -1,0 +1,432 @@
+"""Serving across processes: data-parallel attention (+ expert parallelism), rank 0 in front.
+
+Every rank runs a whole LLMEngine (scheduler, prefix cache, chunked prefill, preemption, paged KV)
+on its own requests; with expert parallelism it holds num_experts / ranks of every MoE layer's
+experts, and its forwards exchange rows with the other ranks' (expert_parallel.py). Rank 0 is the
+front: the HTTP server (or `LLM`) talks to a DataParallelEngine, which has LLMEngine's interface.
+
+    rank 0: DataParallelEngine.step()             ranks 1..W-1: serve_rank()
+      broadcast StepPlan (new requests, aborts) ──→ apply them to the local engine
+      local engine.step()  ←─── expert exchange ───→ local engine.step()   (lockstep: a rank with
+      gather RankReport (outputs, stats)        ←── nothing to run still serves its experts)
+
+The control plane is nano-vllm's (rank 0 schedules, workers execute) at the level of requests:
+each step's plan is a pickled object broadcast on torch.distributed (gloo), between our own
+processes. Requests go to the rank with the fewest outstanding tokens (prompt + max_tokens not yet
+produced, times n). Bits: a rank runs its requests exactly as one process would (batch-invariant
+kernels; expert_parallel.py for the exchange), so outputs are those of the one-process engine.
+
+Processes: on one node `launch` starts ranks 1..W-1 itself (spawned, `torch.set_num_threads` =
+cores / W each); on several nodes each node runs the same command with its --node-rank and starts
+its own ranks; under torchrun every process is a rank already (RANK / WORLD_SIZE in the environment).
+Only global rank 0 returns an engine; the others serve until rank 0 stops them, then exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moetron.config import EngineConfig, ModelConfig
+from moetron.infer.expert_parallel import ExpertExchange, ExpertShard
+from moetron.infer.outputs import EngineStats, RequestOutput
+from moetron.infer.sampling_params import SamplingParams
+
+log = logging.getLogger("moetron.infer")
+
+# Idle workers wait in a broadcast for the next step as long as the server is up: a dead peer
+# breaks the wait at once (gloo sees the socket close), so the timeout only bounds a hung one.
+_COLLECTIVE_TIMEOUT = timedelta(days=365)
+
+
+class WorkerDiedError(RuntimeError):
+    """A serving rank died or disconnected: the distributed engine cannot step any more."""
+
+
+@dataclass
+class StepPlan:
+    """What rank 0 sends every rank before a step."""
+
+    adds: list[list[tuple[str, list[int], SamplingParams, str | None]]]  # per rank
+    aborts: list[list[str]]  # per rank
+    stop: bool = False
+
+
+@dataclass
+class RankReport:
+    """What each rank sends rank 0 after a step (or once loaded: outputs empty)."""
+
+    rank: int
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stats: EngineStats | None = None
+    error: str | None = None
+
+
+def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
+    """Refuse a layout the model cannot take, naming the flags."""
+    ranks = cfg.data_parallel_size
+    if cfg.tensor_parallel_size > 1:
+        if model_cfg.num_kv_heads == 1:
+            raise ValueError(
+                f"--tensor-parallel-size={cfg.tensor_parallel_size}: the model has one KV head (multi-query "
+                "attention), which tensor parallelism cannot split; serve it with --data-parallel-size N "
+                "--enable-expert-parallel (attention data-parallel, experts sharded)"
+            )
+        raise ValueError(
+            f"--tensor-parallel-size={cfg.tensor_parallel_size}: moetron's serving engine does not split "
+            "attention heads or dense layers yet; use --data-parallel-size N --enable-expert-parallel"
+        )
+    if not cfg.enable_expert_parallel:
+        return
+    moe = model_cfg.moe
+    if moe is None or moe.num_experts == 0:
+        raise ValueError("--enable-expert-parallel: the model has no MoE layers to shard")
+    if ranks > moe.num_experts:
+        raise ValueError(
+            f"--data-parallel-size={ranks} with --enable-expert-parallel: more ranks than the model's "
+            f"{moe.num_experts} experts"
+        )
+    if moe.num_experts % ranks:
+        raise ValueError(
+            f"--data-parallel-size={ranks} with --enable-expert-parallel must divide the model's "
+            f"{moe.num_experts} experts"
+        )
+    if moe.num_dense_layers or moe.num_shared_experts:
+        raise ValueError(
+            "--enable-expert-parallel serves models whose every layer is routed-expert MoE without shared "
+            f"experts (this one has {moe.num_dense_layers} dense layers, {moe.num_shared_experts} shared experts)"
+        )
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
+    """Start (or join) the serving ranks of `cfg`'s layout; global rank 0 gets the front engine,
+    every other rank serves until stopped and then exits the process (status 0)."""
+    from moetron.convert.hf import load_config
+
+    if Path(model_dir).suffix == ".gguf":
+        raise ValueError(
+            f"{model_dir}: serving a GGUF file across processes is not supported; use the model directory"
+        )
+    check_layout(cfg, load_config(model_dir))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world != cfg.data_parallel_size:
+            raise ValueError(
+                f"--data-parallel-size={cfg.data_parallel_size} but torchrun started {world} ranks"
+            )
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        init_method, workers = "env://", []
+    else:
+        world, local = cfg.data_parallel_size, cfg.data_parallel_size // cfg.nnodes
+        rank = cfg.node_rank * local
+        port = cfg.master_port or _free_port(cfg.master_addr)
+        init_method = f"tcp://{cfg.master_addr}:{port}"
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(
+                target=_worker_main,
+                args=(r, world, init_method, str(model_dir), _threads(local), logging.getLogger().level),
+                name=f"moetron-rank{r}",
+                daemon=True,
+            )
+            for r in range(rank + 1, rank + local)
+        ]
+        for process in workers:
+            process.start()
+    torch.set_num_threads(_threads(local))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=_COLLECTIVE_TIMEOUT
+    )
+    if rank != 0:
+        _serve_forever(rank, world, str(model_dir), cfg)
+        sys.exit(0)
+    cfg = _resolve_kv_blocks(model_dir, cfg, local)
+    dist.broadcast_object_list([cfg], src=0)
+    try:
+        engine = _load_rank(model_dir, cfg, 0, world)
+        reports = _gather(RankReport(0, stats=engine.get_stats()))
+    except BaseException:
+        for process in workers:
+            process.kill()
+        raise
+    if failed := [r for r in reports if r.error]:
+        for process in workers:
+            process.kill()
+        raise RuntimeError("; ".join(f"rank {r.rank} failed to load: {r.error}" for r in failed))
+    return DataParallelEngine(engine, world, workers, reports)
+
+
+def _threads(local_ranks: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_ranks)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _resolve_kv_blocks(model_dir: str | Path, cfg: EngineConfig, local_ranks: int) -> EngineConfig:
+    """One KV pool size for every rank (rank 0 checks prompts against it), from this node's memory
+    shared by its ranks."""
+    from moetron.convert.hf import load_config
+    from moetron.infer.runner import num_kv_blocks
+
+    if cfg.num_kv_blocks is not None:
+        return cfg
+    model_cfg = load_config(model_dir)
+    dtype = cfg.torch_kv_dtype(cfg.torch_dtype or torch.float32)
+    shared = cfg.replace(kv_cache_memory_fraction=cfg.kv_cache_memory_fraction / local_ranks)
+    if cfg.kv_cache_memory_bytes is not None:
+        shared = cfg
+    return cfg.replace(
+        num_kv_blocks=num_kv_blocks(model_cfg, shared, dtype, cfg.resolve_max_model_len(model_cfg))
+    )
+
+
+def _load_rank(model_dir: str | Path, cfg: EngineConfig, rank: int, world: int) -> Any:
+    from moetron.convert.hf import load_config
+    from moetron.infer.engine import LLMEngine
+
+    if not cfg.enable_expert_parallel:
+        return LLMEngine.load(model_dir, cfg)
+    shard = ExpertShard(rank, world, load_config(model_dir).moe.num_experts)
+    return LLMEngine.load(model_dir, cfg, experts=shard.experts, exchange=ExpertExchange(shard))
+
+
+def _worker_main(
+    rank: int, world: int, init_method: str, model_dir: str, threads: int, log_level: int
+) -> None:
+    """A spawned rank's process: join the group, take rank 0's engine config, serve."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    # Rank 0 drains on SIGTERM and then stops every rank; a signal to the whole process group
+    # must not kill the workers under the requests it is draining.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=_COLLECTIVE_TIMEOUT
+    )
+    _serve_forever(rank, world, model_dir, None)
+
+
+def _serve_forever(rank: int, world: int, model_dir: str, cfg: EngineConfig | None) -> None:
+    """Ranks 1..W-1: load this rank's engine, then run rank 0's steps until it says stop."""
+    received: list[Any] = [None]
+    dist.broadcast_object_list(received, src=0)
+    cfg = received[0]
+    try:
+        engine = _load_rank(model_dir, cfg, rank, world)
+    except Exception as e:  # tell rank 0 why, then leave
+        log.exception("rank %d failed to load %s", rank, model_dir)
+        _gather(RankReport(rank, error=f"{type(e).__name__}: {e}"))
+        dist.destroy_process_group()
+        sys.exit(1)
+    _gather(RankReport(rank, stats=engine.get_stats()))
+    try:
+        while True:
+            plan_box: list[Any] = [None]
+            dist.broadcast_object_list(plan_box, src=0)
+            plan: StepPlan = plan_box[0]
+            if plan.stop:
+                break
+            _apply(engine, plan, rank)
+            outputs = engine.step()
+            _gather(RankReport(rank, outputs, engine.get_stats()))
+    except RuntimeError:
+        log.exception("rank %d lost the other ranks; exiting", rank)
+        sys.exit(1)
+    log.info("rank %d stopped", rank)
+    dist.destroy_process_group()
+
+
+def _apply(engine: Any, plan: StepPlan, rank: int) -> None:
+    for request_id in plan.aborts[rank]:
+        engine.abort(request_id)
+    for request_id, token_ids, params, prompt in plan.adds[rank]:
+        engine.add_request(token_ids, params, request_id=request_id, prompt=prompt)
+
+
+def _gather(report: RankReport) -> list[RankReport]:
+    """Every rank's report at rank 0 (an empty list elsewhere)."""
+    reports: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(report, reports, dst=0)
+    return reports or []
+
+
+# --- the front ---------------------------------------------------------------------------------
+
+
+class DataParallelEngine:
+    """LLMEngine's interface over W serving ranks; rank 0's own engine is one of them."""
+
+    def __init__(
+        self,
+        local: Any,
+        world_size: int,
+        workers: list[multiprocessing.Process],
+        reports: list[RankReport],
+    ) -> None:
+        self.local = local
+        self.world_size = world_size
+        self.workers = workers  # the processes this node started (none under torchrun)
+        self.config: EngineConfig = local.config
+        self.tokenizer, self.model_name = local.tokenizer, local.model_name
+        self.max_model_len, self.vocab_size = local.max_model_len, local.vocab_size
+        self.rank_stats: list[EngineStats | None] = [r.stats for r in reports]
+        self._owner: dict[str, int] = {}  # request id -> rank
+        self._cost: dict[str, int] = {}  # request id -> its prompt + max_tokens, times n
+        self._remaining: dict[str, int] = {}  # ... less the tokens generated so far
+        self._outstanding = [0] * world_size  # per rank: sum of its requests' _remaining
+        self._adds: list[list[tuple]] = [[] for _ in range(world_size)]
+        self._aborts: list[list[str]] = [[] for _ in range(world_size)]
+        self._ids = 0
+        self._stopped = False
+
+    # --- requests ---
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        ids = list(prompt_token_ids)
+        self.local._check_prompt(ids, params)  # every rank has the same limits and pool size
+        if request_id is None:
+            request_id, self._ids = f"dp-{self._ids}", self._ids + 1
+        if request_id in self._owner:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        rank = min(range(self.world_size), key=lambda r: (self._outstanding[r], r))
+        if rank == 0:
+            self.local.add_request(ids, params, request_id=request_id, prompt=prompt)
+        else:
+            self._adds[rank].append((request_id, ids, params, prompt))
+        cost = params.n * (len(ids) + (params.max_tokens or self.max_model_len - len(ids)))
+        self._owner[request_id], self._cost[request_id], self._remaining[request_id] = rank, cost, cost
+        self._outstanding[rank] += cost
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; its final output only when rank 0 holds it (None otherwise)."""
+        rank = self._owner.get(request_id)
+        if rank is None:
+            return None
+        self._forget(request_id)
+        if rank == 0:
+            return self.local.abort(request_id)
+        pending = [a for a in self._adds[rank] if a[0] != request_id]
+        if len(pending) == len(self._adds[rank]):
+            self._aborts[rank].append(request_id)
+        self._adds[rank] = pending
+        return None
+
+    def _forget(self, request_id: str) -> None:
+        rank = self._owner.pop(request_id)
+        self._outstanding[rank] -= self._remaining.pop(request_id)
+        del self._cost[request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._owner)
+
+    # --- the step ---
+
+    def step(self) -> list[RequestOutput]:
+        """One step on every rank; the outputs of all their requests that moved."""
+        plan = StepPlan(self._adds, self._aborts)
+        self._adds = [[] for _ in range(self.world_size)]
+        self._aborts = [[] for _ in range(self.world_size)]
+        try:
+            dist.broadcast_object_list([plan], src=0)
+            outputs = list(self.local.step())
+            reports = _gather(RankReport(0, [], self.local.get_stats()))
+        except RuntimeError as e:  # gloo: a peer closed its connection
+            raise WorkerDiedError(self._who_died(e)) from e
+        for report in reports:
+            self.rank_stats[report.rank] = report.stats
+            outputs.extend(report.outputs)
+        for out in outputs:
+            rank = self._owner.get(out.request_id)
+            if rank is None:
+                continue  # aborted meanwhile
+            if out.finished:
+                self._forget(out.request_id)
+                continue
+            produced = sum(len(o.token_ids) for o in out.outputs)
+            remaining = max(0, self._cost[out.request_id] - produced)
+            self._outstanding[rank] += remaining - self._remaining[out.request_id]
+            self._remaining[out.request_id] = remaining
+        return outputs
+
+    def _who_died(self, error: BaseException) -> str:
+        time.sleep(0.2)  # let a dying process's exit code settle
+        dead = [(p.name, p.pid, p.exitcode) for p in self.workers if p.exitcode is not None]
+        if dead:
+            return "; ".join(f"{name} (pid {pid}) died with exit code {code}" for name, pid, code in dead)
+        return f"a serving rank disconnected: {error}"
+
+    def failure(self) -> str | None:
+        """Which worker this node started has died, if any (the server polls this)."""
+        dead = [p for p in self.workers if p.exitcode is not None]
+        if not dead or self._stopped:
+            return None
+        return "; ".join(f"{p.name} (pid {p.pid}) died with exit code {p.exitcode}" for p in dead)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop every rank (after the requests in flight: the caller drains first)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            dist.broadcast_object_list([StepPlan([], [], stop=True)], src=0)
+        except RuntimeError:
+            log.warning("some ranks were already gone at shutdown")
+        for process in self.workers:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+        dist.destroy_process_group()
+
+    # --- introspection ---
+
+    def get_stats(self) -> EngineStats:
+        """The sum over ranks (expert counts included), with each rank's own in `ranks`."""
+        ranks = [s if s is not None else self.local.get_stats() for s in self.rank_stats]
+        ranks[0] = self.local.get_stats()
+        total = dataclasses.replace(ranks[0], ranks=ranks)
+        for name in (
+            "num_waiting", "num_running", "num_preempted_total", "kv_blocks_total", "kv_blocks_used",
+            "kv_blocks_cached_free", "prefix_cache_hit_tokens_total", "prompt_tokens_total",
+            "generation_tokens_total", "spec_proposed_tokens_total", "spec_accepted_tokens_total",
+            "weight_bytes", "exchange_seconds_total",
+        ):  # fmt: skip
+            setattr(total, name, sum(getattr(s, name) for s in ranks))
+        total.num_waiting += sum(len(a) for a in self._adds)
+        total.tokens_per_expert = [
+            [sum(counts) for counts in zip(*layer, strict=True)]
+            for layer in zip(*(s.tokens_per_expert for s in ranks), strict=True)
+        ]
+        total.num_forward_steps_total = ranks[0].num_forward_steps_total
+        return total
+
+    def kv_cache_bytes(self) -> int:
+        return self.local.kv_cache_bytes() * self.world_size
