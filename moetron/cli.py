@@ -196,6 +196,13 @@ ENGINE_FLAGS = (
     "speculative_method",
     "num_speculative_tokens",
     "draft_model_dir",
+    "data_parallel_size",
+    "enable_expert_parallel",
+    "tensor_parallel_size",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
 )
 
 
@@ -316,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step")
     srv.add_argument("--draft-model-dir", default=None, help="draft model for --speculative-method=draft")
+    par = srv.add_argument_group(
+        "serving across processes",
+        "attention data-parallel (each rank its own requests and KV cache), experts sharded with "
+        "--enable-expert-parallel; one node starts its ranks itself, several nodes each run the same "
+        "command with --node-rank (or every rank runs under torchrun); only rank 0 listens on HTTP",
+    )
+    par.add_argument("--data-parallel-size", "-dp", type=int, default=None, help="serving ranks in all")
+    par.add_argument(
+        "--enable-expert-parallel", "-ep", action="store_const", const=True, default=None,
+        help="each rank holds num_experts / ranks of every MoE layer's experts",
+    )  # fmt: skip
+    par.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=None,
+        help="refused above 1: one KV head (MQA) cannot be split, and the engine does not split heads yet",
+    )  # fmt: skip
+    par.add_argument("--nnodes", type=int, default=None, help="nodes, each running this command")
+    par.add_argument("--node-rank", type=int, default=None, help="this node's index (node 0 serves HTTP)")
+    par.add_argument("--master-addr", default=None, help="node 0's address for the ranks' rendezvous")
+    par.add_argument("--master-port", type=int, default=None, help="its port (default: a free one, one node)")
     srv.set_defaults(func=cmd_serve, takes_overrides=True)
 
     from moetron.plan.cli import add_plan_parser

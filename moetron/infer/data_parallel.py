@@ -24,6 +24,7 @@ Only global rank 0 returns an engine; the others serve until rank 0 stops them, 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import multiprocessing
@@ -149,6 +150,7 @@ def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
         ]
         for process in workers:
             process.start()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(_threads(local))
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world, timeout=_COLLECTIVE_TIMEOUT
@@ -162,14 +164,23 @@ def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
         engine = _load_rank(model_dir, cfg, 0, world)
         reports = _gather(RankReport(0, stats=engine.get_stats()))
     except BaseException:
-        for process in workers:
-            process.kill()
+        _abandon(workers, threads_before)
         raise
     if failed := [r for r in reports if r.error]:
-        for process in workers:
-            process.kill()
+        _abandon(workers, threads_before)
         raise RuntimeError("; ".join(f"rank {r.rank} failed to load: {r.error}" for r in failed))
-    return DataParallelEngine(engine, world, workers, reports)
+    front = DataParallelEngine(engine, world, workers, reports, threads_before)
+    atexit.register(front.shutdown)  # `LLM` users never call it; a server's engine thread does
+    return front
+
+
+def _abandon(workers: list[multiprocessing.Process], threads_before: int) -> None:
+    """A launch that failed: end this node's ranks and leave the process as it was."""
+    for process in workers:
+        process.kill()
+        process.join()
+    dist.destroy_process_group()
+    torch.set_num_threads(threads_before)
 
 
 def _threads(local_ranks: int) -> int:
@@ -283,8 +294,10 @@ class DataParallelEngine:
         world_size: int,
         workers: list[multiprocessing.Process],
         reports: list[RankReport],
+        threads_before: int | None = None,
     ) -> None:
         self.local = local
+        self._threads_before = threads_before  # this process's torch threads before launch
         self.world_size = world_size
         self.workers = workers  # the processes this node started (none under torchrun)
         self.config: EngineConfig = local.config
@@ -398,13 +411,16 @@ class DataParallelEngine:
         self._stopped = True
         try:
             dist.broadcast_object_list([StepPlan([], [], stop=True)], src=0)
-        except RuntimeError:
+        except RuntimeError:  # a rank is gone: the others cannot be told, so end them
             log.warning("some ranks were already gone at shutdown")
+            timeout = 0.0
         for process in self.workers:
             process.join(timeout)
             if process.is_alive():
                 process.kill()
         dist.destroy_process_group()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
 
     # --- introspection ---
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -132,11 +131,10 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> LLMEngine:
         """An HF Mixtral (or moetron) directory, or a GGUF file; `overrides` are EngineConfig fields.
-        With data_parallel_size > 1 (or under torchrun) this starts the serving ranks and returns
-        rank 0's DataParallelEngine, which has this class's interface (infer/data_parallel.py)."""
+        With data_parallel_size > 1 this starts (or, under torchrun, joins) the serving ranks and
+        returns rank 0's DataParallelEngine, which has this class's interface (infer/data_parallel.py)."""
         cfg = EngineConfig.from_overrides(**overrides)
-        distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        if cfg.data_parallel_size > 1 or cfg.tensor_parallel_size > 1 or distributed:
+        if cfg.data_parallel_size > 1 or cfg.tensor_parallel_size > 1:
             from moetron.infer.data_parallel import launch
 
             return launch(model_dir, cfg)  # type: ignore[return-value]

@@ -41,7 +41,6 @@ from moetron.infer.serving_kernels import ServingKernels
 from moetron.kernels import cpu_kernels
 from moetron.model.transformer import Block, Transformer
 
-
 # torch 2.13 renamed the tensor collectives (the old names warn); torch 2.6 has only the old ones.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -76,7 +75,6 @@ class ExpertExchange:
         self.tokens_per_rank: list[int] = [0] * shard.world_size
         self.exchange_seconds_total = 0.0  # time inside the expert exchange's collectives
         self.num_steps = 0
-
 
     def begin_step(self, num_tokens: int) -> int:
         """Share this rank's token count for the step; returns the count over all ranks (0: nobody

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moetron.infer.data_parallel import WorkerDiedError
 from moetron.infer.outputs import EngineStats, RequestOutput
 from moetron.infer.sampling_params import SamplingParams
 
@@ -125,6 +126,21 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def failure(self) -> str | None:
+        """A distributed engine's dead serving rank, if any (its `failure()`; None for one process)."""
+        if isinstance(self.error, WorkerDiedError):  # found by the engine thread's collectives
+            return str(self.error)
+        check = getattr(self.engine, "failure", None)
+        return check() if check is not None else None
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the engine dead from the event loop (a serving rank died): every request in flight
+        gets `error`, new ones are refused."""
+        if self.error is None:
+            self.error = error
+            self._commands.put(_Command("stop"))  # an idle engine thread wakes up and leaves
+            self._fail_all(EngineDeadError(f"the engine failed: {error}"))
+
     def _call(self, cmd: _Command) -> asyncio.Future:
         """Send a command that answers; the future resolves on the event loop."""
         if not self.alive:
@@ -197,6 +213,10 @@ class AsyncEngine:
             self.error = e
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {e!r}"))
+        finally:
+            shutdown = getattr(self.engine, "shutdown", None)  # a distributed engine stops its ranks
+            if shutdown is not None:
+                shutdown()
 
     def _loop_forever(self) -> None:
         engine = self.engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 from moetron.infer.outputs import EngineStats
 
@@ -188,7 +189,67 @@ class ServerMetrics:
                     for expert, count in enumerate(counts)
                 ],
             )
+            family(
+                "weight_bytes",
+                "gauge",
+                "Bytes of model weights held (all ranks).",
+                [((), stats.weight_bytes)],
+            )
+            family(
+                "forward_steps_total",
+                "counter",
+                "Engine steps that ran a forward.",
+                [((), stats.num_forward_steps_total)],
+            )
+            family(
+                "expert_exchange_seconds_total",
+                "counter",
+                "Seconds inside expert parallelism's collectives (all ranks; / forward_steps_total / ranks: per step).",
+                [((), stats.exchange_seconds_total)],
+            )
+            if stats.ranks:
+                self._render_ranks(stats.ranks, family)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _render_ranks(ranks: list[EngineStats], family: Callable[..., None]) -> None:
+        """Each serving rank's own series (infer/data_parallel.py), labelled rank="r"."""
+
+        def per_rank(name: str, kind: str, help: str, value: Callable[[EngineStats], float]) -> None:
+            family(name, kind, help, [((("rank", str(r)),), value(s)) for r, s in enumerate(ranks)])
+
+        per_rank(
+            "rank_requests_running", "gauge", "Requests in a rank's running batch.", lambda s: s.num_running
+        )
+        per_rank("rank_requests_waiting", "gauge", "Requests queued on a rank.", lambda s: s.num_waiting)
+        per_rank("rank_kv_blocks_total", "gauge", "A rank's KV-cache blocks.", lambda s: s.kv_blocks_total)
+        per_rank("rank_kv_blocks_used", "gauge", "A rank's KV-cache blocks held.", lambda s: s.kv_blocks_used)
+        per_rank(
+            "rank_weight_bytes", "gauge", "Bytes of model weights a rank holds.", lambda s: s.weight_bytes
+        )
+        per_rank(
+            "rank_generation_tokens_total",
+            "counter",
+            "Tokens a rank generated.",
+            lambda s: s.generation_tokens_total,
+        )
+        per_rank(
+            "rank_expert_exchange_seconds_total",
+            "counter",
+            "Seconds a rank spent inside the expert exchange's collectives.",
+            lambda s: s.exchange_seconds_total,
+        )
+        family(
+            "rank_expert_tokens_total",
+            "counter",
+            "Tokens of a rank's requests routed to each expert of each MoE layer.",
+            [
+                ((("rank", str(r)), ("layer", str(layer)), ("expert", str(expert))), count)
+                for r, s in enumerate(ranks)
+                for layer, counts in enumerate(s.tokens_per_expert)
+                for expert, count in enumerate(counts)
+            ],
+        )
 
 
 def parse_metrics(text: str) -> dict[str, float]:

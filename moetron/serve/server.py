@@ -2,7 +2,11 @@
 
 SIGTERM does not stop the listener at once (uvicorn's default): the server keeps answering, giving
 new generation requests 503 and /health 503 (so a load balancer moves away), lets the requests in
-flight finish, then exits with status 0. A second SIGTERM, or SIGINT, stops it at once.
+flight finish, then exits with status 0. A second SIGTERM, or SIGINT, stops it at once. Served
+across processes, the drain covers every rank: rank 0 stops the others once it has drained.
+
+If a serving rank dies, the requests in flight fail with an OpenAI-shaped error, new ones get 503,
+and a moment later the server exits with status 1 (so a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from moetron.serve.api import ServerState, build_app
 from moetron.serve.async_engine import AsyncEngine
 
 log = logging.getLogger("moetron.serve")
+# After a serving rank dies the server stays up this long, answering 503, so that clients in flight
+# get their errors before the connection goes.
+RANK_DEATH_GRACE_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,6 +35,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.drain_timeout_s = state, drain_timeout_s
         self.drain_deadline = float("inf")
+        self.exit_code = 0
+        self.failed_at: float | None = None  # when a serving rank was found dead
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn's signal handler (installed from the main thread only); tests call it directly.
@@ -49,6 +58,13 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:  # uvicorn calls this every 0.1 s
         if self.drained():
             self.should_exit = True
+        engine = self.state.engine
+        if self.failed_at is None and (dead := engine.failure()) is not None:
+            log.error("serving rank died: %s; failing the requests in flight, exiting", dead)
+            engine.fail(RuntimeError(dead))
+            self.failed_at = time.monotonic()
+        if self.failed_at is not None and time.monotonic() > self.failed_at + RANK_DEATH_GRACE_S:
+            self.exit_code, self.should_exit = 1, True
         return await super().on_tick(counter)
 
 
@@ -129,5 +145,6 @@ def serve(
         time.perf_counter() - start,
         engine.max_model_len,
     )
-    make_server(state, host=host, port=port, drain_timeout_s=drain_timeout_s, log_level=log_level).run()
-    return 0
+    server = make_server(state, host=host, port=port, drain_timeout_s=drain_timeout_s, log_level=log_level)
+    server.run()
+    return server.exit_code
