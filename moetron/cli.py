@@ -210,7 +210,11 @@ def serve_engine_config(args: argparse.Namespace, overrides: list[str]) -> Engin
     """defaults < the --config TOML's [engine] table < --engine.key=value < the named flags."""
     if wrong := [o for o in overrides if not o.startswith("--engine.")]:
         raise ConfigError(f"`moetron serve` takes --engine.key=value settings, not {wrong}")
-    flags = [f"--engine.{k}={v}" for k in ENGINE_FLAGS if (v := getattr(args, k)) is not None]
+    flags = [
+        f"--engine.{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k in ENGINE_FLAGS
+        if (v := getattr(args, k)) is not None
+    ]
     return load_run_config(args.config, [*overrides, *flags]).engine
 
 

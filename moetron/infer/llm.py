@@ -6,15 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moetron.infer.data_parallel import DataParallelEngine
 from moetron.infer.engine import LLMEngine
 from moetron.infer.outputs import RequestOutput
 from moetron.infer.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | Path | LLMEngine, **engine_overrides: Any) -> None:
-        """`model`: a model directory (HF Mixtral or moetron) or a ready LLMEngine."""
-        if isinstance(model, LLMEngine):
+    def __init__(self, model: str | Path | LLMEngine | DataParallelEngine, **engine_overrides: Any) -> None:
+        """`model`: a model directory (HF Mixtral or moetron) or GGUF file, or a ready engine.
+        `engine_overrides` are EngineConfig fields (data_parallel_size=2 serves on two processes)."""
+        if not isinstance(model, str | Path):
             if engine_overrides:
                 raise ValueError("engine options go to the LLMEngine when passing one")
             self.engine = model
