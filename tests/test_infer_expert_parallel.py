@@ -122,7 +122,7 @@ def test_bad_layouts_are_refused_naming_the_flags(layout: dict, model_change: di
     if change.pop("dense", 0):
         model.moe = dataclasses.replace(model.moe, num_dense_layers=1)
     model = dataclasses.replace(model, **change)
-    with pytest.raises(ValueError, match="--(data|tensor)-parallel-size|--enable-expert-parallel") as info:
+    with pytest.raises(ValueError, match=r"--(data|tensor)-parallel-size|--enable-expert-parallel") as info:
         check_layout(EngineConfig(**layout), model)
     assert message in str(info.value)
 

@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -115,9 +116,15 @@ def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
-    """Start (or join) the serving ranks of `cfg`'s layout; global rank 0 gets the front engine,
-    every other rank serves until stopped and then exits the process (status 0)."""
+# A rank's engine from (model_dir, cfg, experts, exchange): LLMEngine.load, passed in by the caller
+# (engine.py imports this module; this one does not import it back).
+RankLoader = Callable[..., Any]
+
+
+def launch(model_dir: str | Path, cfg: EngineConfig, load: RankLoader) -> DataParallelEngine:
+    """Start (or join) the serving ranks of `cfg`'s layout, each rank's engine built by `load`;
+    global rank 0 gets the front engine, every other rank serves until stopped and then exits the
+    process (status 0)."""
     from moetron.convert.hf import load_config
 
     if Path(model_dir).suffix == ".gguf":
@@ -142,7 +149,15 @@ def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
         workers = [
             context.Process(
                 target=_worker_main,
-                args=(r, world, init_method, str(model_dir), _threads(local), logging.getLogger().level),
+                args=(
+                    r,
+                    world,
+                    init_method,
+                    str(model_dir),
+                    load,
+                    _threads(local),
+                    logging.getLogger().level,
+                ),
                 name=f"moetron-rank{r}",
                 daemon=True,
             )
@@ -156,12 +171,12 @@ def launch(model_dir: str | Path, cfg: EngineConfig) -> DataParallelEngine:
         "gloo", init_method=init_method, rank=rank, world_size=world, timeout=_COLLECTIVE_TIMEOUT
     )
     if rank != 0:
-        _serve_forever(rank, world, str(model_dir), cfg)
+        _serve_forever(rank, world, str(model_dir), load)
         sys.exit(0)
     cfg = _resolve_kv_blocks(model_dir, cfg, local)
     dist.broadcast_object_list([cfg], src=0)
     try:
-        engine = _load_rank(model_dir, cfg, 0, world)
+        engine = _load_rank(load, model_dir, cfg, 0, world)
         reports = _gather(RankReport(0, stats=engine.get_stats()))
     except BaseException:
         _abandon(workers, threads_before)
@@ -212,39 +227,38 @@ def _resolve_kv_blocks(model_dir: str | Path, cfg: EngineConfig, local_ranks: in
     )
 
 
-def _load_rank(model_dir: str | Path, cfg: EngineConfig, rank: int, world: int) -> Any:
+def _load_rank(load: RankLoader, model_dir: str | Path, cfg: EngineConfig, rank: int, world: int) -> Any:
     from moetron.convert.hf import load_config
-    from moetron.infer.engine import LLMEngine
 
     if not cfg.enable_expert_parallel:
-        return LLMEngine.load(model_dir, cfg)
+        return load(model_dir, cfg)
     shard = ExpertShard(rank, world, load_config(model_dir).moe.num_experts)
-    return LLMEngine.load(model_dir, cfg, experts=shard.experts, exchange=ExpertExchange(shard))
+    return load(model_dir, cfg, experts=shard.experts, exchange=ExpertExchange(shard))
 
 
 def _worker_main(
-    rank: int, world: int, init_method: str, model_dir: str, threads: int, log_level: int
+    rank: int, world: int, init_method: str, model_dir: str, load: RankLoader, threads: int, log_level: int
 ) -> None:
     """A spawned rank's process: join the group, take rank 0's engine config, serve."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
-    # Rank 0 drains on SIGTERM and then stops every rank; a signal to the whole process group
-    # must not kill the workers under the requests it is draining.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world, timeout=_COLLECTIVE_TIMEOUT
     )
-    _serve_forever(rank, world, model_dir, None)
+    _serve_forever(rank, world, model_dir, load)
 
 
-def _serve_forever(rank: int, world: int, model_dir: str, cfg: EngineConfig | None) -> None:
+def _serve_forever(rank: int, world: int, model_dir: str, load: RankLoader) -> None:
     """Ranks 1..W-1: load this rank's engine, then run rank 0's steps until it says stop."""
+    # Rank 0 drains on SIGTERM and then stops every rank; a signal to the whole process group (or
+    # torchrun forwarding it) must not kill the ranks under the requests rank 0 is draining.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     received: list[Any] = [None]
     dist.broadcast_object_list(received, src=0)
     cfg = received[0]
     try:
-        engine = _load_rank(model_dir, cfg, rank, world)
+        engine = _load_rank(load, model_dir, cfg, rank, world)
     except Exception as e:  # tell rank 0 why, then leave
         log.exception("rank %d failed to load %s", rank, model_dir)
         _gather(RankReport(rank, error=f"{type(e).__name__}: {e}"))

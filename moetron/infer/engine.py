@@ -137,7 +137,7 @@ class LLMEngine:
         if cfg.data_parallel_size > 1 or cfg.tensor_parallel_size > 1:
             from moetron.infer.data_parallel import launch
 
-            return launch(model_dir, cfg)  # type: ignore[return-value]
+            return launch(model_dir, cfg, cls.load)  # type: ignore[return-value]
         return cls.load(model_dir, cfg)
 
     @classmethod
