@@ -134,3 +134,26 @@ def test_bad_node_settings_are_refused() -> None:
         EngineConfig(data_parallel_size=2, nnodes=2)
     with pytest.raises(ValueError, match="node_rank"):
         EngineConfig(data_parallel_size=2, nnodes=2, node_rank=2, master_port=29500)
+
+
+def test_the_planner_predicts_a_ranks_weights_exactly(tiny_model_dir) -> None:
+    from moetron.convert.hf import load_config
+    from moetron.plan.hardware import get_accelerator
+    from moetron.plan.inference import engine_layout
+
+    cfg = load_config(tiny_model_dir)
+    layout = engine_layout(cfg, get_accelerator("h100"), 2, context=64, concurrency=4, weight_dtype="fp32")
+    assert layout.ranks == 2 and layout.expert_parallel and layout.fits and layout.nodes == 1
+    assert layout.flags == "--data-parallel-size 2 --enable-expert-parallel"
+    shard = from_pretrained(tiny_model_dir, experts=range(0, 2))
+    assert layout.weights_per_rank_bytes == sum(p.numel() * p.element_size() for p in shard.parameters())
+
+
+def test_the_planner_says_when_the_engine_cannot_serve_gpt4() -> None:
+    from moetron.plan.hardware import get_accelerator
+    from moetron.plan.inference import engine_layout
+
+    layout = engine_layout(get_preset("gpt4"), get_accelerator("a100-80gb"), 128, 32_768, 128)
+    assert (layout.ranks, layout.nodes, layout.fits) == (16, 2, False)
+    assert "--nnodes 2" in layout.flags and "uses 16 of 128 devices" in layout.note
+    assert "tensor or pipeline parallelism inside a rank" in layout.note

@@ -455,7 +455,7 @@ class DataParallelEngine:
             [sum(counts) for counts in zip(*layer, strict=True)]
             for layer in zip(*(s.tokens_per_expert for s in ranks), strict=True)
         ]
-        total.num_forward_steps_total = ranks[0].num_forward_steps_total
+        total.num_forward_steps_total = max(s.num_forward_steps_total for s in ranks)
         return total
 
     def kv_cache_bytes(self) -> int:

@@ -110,6 +110,7 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange)
         self.num_forward_steps_total = 0
+        self.weight_bytes = model_weight_bytes(model)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -296,7 +297,7 @@ class LLMEngine:
     # --- introspection ---
 
     def get_stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, exchange = self.block_manager, self.runner.exchange
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
@@ -310,11 +311,10 @@ class LLMEngine:
             tokens_per_expert=[layer.tokens_per_expert.tolist() for layer in self.model.moe_layers()],
             spec_proposed_tokens_total=self.spec.num_proposed_total if self.spec else 0,
             spec_accepted_tokens_total=self.spec.num_accepted_total if self.spec else 0,
-            weight_bytes=model_weight_bytes(self.model),
-            num_forward_steps_total=self.num_forward_steps_total,
-            exchange_seconds_total=exchange.exchange_seconds_total
-            if (exchange := self.runner.exchange)
-            else 0.0,
+            weight_bytes=self.weight_bytes,
+            # Expert parallelism: the steps any rank ran a forward in (this one took part in all).
+            num_forward_steps_total=exchange.num_steps if exchange else self.num_forward_steps_total,
+            exchange_seconds_total=exchange.exchange_seconds_total if exchange else 0.0,
         )
 
     def kv_cache_bytes(self) -> int:

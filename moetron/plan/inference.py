@@ -10,6 +10,11 @@ tick reads the stage's weights (for MoE only the experts its tokens chose: E·(1
 the KV cache of its b sequences, and does their FLOPs; it lasts the longer of the two, plus a
 latency per TP all-reduce and per stage hand-off. Every sequence is assumed to hold `context`
 tokens (the worst case). Prefill is not modelled: costs are per generated token.
+
+`engine_layout` is the other view: how moetron's own engine would serve the model on those devices
+(`moetron serve --data-parallel-size N --enable-expert-parallel`: attention data-parallel, each rank
+its own requests and KV, experts sharded N ways; no TP or PP inside a rank), what each rank holds,
+and the bytes one decode step streams (what benchmarks/serve_distributed.py checks on this machine).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from moetron.plan.hardware import Accelerator
 HOURS_PER_MONTH = 730.0  # 8,760 / 12
 HBM_EFFICIENCY = 0.8  # share of datasheet HBM bandwidth that decode kernels stream at
 COLLECTIVE_LATENCY_S = 10e-6  # one small NCCL all-reduce on NVLink / one stage hand-off
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 
 
 class InferencePlanError(ValueError):
@@ -187,3 +192,83 @@ def weights_by_dtype(cfg: ModelConfig) -> dict[str, float]:
 def kv_cache_bytes(cfg: ModelConfig, context: int) -> float:
     """One sequence's KV cache (bf16, one copy) at `context` tokens."""
     return context * kv_bytes_per_token(cfg)
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """`moetron serve` on `ranks` devices: data-parallel attention, experts sharded over the ranks."""
+
+    ranks: int  # serving ranks (the engine's expert-parallel size is its data-parallel size)
+    expert_parallel: bool
+    nodes: int
+    flags: str  # the `moetron serve` flags, node 0's
+    weights_per_rank_bytes: float  # replicated attention/router/embeddings/head + its experts
+    kv_per_rank_bytes: float  # its share of the sequences, each of `context` tokens, one KV copy
+    fits: bool  # within one device's usable memory
+    note: str  # what the engine cannot do here, if anything
+
+    @property
+    def memory_per_rank_bytes(self) -> float:
+        return self.weights_per_rank_bytes + self.kv_per_rank_bytes
+
+
+def engine_layout(
+    cfg: ModelConfig,
+    device: Accelerator,
+    num_gpus: int,
+    context: int,
+    concurrency: int,
+    weight_dtype: str = "bf16",
+    kv_bytes_per_value: int = 2,
+) -> EngineLayout:
+    counts, w_bytes = param_counts(cfg), WEIGHT_BYTES[weight_dtype]
+    moe = cfg.moe if cfg.num_moe_layers else None
+    notes = []
+    if moe is None:
+        ranks, expert_parallel = num_gpus, False
+    else:
+        # The engine shards experts over all its ranks: their count must divide the experts.
+        ranks = max(w for w in range(1, min(num_gpus, moe.num_experts) + 1) if moe.num_experts % w == 0)
+        expert_parallel = ranks > 1
+        if ranks < num_gpus:
+            notes.append(
+                f"uses {ranks} of {num_gpus} devices: the engine's expert-parallel size is its data-parallel "
+                f"size, a divisor of the {moe.num_experts} experts"
+            )
+    per_node = max(1, min(device.scale_up_size, 8))
+    nodes = -(-ranks // per_node)
+    routed = counts.routed_experts if moe is not None else 0
+    weights = (counts.total - routed + routed / ranks) * w_bytes
+    kv = -(-concurrency // ranks) * context * kv_bytes_per_token(cfg, kv_bytes_per_value)
+    fits = weights + kv <= device.usable_memory_bytes
+    if not fits:
+        notes.append(
+            f"a rank needs {(weights + kv) / 1e9:,.1f} GB, over one {device.name}'s "
+            f"{device.usable_memory_bytes / 1e9:,.1f} GB: it would need tensor or pipeline parallelism "
+            "inside a rank, which the engine does not have"
+        )
+    flags = f"--data-parallel-size {ranks}" + (" --enable-expert-parallel" if expert_parallel else "")
+    if nodes > 1:
+        flags += f" --nnodes {nodes} --node-rank 0 --master-addr NODE0 --master-port 29500"
+    return EngineLayout(ranks, expert_parallel, nodes, flags, weights, kv, fits, "; ".join(notes))
+
+
+def engine_step_bytes(
+    cfg: ModelConfig, ranks: int, concurrency: int, context: int, weight_bytes: float, kv_bytes_per_value: int
+) -> float:
+    """Bytes one decode step of `engine_layout`'s ranks streams in all, each sequence at `context`:
+    every rank its replicated weights, each touched expert once (the step routes all ranks' tokens:
+    E·(1-(1-K/E)^concurrency) experts touched per layer), every sequence's KV. On one CPU node the
+    ranks share its memory bandwidth, so step time ≈ these bytes / that bandwidth."""
+    counts = param_counts(cfg)
+    routed = counts.routed_experts if cfg.num_moe_layers else 0
+    touched_share = 0.0
+    if routed:
+        moe = cfg.moe
+        touched_share = 1 - (1 - moe.top_k / moe.num_experts) ** concurrency
+    replicated = (counts.total - routed) * weight_bytes * ranks
+    return (
+        replicated
+        + routed * touched_share * weight_bytes
+        + concurrency * context * kv_bytes_per_token(cfg, kv_bytes_per_value)
+    )

@@ -146,6 +146,13 @@ class Plan:
             "train_flops_6nd": (train_per_token - attention) * tokens,
         }
 
+    def engine_layout(self) -> inference.EngineLayout:
+        """How `moetron serve` would run on the inference devices (inference.engine_layout)."""
+        inf = self.inference
+        return inference.engine_layout(
+            self.cfg, self.inference_device, inf.num_gpus, inf.context, inf.concurrency, inf.weight_dtype
+        )
+
     def to_json(self) -> dict[str, Any]:
         best, inf = self.best, self.inference
         layout = dataclasses.asdict(best.layout)
@@ -199,6 +206,10 @@ class Plan:
                 "usd_per_hour": inf.usd_per_hour,
                 "monthly_cost_usd": inf.monthly_cost_usd,
                 "cost_per_million_tokens_usd": inf.cost_per_million_tokens_usd,
+                "moetron_engine": {
+                    **dataclasses.asdict(engine := self.engine_layout()),
+                    "memory_per_rank_bytes": engine.memory_per_rank_bytes,
+                },
             },
             "assumptions": self.assumptions,
         }

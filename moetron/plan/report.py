@@ -139,12 +139,29 @@ def render(plan: Plan) -> str:
         f"compute-bound {inf.tokens_per_s_compute_bound:,.0f})",
         f"  cost: {usd(inf.usd_per_hour)}/h, {usd(inf.monthly_cost_usd)}/month, "
         f"{usd(inf.cost_per_million_tokens_usd)} per 1M generated tokens",
+        *_engine_lines(plan),
     ]
     run = _published(plan)
     if run is not None:
         out += ["", f"Against the published figures ({run.source})", *_published_rows(plan, run)]
     out += ["", "Assumptions", *(f"  - {line}" for line in plan.assumptions)]
     return "\n".join(out)
+
+
+def _engine_lines(plan: Plan) -> list[str]:
+    """The layout moetron's own engine would serve with on the same devices, in its flags."""
+    inf = plan.inference
+    engine = plan.engine_layout()
+    verdict = "fits" if engine.fits else "does NOT fit"
+    lines = [
+        f"  moetron's engine: moetron serve MODEL {engine.flags}",
+        f"    per rank: {gb(engine.weights_per_rank_bytes)} {inf.weight_dtype} weights + "
+        f"{gb(engine.kv_per_rank_bytes)} KV ({-(-inf.concurrency // engine.ranks):,} sequences) = "
+        f"{gb(engine.memory_per_rank_bytes)}: {verdict} in one {plan.inference_device.name}",
+    ]
+    if engine.note:
+        lines.append(f"    {engine.note}")
+    return lines
 
 
 def _published_rows(plan: Plan, run: PublishedRun) -> list[str]:
