@@ -15,9 +15,10 @@ two-rank engine must give the one-process tokens exactly.
 Printed per C: tokens/s of each and their ratio; the expert exchange's share of the two-rank wall
 time (rank 0's seconds inside the collectives / wall); the planner's memory-bound prediction
 (plan/inference.engine_step_bytes: every rank streams its replicated weights, the touched experts
-once, the KV cache; the ranks share this node's measured read bandwidth). Memory per rank: the
-weights each rank holds (measured from its tensors) against plan/inference.engine_layout's figure,
-and each process's resident set.
+once, the KV cache; the ranks share the bandwidth the planner measured for this machine, its
+`cpu` entry). Memory per rank: the
+weights each rank holds (its tensors' storage, huge-page padding included) against
+plan/inference.engine_layout's figure (parameter bytes), and the worker's resident set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_line, print_table, read_bandwidth_gbs
+from benchmarks.common import machine_line, print_table
 from benchmarks.decode import add_model_args, build_model_dir, make_prompts, model_config
 from moetron.infer.engine import LLMEngine
 from moetron.infer.llm import LLM
@@ -79,7 +80,8 @@ def main() -> None:
         outputs = LLM(engine).generate(prompts[:count], params)
         return time.perf_counter() - start, [o.outputs[0].token_ids for o in outputs]
 
-    bandwidth = read_bandwidth_gbs() * 1e9
+    device = get_accelerator("cpu")  # the planner's entry for this machine (measured copy bandwidth)
+    bandwidth = device.hbm_bytes_per_s
     print(
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s; one process: {threads} threads; two ranks: {rank_threads} each"
     )
@@ -113,12 +115,11 @@ def main() -> None:
     torch.set_num_threads(threads)
     print_table(
         [
-            "C", "1 proc tok/s", "2 ranks tok/s", "2 / 1", "exchange share (2 ranks)", "predicted 1",
+            "C", "1 proc tok/s", "2 ranks tok/s", "2 / 1", "rank 0 in exchange", "predicted 1",
             "predicted 2", "measured / predicted (1 / 2)", "rounds",
         ],
         rows,
     )  # fmt: skip
-    device = get_accelerator("cpu")
     planned = engine_layout(cfg, device, 2, context, max(args.concurrent), "fp32", 4)
     ranks = two.get_stats().ranks
     worker_pid = two.workers[0].pid

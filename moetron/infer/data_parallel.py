@@ -8,7 +8,10 @@ front: the HTTP server (or `LLM`) talks to a DataParallelEngine, which has LLMEn
     rank 0: DataParallelEngine.step()             ranks 1..W-1: serve_rank()
       broadcast StepPlan (new requests, aborts) ──→ apply them to the local engine
       local engine.step()  ←─── expert exchange ───→ local engine.step()   (lockstep: a rank with
-      gather RankReport (outputs, stats)        ←── nothing to run still serves its experts)
+      gather RankReport (outputs)               ←── nothing to run still serves its experts)
+
+`get_stats()` is a round of its own (a StepPlan asking for stats, no step): /metrics reads every
+rank's counters fresh, and steps carry only outputs.
 
 The control plane is nano-vllm's (rank 0 schedules, workers execute) at the level of requests:
 each step's plan is a pickled object broadcast on torch.distributed (gloo), between our own
@@ -25,6 +28,7 @@ Only global rank 0 returns an engine; the others serve until rank 0 stops them, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -65,6 +69,7 @@ class StepPlan:
     adds: list[list[tuple[str, list[int], SamplingParams, str | None]]]  # per rank
     aborts: list[list[str]]  # per rank
     stop: bool = False
+    stats: bool = False  # no step: every rank reports its EngineStats
 
 
 @dataclass
@@ -184,7 +189,7 @@ def launch(model_dir: str | Path, cfg: EngineConfig, load: RankLoader) -> DataPa
     if failed := [r for r in reports if r.error]:
         _abandon(workers, threads_before)
         raise RuntimeError("; ".join(f"rank {r.rank} failed to load: {r.error}" for r in failed))
-    front = DataParallelEngine(engine, world, workers, reports, threads_before)
+    front = DataParallelEngine(engine, world, workers, threads_before)
     atexit.register(front.shutdown)  # `LLM` users never call it; a server's engine thread does
     return front
 
@@ -272,9 +277,11 @@ def _serve_forever(rank: int, world: int, model_dir: str, load: RankLoader) -> N
             plan: StepPlan = plan_box[0]
             if plan.stop:
                 break
+            if plan.stats:
+                _gather(RankReport(rank, stats=engine.get_stats()))
+                continue
             _apply(engine, plan, rank)
-            outputs = engine.step()
-            _gather(RankReport(rank, outputs, engine.get_stats()))
+            _gather(RankReport(rank, engine.step()))
     except RuntimeError:
         log.exception("rank %d lost the other ranks; exiting", rank)
         sys.exit(1)
@@ -307,7 +314,6 @@ class DataParallelEngine:
         local: Any,
         world_size: int,
         workers: list[multiprocessing.Process],
-        reports: list[RankReport],
         threads_before: int | None = None,
     ) -> None:
         self.local = local
@@ -317,7 +323,6 @@ class DataParallelEngine:
         self.config: EngineConfig = local.config
         self.tokenizer, self.model_name = local.tokenizer, local.model_name
         self.max_model_len, self.vocab_size = local.max_model_len, local.vocab_size
-        self.rank_stats: list[EngineStats | None] = [r.stats for r in reports]
         self._owner: dict[str, int] = {}  # request id -> rank
         self._cost: dict[str, int] = {}  # request id -> its prompt + max_tokens, times n
         self._remaining: dict[str, int] = {}  # ... less the tokens generated so far
@@ -326,6 +331,7 @@ class DataParallelEngine:
         self._aborts: list[list[str]] = [[] for _ in range(world_size)]
         self._ids = 0
         self._stopped = False
+        self._final_stats: EngineStats | None = None
 
     # --- requests ---
 
@@ -385,11 +391,10 @@ class DataParallelEngine:
         try:
             dist.broadcast_object_list([plan], src=0)
             outputs = list(self.local.step())
-            reports = _gather(RankReport(0, [], self.local.get_stats()))
+            reports = _gather(RankReport(0))
         except RuntimeError as e:  # gloo: a peer closed its connection
             raise WorkerDiedError(self._who_died(e)) from e
         for report in reports:
-            self.rank_stats[report.rank] = report.stats
             outputs.extend(report.outputs)
         for out in outputs:
             rank = self._owner.get(out.request_id)
@@ -422,6 +427,8 @@ class DataParallelEngine:
         """Stop every rank (after the requests in flight: the caller drains first)."""
         if self._stopped:
             return
+        with contextlib.suppress(RuntimeError):  # WorkerDiedError: no last counters to keep
+            self._final_stats = self.get_stats()
         self._stopped = True
         try:
             dist.broadcast_object_list([StepPlan([], [], stop=True)], src=0)
@@ -440,8 +447,16 @@ class DataParallelEngine:
 
     def get_stats(self) -> EngineStats:
         """The sum over ranks (expert counts included), with each rank's own in `ranks`."""
-        ranks = [s if s is not None else self.local.get_stats() for s in self.rank_stats]
-        ranks[0] = self.local.get_stats()
+        if self._stopped:  # the ranks' last counters, taken at shutdown
+            if self._final_stats is None:
+                raise WorkerDiedError("the serving ranks are gone")
+            return self._final_stats
+        try:
+            dist.broadcast_object_list([StepPlan([], [], stats=True)], src=0)
+            reports = _gather(RankReport(0, stats=self.local.get_stats()))
+        except RuntimeError as e:
+            raise WorkerDiedError(self._who_died(e)) from e
+        ranks = [r.stats for r in sorted(reports, key=lambda r: r.rank)]
         total = dataclasses.replace(ranks[0], ranks=ranks)
         for name in (
             "num_waiting", "num_running", "num_preempted_total", "kv_blocks_total", "kv_blocks_used",
