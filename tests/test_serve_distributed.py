@@ -140,6 +140,17 @@ def test_speculative_decoding_and_replicated_experts(tiny_model_dir, tokenizer) 
         two.shutdown()
 
 
+def test_quantized_experts_and_a_bf16_cache(tiny_model_dir, tokenizer) -> None:
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=9, logprobs=2, ignore_eos=True)
+    with engines(tiny_model_dir, num_kv_blocks=64, quantization="q8_0", kv_cache_dtype="bfloat16") as (
+        one,
+        two,
+    ):
+        assert_same_outputs(LLM(one).generate(prompts, params), LLM(two).generate(prompts, params))
+        assert two.get_stats().tokens_per_expert == one.get_stats().tokens_per_expert
+
+
 # -- lifecycle, in process: a two-rank engine behind the server, gated --------------------------------
 
 STREAM = {
@@ -339,3 +350,34 @@ def test_two_nodes_on_loopback(tiny_model_dir, tmp_path) -> None:
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_torchrun_ranks_serve_and_drain(tiny_model_dir, tmp_path) -> None:
+    """Under torchrun every process is a rank: rank 0 serves HTTP, rank 1 serves its experts; the
+    SIGTERM torchrun forwards to both drains rank 0, which then stops rank 1."""
+    port, log = _free_port(), tmp_path / "torchrun.log"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moetron",
+         "serve", str(tiny_model_dir), "--port", str(port), "--data-parallel-size", "2",
+         "--enable-expert-parallel", "--served-model-name", MODEL, "--api-key", API_KEY],
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=HANG_GUARD_S
+        )
+        assert _complete(client, PROMPTS[0], 4).usage.completion_tokens == 4
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(HANG_GUARD_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert "SIGTERM: draining" in text and "rank 1 stopped" in text, text
