@@ -333,14 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-expert-parallel; one node starts its ranks itself, several nodes each run the same "
         "command with --node-rank (or every rank runs under torchrun); only rank 0 listens on HTTP",
     )
-    par.add_argument("--data-parallel-size", "-dp", type=int, default=None, help="serving ranks in all")
+    par.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=None,
+        help="groups of ranks, each with its own requests",
+    )
     par.add_argument(
         "--enable-expert-parallel", "-ep", action="store_const", const=True, default=None,
         help="each rank holds num_experts / ranks of every MoE layer's experts",
     )  # fmt: skip
     par.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=None,
-        help="refused above 1: one KV head (MQA) cannot be split, and the engine does not split heads yet",
+        help="ranks per data-parallel group, splitting its attention heads and KV cache (not over one KV head: MQA)",
     )  # fmt: skip
     par.add_argument("--nnodes", type=int, default=None, help="nodes, each running this command")
     par.add_argument("--node-rank", type=int, default=None, help="this node's index (node 0 serves HTTP)")

@@ -458,10 +458,13 @@ class EngineConfig:
     # Serving across processes (infer/data_parallel.py), in vLLM's spelling. Attention is
     # data-parallel: each of the data_parallel_size ranks holds whole requests and their KV cache.
     # enable_expert_parallel: each rank holds num_experts / ranks of every MoE layer's experts
-    # (infer/expert_parallel.py); without it every rank holds the whole model.
+    # (infer/expert_parallel.py; the data-parallel groups split them); without it every rank holds
+    # the whole model.
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    tensor_parallel_size: int = 1  # > 1 is refused (LLMEngine.from_pretrained says why)
+    # Each data-parallel group's ranks split the attention heads (infer/head_parallel.py): ranks in all
+    # = data_parallel_size × tensor_parallel_size; the KV heads must divide (not one: MQA).
+    tensor_parallel_size: int = 1
     # Several nodes: every node runs the same command with its node_rank (or all run under torchrun).
     nnodes: int = 1
     node_rank: int = 0
@@ -477,9 +480,9 @@ class EngineConfig:
             f"engine.node_rank={self.node_rank} must lie in [0, engine.nnodes={self.nnodes})",
         )
         _check(
-            self.data_parallel_size % self.nnodes == 0,
-            f"--data-parallel-size={self.data_parallel_size} must be a multiple of --nnodes={self.nnodes} "
-            "(the same number of ranks on every node)",
+            self.data_parallel_size * self.tensor_parallel_size % self.nnodes == 0,
+            f"--data-parallel-size={self.data_parallel_size} × --tensor-parallel-size={self.tensor_parallel_size} "
+            f"ranks must be a multiple of --nnodes={self.nnodes} (the same number of ranks on every node)",
         )
         _check(
             self.nnodes == 1 or self.master_port is not None,

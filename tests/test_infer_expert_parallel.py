@@ -1,8 +1,8 @@
-"""Expert-parallel serving's pieces in one process: the MoE block split into route / expert outputs /
-combine gives the fused block's bits whatever the shard count and the order the shards' outputs are
-summed in (the argument of infer/expert_parallel.py, checked directly); a rank loads only its
-experts; bad layouts are refused at start, naming the flags. The processes themselves:
-test_serve_distributed.py."""
+"""Expert- and tensor-parallel serving's pieces in one process: the MoE block split into route /
+expert outputs / combine gives the fused block's bits whatever the shard count and the order the
+shards' outputs are summed in (the argument of infer/expert_parallel.py, checked directly); a rank loads only its
+experts; bad layouts are refused at start, naming the flags; the planner's per-rank weights.
+The processes themselves: test_serve_distributed.py."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_a_shard_loads_only_its_experts(tiny_model_dir) -> None:
             "more ranks than the model's 4 experts",
         ),
         ({"tensor_parallel_size": 2}, {"num_kv_heads": 1}, "one KV head (multi-query attention)"),
-        ({"tensor_parallel_size": 2}, {}, "does not split attention heads"),
+        ({"tensor_parallel_size": 4}, {}, "must divide the model's 2 KV heads"),
         ({"data_parallel_size": 2, "enable_expert_parallel": True}, {"dense": 1}, "dense layers"),
     ],
 )
@@ -130,6 +130,9 @@ def test_bad_layouts_are_refused_naming_the_flags(layout: dict, model_change: di
 def test_bad_node_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="multiple of --nnodes"):
         EngineConfig(data_parallel_size=3, nnodes=2, master_port=29500)
+    EngineConfig(
+        data_parallel_size=3, tensor_parallel_size=2, nnodes=2, master_port=29500
+    )  # 6 ranks: 3 a node
     with pytest.raises(ValueError, match="--master-port"):
         EngineConfig(data_parallel_size=2, nnodes=2)
     with pytest.raises(ValueError, match="node_rank"):

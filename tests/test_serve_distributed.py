@@ -1,5 +1,6 @@
-"""Serving across processes (infer/data_parallel.py, infer/expert_parallel.py) on gloo, two ranks:
-the outputs are the one-process engine's, bit for bit, for every request mix; an idle rank still
+"""Serving across processes (infer/data_parallel.py, expert_parallel.py, head_parallel.py) on gloo,
+two ranks (four for data × tensor parallelism): the outputs are the one-process engine's, bit for
+bit, for every request mix and layout; an idle rank still
 serves its experts; a dead worker fails the requests in flight, gets 503s and a non-zero exit; the
 SIGTERM drain covers every rank; `moetron serve --data-parallel-size 2 --enable-expert-parallel`
 answers the official `openai` client, on one node and as two "nodes" on loopback.
@@ -27,23 +28,28 @@ import httpx
 import openai
 import pytest
 from conftest import API_KEY, HANG_GUARD_S, GatedEngine
-from test_serve_server import STARTUP_TIMEOUT_S, Server, _free_port
+from test_serve_server import MODEL, STARTUP_TIMEOUT_S, STREAM, Server, _free_port, _openai
 
 from moetron.infer.engine import LLMEngine
 from moetron.infer.llm import LLM
 from moetron.infer.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.distributed
-MODEL = "tiny-moe"
 EP2 = {"data_parallel_size": 2, "enable_expert_parallel": True}
 PROMPTS = ["ROMEO:", "JULIET: O Romeo", "To be, or not to be", "First Citizen:"]
 
 
 @contextlib.contextmanager
 def engines(model_dir: Path, **settings: Any) -> Iterator[tuple[LLMEngine, Any]]:
-    """The one-process engine and a two-rank one with the same settings (stopped afterwards)."""
+    """The one-process engine and a several-rank one (two ranks, expert-parallel, unless `settings`
+    name a layout) with the same settings; the ranks are stopped afterwards."""
+    layout = {
+        k: settings.pop(k)
+        for k in list(settings)
+        if k in ("data_parallel_size", "tensor_parallel_size", "enable_expert_parallel")
+    }
     one = LLMEngine.from_pretrained(model_dir, **settings)
-    two = LLMEngine.from_pretrained(model_dir, **settings, **EP2)
+    two = LLMEngine.from_pretrained(model_dir, **settings, **(layout or EP2))
     try:
         yield one, two
     finally:
@@ -151,23 +157,31 @@ def test_quantized_experts_and_a_bf16_cache(tiny_model_dir, tokenizer) -> None:
         assert two.get_stats().tokens_per_expert == one.get_stats().tokens_per_expert
 
 
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, **EP2}])
+def test_tensor_parallel_heads(tiny_model_dir, tokenizer, layout: dict) -> None:
+    """Each group's two ranks split the attention heads and the KV cache (and, 2 × 2, the groups
+    split the experts): still one process's bits."""
+    settings = {"num_kv_blocks": 16, "max_num_batched_tokens": 32}
+    prompts = [tokenizer.encode(p * 3) for p in PROMPTS]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0, logprobs=2, prompt_logprobs=1, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.9, seed=5, n=2, ignore_eos=True),
+    ] * 2
+    with engines(tiny_model_dir, **settings, **layout) as (one, two):
+        assert_same_outputs(LLM(one).generate(prompts, params), LLM(two).generate(prompts, params))
+        assert two.get_stats().tokens_per_expert == one.get_stats().tokens_per_expert
+        # Unseeded sampling: the group's ranks are given one seed, so they stay in lockstep.
+        [unseeded] = LLM(two).generate(
+            [prompts[0]], SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+        )
+        assert len(unseeded.outputs[0].token_ids) == 8
+        assert two.local.runner.k_caches[0].shape[2] == 1  # one of the model's two KV heads
+        ranks = two.get_stats().ranks
+        assert len(ranks) == 2 * layout.get("data_parallel_size", 1)
+        assert all(s.weight_bytes < one.get_stats().weight_bytes for s in ranks)
+
+
 # -- lifecycle, in process: a two-rank engine behind the server, gated --------------------------------
-
-STREAM = {
-    "model": MODEL,
-    "prompt": "ROMEO:",
-    "max_tokens": 5,
-    "temperature": 0,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "extra_body": {"ignore_eos": True},
-}
-
-
-def _openai(port: int) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=HANG_GUARD_S
-    )
 
 
 def test_sigterm_drains_every_rank(tiny_model_dir, serve_in_process) -> None:

@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -48,6 +49,7 @@ import torch.distributed as dist
 
 from moetron.config import EngineConfig, ModelConfig
 from moetron.infer.expert_parallel import ExpertExchange, ExpertShard
+from moetron.infer.head_parallel import HeadParallel
 from moetron.infer.outputs import EngineStats, RequestOutput
 from moetron.infer.sampling_params import SamplingParams
 
@@ -84,18 +86,25 @@ class RankReport:
 
 def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
     """Refuse a layout the model cannot take, naming the flags."""
-    ranks = cfg.data_parallel_size
-    if cfg.tensor_parallel_size > 1:
+    ranks, tp = cfg.data_parallel_size, cfg.tensor_parallel_size
+    if tp > 1:
         if model_cfg.num_kv_heads == 1:
             raise ValueError(
-                f"--tensor-parallel-size={cfg.tensor_parallel_size}: the model has one KV head (multi-query "
-                "attention), which tensor parallelism cannot split; serve it with --data-parallel-size N "
+                f"--tensor-parallel-size={tp}: the model has one KV head (multi-query attention), which "
+                "tensor parallelism cannot split; serve it with --data-parallel-size N "
                 "--enable-expert-parallel (attention data-parallel, experts sharded)"
             )
-        raise ValueError(
-            f"--tensor-parallel-size={cfg.tensor_parallel_size}: moetron's serving engine does not split "
-            "attention heads or dense layers yet; use --data-parallel-size N --enable-expert-parallel"
-        )
+        if model_cfg.num_kv_heads % tp or model_cfg.num_heads % tp:
+            raise ValueError(
+                f"--tensor-parallel-size={tp} must divide the model's {model_cfg.num_kv_heads} KV heads and "
+                f"{model_cfg.num_heads} query heads"
+            )
+        moe = model_cfg.moe
+        if model_cfg.num_moe_layers == 0 or moe.num_dense_layers or moe.num_shared_experts:
+            raise ValueError(
+                f"--tensor-parallel-size={tp} serves models whose every layer is routed-expert MoE without "
+                "shared experts (dense layers are not split)"
+            )
     if not cfg.enable_expert_parallel:
         return
     moe = model_cfg.moe
@@ -139,14 +148,16 @@ def launch(model_dir: str | Path, cfg: EngineConfig, load: RankLoader) -> DataPa
     check_layout(cfg, load_config(model_dir))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if world != cfg.data_parallel_size:
+        if world != cfg.data_parallel_size * cfg.tensor_parallel_size:
             raise ValueError(
-                f"--data-parallel-size={cfg.data_parallel_size} but torchrun started {world} ranks"
+                f"--data-parallel-size={cfg.data_parallel_size} × --tensor-parallel-size="
+                f"{cfg.tensor_parallel_size} ranks, but torchrun started {world}"
             )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         init_method, workers = "env://", []
     else:
-        world, local = cfg.data_parallel_size, cfg.data_parallel_size // cfg.nnodes
+        world = cfg.data_parallel_size * cfg.tensor_parallel_size
+        local = world // cfg.nnodes
         rank = cfg.node_rank * local
         port = cfg.master_port or _free_port(cfg.master_addr)
         init_method = f"tcp://{cfg.master_addr}:{port}"
@@ -223,6 +234,10 @@ def _resolve_kv_blocks(model_dir: str | Path, cfg: EngineConfig, local_ranks: in
     if cfg.num_kv_blocks is not None:
         return cfg
     model_cfg = load_config(model_dir)
+    # Under tensor parallelism a rank's cache holds its share of the KV heads.
+    model_cfg = dataclasses.replace(
+        model_cfg, num_kv_heads=model_cfg.num_kv_heads // cfg.tensor_parallel_size
+    )
     dtype = cfg.torch_kv_dtype(cfg.torch_dtype or torch.float32)
     shared = cfg.replace(kv_cache_memory_fraction=cfg.kv_cache_memory_fraction / local_ranks)
     if cfg.kv_cache_memory_bytes is not None:
@@ -233,12 +248,30 @@ def _resolve_kv_blocks(model_dir: str | Path, cfg: EngineConfig, local_ranks: in
 
 
 def _load_rank(load: RankLoader, model_dir: str | Path, cfg: EngineConfig, rank: int, world: int) -> Any:
+    """This rank's engine. Ranks form a grid of data_parallel_size groups of tensor_parallel_size
+    (rank = dp_rank · tp + tp_rank): a group shares its requests and splits their attention heads;
+    with expert parallelism the ranks of equal tp_rank (one per group) split the experts."""
     from moetron.convert.hf import load_config
 
-    if not cfg.enable_expert_parallel:
-        return load(model_dir, cfg)
-    shard = ExpertShard(rank, world, load_config(model_dir).moe.num_experts)
-    return load(model_dir, cfg, experts=shard.experts, exchange=ExpertExchange(shard))
+    tp = cfg.tensor_parallel_size
+    dp_rank, tp_rank = divmod(rank, tp)
+    heads = expert_group = None
+    if tp > 1:  # every rank creates every group, in the same order (torch.distributed's rule)
+        for first in range(0, world, tp):
+            group = dist.new_group(list(range(first, first + tp)))
+            if first == dp_rank * tp:
+                heads = HeadParallel(tp_rank, tp, group)
+        if cfg.enable_expert_parallel:
+            for index in range(tp):
+                group = dist.new_group(list(range(index, world, tp)))
+                if index == tp_rank:
+                    expert_group = group
+    if not cfg.enable_expert_parallel or cfg.data_parallel_size == 1:
+        return load(model_dir, cfg, heads=heads)
+    shard = ExpertShard(dp_rank, cfg.data_parallel_size, load_config(model_dir).moe.num_experts)
+    return load(
+        model_dir, cfg, experts=shard.experts, exchange=ExpertExchange(shard, expert_group), heads=heads
+    )
 
 
 def _worker_main(
@@ -281,7 +314,9 @@ def _serve_forever(rank: int, world: int, model_dir: str, load: RankLoader) -> N
                 _gather(RankReport(rank, stats=engine.get_stats()))
                 continue
             _apply(engine, plan, rank)
-            _gather(RankReport(rank, engine.step()))
+            outputs = engine.step()
+            # A tensor-parallel group's ranks all compute the same outputs: its first sends them.
+            _gather(RankReport(rank, outputs if rank % cfg.tensor_parallel_size == 0 else []))
     except RuntimeError:
         log.exception("rank %d lost the other ranks; exiting", rank)
         sys.exit(1)
@@ -323,15 +358,21 @@ class DataParallelEngine:
         self.config: EngineConfig = local.config
         self.tokenizer, self.model_name = local.tokenizer, local.model_name
         self.max_model_len, self.vocab_size = local.max_model_len, local.vocab_size
-        self._owner: dict[str, int] = {}  # request id -> rank
+        # Ranks g·tp … g·tp + tp - 1 are data-parallel group g (its tensor-parallel ranks).
+        self.tp = self.config.tensor_parallel_size
+        self.num_groups = world_size // self.tp
+        self._owner: dict[str, int] = {}  # request id -> its group
         self._cost: dict[str, int] = {}  # request id -> its prompt + max_tokens, times n
         self._remaining: dict[str, int] = {}  # ... less the tokens generated so far
-        self._outstanding = [0] * world_size  # per rank: sum of its requests' _remaining
+        self._outstanding = [0] * self.num_groups  # per group: sum of its requests' _remaining
         self._adds: list[list[tuple]] = [[] for _ in range(world_size)]
         self._aborts: list[list[str]] = [[] for _ in range(world_size)]
         self._ids = 0
         self._stopped = False
         self._final_stats: EngineStats | None = None
+
+    def _group_ranks(self, group: int) -> range:
+        return range(group * self.tp, (group + 1) * self.tp)
 
     # --- requests ---
 
@@ -349,33 +390,39 @@ class DataParallelEngine:
             request_id, self._ids = f"dp-{self._ids}", self._ids + 1
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already running")
-        rank = min(range(self.world_size), key=lambda r: (self._outstanding[r], r))
-        if rank == 0:
-            self.local.add_request(ids, params, request_id=request_id, prompt=prompt)
-        else:
-            self._adds[rank].append((request_id, ids, params, prompt))
+        if self.tp > 1 and params.seed is None:  # a group's ranks must draw the same samples
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        group = min(range(self.num_groups), key=lambda g: (self._outstanding[g], g))
+        for rank in self._group_ranks(group):
+            if rank == 0:
+                self.local.add_request(ids, params, request_id=request_id, prompt=prompt)
+            else:
+                self._adds[rank].append((request_id, ids, params, prompt))
         cost = params.n * (len(ids) + (params.max_tokens or self.max_model_len - len(ids)))
-        self._owner[request_id], self._cost[request_id], self._remaining[request_id] = rank, cost, cost
-        self._outstanding[rank] += cost
+        self._owner[request_id], self._cost[request_id], self._remaining[request_id] = group, cost, cost
+        self._outstanding[group] += cost
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request; its final output only when rank 0 holds it (None otherwise)."""
-        rank = self._owner.get(request_id)
-        if rank is None:
+        group = self._owner.get(request_id)
+        if group is None:
             return None
         self._forget(request_id)
-        if rank == 0:
-            return self.local.abort(request_id)
-        pending = [a for a in self._adds[rank] if a[0] != request_id]
-        if len(pending) == len(self._adds[rank]):
-            self._aborts[rank].append(request_id)
-        self._adds[rank] = pending
-        return None
+        final = None
+        for rank in self._group_ranks(group):
+            if rank == 0:
+                final = self.local.abort(request_id)
+                continue
+            pending = [a for a in self._adds[rank] if a[0] != request_id]
+            if len(pending) == len(self._adds[rank]):
+                self._aborts[rank].append(request_id)
+            self._adds[rank] = pending
+        return final
 
     def _forget(self, request_id: str) -> None:
-        rank = self._owner.pop(request_id)
-        self._outstanding[rank] -= self._remaining.pop(request_id)
+        group = self._owner.pop(request_id)
+        self._outstanding[group] -= self._remaining.pop(request_id)
         del self._cost[request_id]
 
     def has_unfinished_requests(self) -> bool:
@@ -397,15 +444,15 @@ class DataParallelEngine:
         for report in reports:
             outputs.extend(report.outputs)
         for out in outputs:
-            rank = self._owner.get(out.request_id)
-            if rank is None:
+            group = self._owner.get(out.request_id)
+            if group is None:
                 continue  # aborted meanwhile
             if out.finished:
                 self._forget(out.request_id)
                 continue
             produced = sum(len(o.token_ids) for o in out.outputs)
             remaining = max(0, self._cost[out.request_id] - produced)
-            self._outstanding[rank] += remaining - self._remaining[out.request_id]
+            self._outstanding[group] += remaining - self._remaining[out.request_id]
             self._remaining[out.request_id] = remaining
         return outputs
 
@@ -457,18 +504,21 @@ class DataParallelEngine:
         except RuntimeError as e:
             raise WorkerDiedError(self._who_died(e)) from e
         ranks = [r.stats for r in sorted(reports, key=lambda r: r.rank)]
+        # A group's tensor-parallel ranks hold the same requests: count them once (the first's).
+        leaders = ranks[:: self.tp]
         total = dataclasses.replace(ranks[0], ranks=ranks)
         for name in (
             "num_waiting", "num_running", "num_preempted_total", "kv_blocks_total", "kv_blocks_used",
             "kv_blocks_cached_free", "prefix_cache_hit_tokens_total", "prompt_tokens_total",
             "generation_tokens_total", "spec_proposed_tokens_total", "spec_accepted_tokens_total",
-            "weight_bytes", "exchange_seconds_total",
         ):  # fmt: skip
-            setattr(total, name, sum(getattr(s, name) for s in ranks))
-        total.num_waiting += sum(len(a) for a in self._adds)
+            setattr(total, name, sum(getattr(s, name) for s in leaders))
+        total.weight_bytes = sum(s.weight_bytes for s in ranks)
+        total.exchange_seconds_total = sum(s.exchange_seconds_total for s in ranks)
+        total.num_waiting += sum(len(a) for a in self._adds[:: self.tp])
         total.tokens_per_expert = [
             [sum(counts) for counts in zip(*layer, strict=True)]
-            for layer in zip(*(s.tokens_per_expert for s in ranks), strict=True)
+            for layer in zip(*(s.tokens_per_expert for s in leaders), strict=True)
         ]
         total.num_forward_steps_total = max(s.num_forward_steps_total for s in ranks)
         return total

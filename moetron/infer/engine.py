@@ -28,6 +28,7 @@ from moetron.infer import fused_layers
 from moetron.infer.block_manager import BlockManager
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
 from moetron.infer.expert_parallel import ExpertExchange
+from moetron.infer.head_parallel import HeadParallel, shard_attention
 from moetron.infer.output_processor import OutputProcessor
 from moetron.infer.outputs import EngineStats, RequestMetrics, RequestOutput
 from moetron.infer.runner import ModelRunner, num_kv_blocks
@@ -93,6 +94,7 @@ class LLMEngine:
         model_name: str | None = None,
         draft_model: Transformer | None = None,
         exchange: ExpertExchange | None = None,
+        heads: HeadParallel | None = None,
     ) -> None:
         cfg = config or EngineConfig()
         self.config = cfg
@@ -108,7 +110,7 @@ class LLMEngine:
         blocks = num_kv_blocks(model.cfg, cfg, kv_dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange)
+        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange, heads)
         self.num_forward_steps_total = 0
         self.weight_bytes = model_weight_bytes(model)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
@@ -148,9 +150,10 @@ class LLMEngine:
         cfg: EngineConfig,
         experts: range | None = None,
         exchange: ExpertExchange | None = None,
+        heads: HeadParallel | None = None,
     ) -> LLMEngine:
         """One process's engine; an expert-parallel rank's with `experts` (the shard it loads) and
-        `exchange` (its collectives)."""
+        `exchange` (its collectives); a tensor-parallel rank's with `heads` (head_parallel.py)."""
         from moetron.convert.hf import from_pretrained
         from moetron.data.errors import DataError
         from moetron.data.tokenizer import load_tokenizer
@@ -165,6 +168,8 @@ class LLMEngine:
             dtype=None if cfg.dtype in (None, "float32") else cfg.torch_dtype,
             experts=experts,
         )
+        if heads is not None:
+            shard_attention(model, heads)
         if cfg.quantization is not None:  # before the weights move to huge pages
             quantize_model(model, cfg.quantization)
         loaded = next(model.parameters()).dtype
@@ -182,7 +187,7 @@ class LLMEngine:
             tokenizer = load_tokenizer(model_dir)
         except DataError:
             tokenizer = None  # token-id prompts still work; outputs then carry no text
-        return cls(model, tokenizer, cfg, model_name=Path(model_dir).name, exchange=exchange)
+        return cls(model, tokenizer, cfg, model_name=Path(model_dir).name, exchange=exchange, heads=heads)
 
     @classmethod
     def _from_gguf(cls, path: Path, cfg: EngineConfig) -> LLMEngine:

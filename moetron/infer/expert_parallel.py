@@ -1,4 +1,5 @@
-"""Expert parallelism for the serving engine: each rank holds E / W of every MoE layer's experts.
+"""Expert parallelism for the serving engine: each rank holds E / W of every MoE layer's experts
+(and, with tensor parallelism, some of the attention heads: head_parallel.py).
 
 Attention runs data-parallel (each rank its own requests and paged KV: one KV head cannot be split
 by heads, see infer/data_parallel.py); only the routed experts are sharded. A decoder layer on a
@@ -37,12 +38,13 @@ import torch
 import torch.distributed as dist
 
 from moetron.infer.fused_layers import FusedBlock, fused_kernels
+from moetron.infer.head_parallel import HeadParallel, all_gather
+from moetron.infer.paged_attention import PagedAttention
 from moetron.infer.serving_kernels import ServingKernels
 from moetron.kernels import cpu_kernels
 from moetron.model.transformer import Block, Transformer
 
 # torch 2.13 renamed the tensor collectives (the old names warn); torch 2.6 has only the old ones.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -81,7 +83,7 @@ class ExpertExchange:
         runs a forward this step)."""
         mine = torch.tensor([num_tokens], dtype=torch.int64)
         every = torch.empty(self.shard.world_size, dtype=torch.int64)
-        _all_gather(every, mine, group=self.group)
+        all_gather(every, mine, group=self.group)
         self.tokens_per_rank = every.tolist()
         total = sum(self.tokens_per_rank)
         if total:
@@ -89,7 +91,7 @@ class ExpertExchange:
         return total
 
     def expert_outputs(
-        self, xn_TD: torch.Tensor, expert_ids_TK: torch.Tensor, block: ExpertParallelBlock
+        self, xn_TD: torch.Tensor, expert_ids_TK: torch.Tensor, block: ShardedBlock
     ) -> torch.Tensor:
         """The outputs [T, K, D] of this rank's tokens' chosen experts, wherever they are held."""
         num_tokens, dim = xn_TD.shape
@@ -101,7 +103,7 @@ class ExpertExchange:
         send_TX[num_tokens:, dim:] = -1  # padding rows: no expert anywhere
         start = time.perf_counter()
         gathered_MX = torch.empty(world * max_tokens, dim + top_k)
-        _all_gather(gathered_MX, send_TX, group=self.group)
+        all_gather(gathered_MX, send_TX, group=self.group)
         self.exchange_seconds_total += time.perf_counter() - start
         x_MD = gathered_MX[:, :dim].contiguous()
         ids_MK = gathered_MX[:, dim:].to(torch.int64)
@@ -119,15 +121,19 @@ class ExpertExchange:
         if self.begin_step(0) == 0:
             return
         for layer in model.layers:
-            assert isinstance(layer, ExpertParallelBlock)
+            assert isinstance(layer, ShardedBlock)
             layer.moe_half(torch.empty(0, model.cfg.dim))
 
 
-class ExpertParallelBlock(FusedBlock):
-    """FusedBlock whose MoE half routes locally, runs the rank's experts on every rank's rows, and
-    combines its own tokens' outputs (module doc). `exchange` is set at install."""
+class ShardedBlock(FusedBlock):
+    """FusedBlock on a rank holding a shard of the layer. With `exchange` (expert parallelism) its MoE
+    half routes locally, runs the rank's experts on every rank's rows, and combines its own tokens'
+    outputs (module doc); with `heads` (tensor parallelism) its attention half computes the rank's
+    heads and gathers the others' before the output projection (head_parallel.py). Both set at
+    install; either may be None (that half is FusedBlock's)."""
 
-    exchange: ExpertExchange
+    exchange: ExpertExchange | None
+    heads: HeadParallel | None
 
     def forward(self, x_BTD, cos_BTd, sin_BTd, attention_backend):  # type: ignore[override]
         tables = getattr(attention_backend, "kernel_tables", None)
@@ -137,7 +143,48 @@ class ExpertParallelBlock(FusedBlock):
             )
         return super().forward(x_BTD, cos_BTd, sin_BTd, attention_backend)
 
+    def attention_half(
+        self,
+        h_TD: torch.Tensor,
+        cos_BTd: torch.Tensor,
+        sin_BTd: torch.Tensor,
+        attention_backend: PagedAttention,
+    ) -> None:
+        if self.heads is None:
+            return super().attention_half(h_TD, cos_BTd, sin_BTd, attention_backend)
+        lib, tables = cpu_kernels.library(), attention_backend.kernel_tables
+        num_tokens, dim = h_TD.shape
+        k_cache, v_cache = (
+            attention_backend.k_caches[self.layer_id],
+            attention_backend.v_caches[self.layer_id],
+        )
+        num_heads, num_kv_heads, head_dim, scale = self.attention_constants
+        attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
+        q_format, k_format, v_format, o_format = self.attention_formats
+        heads_TX = torch.empty(num_tokens, num_heads * head_dim)
+        lib.moetron_attention_heads(
+            h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
+            cos_BTd.data_ptr(), sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], attention_backend.slot_mapping_T.data_ptr(),
+            tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
+            tables.pos_of_row_T.data_ptr(), heads_TX.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim,
+            k_cache.shape[1], scale, torch.get_num_threads(),
+        )  # fmt: skip
+        all_heads = self.heads.gather_heads(heads_TX)
+        lib.moetron_attention_output(
+            h_TD.data_ptr(),
+            all_heads.data_ptr(),
+            wo,
+            o_format,
+            num_tokens,
+            dim,
+            all_heads.shape[1],
+            torch.get_num_threads(),
+        )
+
     def moe_half(self, h_TD: torch.Tensor) -> None:
+        if self.exchange is None:
+            return super().moe_half(h_TD)
         lib = cpu_kernels.library()
         num_tokens, dim = h_TD.shape
         top_k, normalize, _, num_experts = self.routed_constants
@@ -172,16 +219,16 @@ class ExpertParallelBlock(FusedBlock):
         )  # fmt: skip
 
 
-def expert_parallel_kernels(
-    model: Transformer, base: ServingKernels, exchange: ExpertExchange
+def sharded_kernels(
+    model: Transformer, base: ServingKernels, exchange: ExpertExchange | None, heads: HeadParallel | None
 ) -> ServingKernels:
-    """`base` (the batch mode's kernels) fused, with every decoder layer an ExpertParallelBlock."""
+    """`base` (the batch mode's kernels) fused, with every decoder layer a ShardedBlock."""
     fused = fused_kernels(model, base)
 
     def prepare(model_: torch.nn.Module, module: torch.nn.Module) -> None:
-        if isinstance(module, ExpertParallelBlock):
-            module.exchange = exchange
+        if isinstance(module, ShardedBlock):
+            module.exchange, module.heads = exchange, heads
         if fused.prepare is not None:
             fused.prepare(model_, module)
 
-    return ServingKernels(f"{fused.name}+ep", {**fused.classes, Block: ExpertParallelBlock}, prepare=prepare)
+    return ServingKernels(f"{fused.name}+sharded", {**fused.classes, Block: ShardedBlock}, prepare=prepare)

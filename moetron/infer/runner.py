@@ -17,7 +17,8 @@ import torch
 
 from moetron.config import EngineConfig, ModelConfig
 from moetron.infer import fused_layers, serving_kernels
-from moetron.infer.expert_parallel import ExpertExchange, expert_parallel_kernels
+from moetron.infer.expert_parallel import ExpertExchange, sharded_kernels
+from moetron.infer.head_parallel import HeadParallel
 from moetron.infer.paged_attention import PagedAttention, SeqSlice
 from moetron.infer.scheduler import ScheduledBatch
 from moetron.model.accounting import kv_bytes_per_token
@@ -69,12 +70,15 @@ class ModelRunner:
         dtype: torch.dtype | None = None,
         kv_dtype: torch.dtype | None = None,
         exchange: ExpertExchange | None = None,
+        heads: HeadParallel | None = None,
     ) -> None:
         """`dtype`: activations, default the parameters'. float32 with a bf16 model runs the fused
         path on the bf16 weights (serving_dtype() in engine.py decides). `kv_dtype`: the KV cache's,
         default `dtype` (bf16 under float32 activations: half the cache bytes, engine.kv_cache_dtype).
         `exchange`: this rank's expert-parallel collectives when `model` holds a shard of its
-        experts (expert_parallel.py); every step then takes part in them, `idle()` included."""
+        experts (expert_parallel.py); every step then takes part in them, `idle()` included.
+        `heads`: its tensor-parallel group when `model` holds a shard of its attention heads
+        (head_parallel.py; the cache then holds only those heads)."""
         self.model = model
         self.block_size = cfg.block_size
         self.invariant = cfg.batch_invariant
@@ -82,7 +86,8 @@ class ModelRunner:
         self.device, self.dtype = param.device, dtype or param.dtype
         self.kv_dtype = kv_dtype or self.dtype
         mc = model.cfg
-        shape = (num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
+        num_kv_heads = model.layers[0].attention.num_kv_heads  # this rank's, under tensor parallelism
+        shape = (num_blocks, cfg.block_size, num_kv_heads, mc.head_dim)
         # Zeros, not empty: padded attention reads (masked) slots never written, and 0 * NaN is NaN.
         self.k_caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)
@@ -95,14 +100,14 @@ class ModelRunner:
             raise ValueError(f"{self.dtype} activations over {param.dtype} weights need the fused path")
         kernels = serving_kernels.INVARIANT if self.invariant else serving_kernels.FAST
         self.exchange = exchange
-        if exchange is not None:
+        if exchange is not None or heads is not None:
             if not self.fused:
                 raise ValueError(
-                    "expert-parallel serving runs the fused CPU path: float32 activations (fp32, bf16 or "
-                    "quantized weights), MoE layers without shared experts, moetron's CPU kernels, "
+                    "expert- and tensor-parallel serving run the fused CPU path: float32 activations (fp32, "
+                    "bf16 or quantized weights), MoE layers without shared experts, moetron's CPU kernels, "
                     "engine.fused_layers=true"
                 )
-            self.kernels = expert_parallel_kernels(model, kernels, exchange)
+            self.kernels = sharded_kernels(model, kernels, exchange, heads)
         else:
             self.kernels = fused_layers.fused_kernels(model, kernels) if self.fused else kernels
         serving_kernels.install(model, self.kernels)

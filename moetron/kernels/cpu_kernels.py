@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 15  # 15: expert parallelism's route / expert outputs / combine
+ABI_VERSION = 16  # 16: tensor parallelism's attention heads / output projection
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [

@@ -64,15 +64,16 @@ void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight
                      const float* cos, const float* sin, C* k_cache, C* v_cache, const int64_t* slots,
                      const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
                      const int64_t* pos_of_row, int64_t T, int64_t D, int64_t H, int64_t G, int64_t d, int64_t S,
-                     float scale, int num_threads) {
+                     float scale, int num_threads, float* heads_out = nullptr) {
     const int64_t HD = H * d, GD = G * d, r = H / G;
     std::unique_ptr<float[]> xn(new float[T * D]), q(new float[T * HD]), k(new float[T * GD]),
-        v(new float[T * GD]), att(new float[T * HD]), o(new float[T * D]);
+        v(new float[T * GD]), att_buffer(heads_out ? nullptr : new float[T * HD]), o(new float[T * D]);
+    float* const att_rows = heads_out ? heads_out : att_buffer.get();
     std::vector<Projection> qkv, out_proj;
     add_chunks(qkv, wq, q.get(), HD, D);
     add_chunks(qkv, wk, k.get(), GD, D);
     add_chunks(qkv, wv, v.get(), GD, D);
-    add_chunks(out_proj, wo, o.get(), D, HD);
+    if (!heads_out) add_chunks(out_proj, wo, o.get(), D, HD);
     const int64_t num_qkv = static_cast<int64_t>(qkv.size()), num_out = static_cast<int64_t>(out_proj.size());
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
@@ -104,12 +105,12 @@ void attention_block(float* h, const float* norm_w, float eps, Weight wq, Weight
         for (int64_t item = 0; item < T * G; ++item) {
             const int64_t t = item / G, g = item % G;
             attend_item(q.get() + t * HD + g * r * d, d, k_cache, v_cache, block_tables + seq_of_row[t] * max_blocks,
-                        pos_of_row[t] + 1, g, r, G, d, S, scale, att.get() + t * HD + g * r * d, scratch);
+                        pos_of_row[t] + 1, g, r, G, d, S, scale, att_rows + t * HD + g * r * d, scratch);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_out; ++c) {
             const Projection& p = out_proj[c];
-            linear_chunk(att.get(), HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
+            linear_chunk(att_rows, HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t n = p.n0; n < p.n1; ++n) h[t * D + n] = h[t * D + n] + o[t * D + n];
         }
@@ -204,6 +205,44 @@ void moetron_moe_block(float* h, const float* norm_w, float eps, const void* gat
               {w2, w2_format}, counts, T, D, I, E, num_threads);
 }
 
+// The attention block of a tensor-parallel rank, in two calls with an all-gather of the heads
+// between them. First its H query / G kv heads (wq [H*d, D], wk / wv [G*d, D]: its rows of the
+// model's), keys and values into its cache: writes heads [T, H*d] and leaves h alone.
+void moetron_attention_heads(const float* h, const float* norm_w, float eps, const void* wq, int wq_format,
+                             const void* wk, int wk_format, const void* wv, int wv_format, const float* cos,
+                             const float* sin, void* k_cache, void* v_cache, int cache_format, const int64_t* slots,
+                             const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
+                             const int64_t* pos_of_row, float* heads, int64_t T, int64_t D, int64_t H, int64_t G,
+                             int64_t d, int64_t S, float scale, int num_threads) {
+    float* hh = const_cast<float*>(h);  // read only: with heads given, attention_block writes them, not h
+    const Weight none{nullptr, 0};
+    if (cache_format == BF16)
+        attention_block(hh, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, none, cos, sin,
+                        static_cast<bf16*>(k_cache), static_cast<bf16*>(v_cache), slots, block_tables,
+                        max_blocks, seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads, heads);
+    else
+        attention_block(hh, norm_w, eps, {wq, wq_format}, {wk, wk_format}, {wv, wv_format}, none, cos, sin,
+                        static_cast<float*>(k_cache), static_cast<float*>(v_cache), slots, block_tables, max_blocks,
+                        seq_of_row, pos_of_row, T, D, H, G, d, S, scale, num_threads, heads);
+}
+
+// Then h += wo(heads) (wo [D, HD], heads [T, HD]: every rank's, in head order), the attention
+// block's last phase op for op.
+void moetron_attention_output(float* h, const float* heads, const void* wo, int wo_format, int64_t T, int64_t D,
+                              int64_t HD, int num_threads) {
+    std::unique_ptr<float[]> o(new float[T * D]);
+    std::vector<Projection> out_proj;
+    add_chunks(out_proj, {wo, wo_format}, o.get(), D, HD);
+    const int64_t num_out = static_cast<int64_t>(out_proj.size());
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (num_threads > 1)
+    for (int64_t c = 0; c < num_out; ++c) {
+        const Projection& p = out_proj[c];
+        linear_chunk(heads, HD, p.w, HD, p.out, p.ldo, T, HD, p.n0, p.n1);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t n = p.n0; n < p.n1; ++n) h[t * D + n] = h[t * D + n] + o[t * D + n];
+    }
+}
+
 // The MoE block's router alone (expert parallelism runs the experts and the combine apart):
 // writes xn [T, D], ids [T, K], weights [T, K]; adds to counts [E].
 void moetron_moe_route(const float* h, const float* norm_w, float eps, const void* gate, int gate_format,
@@ -217,3 +256,5 @@ void moetron_moe_route(const float* h, const float* norm_w, float eps, const voi
 MOETRON_EXPORT(moetron_attention_block);
 MOETRON_EXPORT(moetron_moe_block);
 MOETRON_EXPORT(moetron_moe_route);
+MOETRON_EXPORT(moetron_attention_heads);
+MOETRON_EXPORT(moetron_attention_output);
