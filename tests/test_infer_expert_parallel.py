@@ -159,4 +159,4 @@ def test_the_planner_says_when_the_engine_cannot_serve_gpt4() -> None:
     layout = engine_layout(get_preset("gpt4"), get_accelerator("a100-80gb"), 128, 32_768, 128)
     assert (layout.ranks, layout.nodes, layout.fits) == (16, 2, False)
     assert "--nnodes 2" in layout.flags and "uses 16 of 128 devices" in layout.note
-    assert "tensor or pipeline parallelism inside a rank" in layout.note
+    assert "tensor-parallel experts, pipeline stages" in layout.note

@@ -44,7 +44,9 @@ class HeadParallel:
         num_tokens, width = heads_TX.shape
         gathered = torch.empty(self.size * num_tokens, width)
         all_gather(gathered, heads_TX, group=self.group)
-        return gathered.view(self.size, num_tokens, width).transpose(0, 1).reshape(num_tokens, self.size * width)
+        return (
+            gathered.view(self.size, num_tokens, width).transpose(0, 1).reshape(num_tokens, self.size * width)
+        )
 
 
 def shard_attention(model: Transformer, heads: HeadParallel) -> None:

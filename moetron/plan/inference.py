@@ -244,8 +244,9 @@ def engine_layout(
     if not fits:
         notes.append(
             f"a rank needs {(weights + kv) / 1e9:,.1f} GB, over one {device.name}'s "
-            f"{device.usable_memory_bytes / 1e9:,.1f} GB: it would need tensor or pipeline parallelism "
-            "inside a rank, which the engine does not have"
+            f"{device.usable_memory_bytes / 1e9:,.1f} GB: it would need its experts or layers split further "
+            "(tensor-parallel experts, pipeline stages), which the engine does not have (its tensor "
+            "parallelism splits attention heads only)"
         )
     flags = f"--data-parallel-size {ranks}" + (" --enable-expert-parallel" if expert_parallel else "")
     if nodes > 1:
