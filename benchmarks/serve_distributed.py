@@ -3,6 +3,7 @@ gloo, loopback), against what the planner predicts for each.
 
     python -m benchmarks.serve_distributed                    # ~3 min on 2 cores
     python -m benchmarks.serve_distributed --concurrent 1 8 --new-tokens 16 --budget-s 10
+    python -m benchmarks.serve_distributed --layout tp2      # one group of 2 ranks splitting the heads
 
 The model is benchmarks/decode.py's (seeded random Mixtral layout, fp32, 8 experts top-2). Both
 engines are built once: the one-process engine (all cores) and a two-rank one
@@ -50,7 +51,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=40.0, help="per concurrency; trims rounds")
     p.add_argument("--workdir", default=None, help="keep the model here and reuse it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout", choices=sorted(LAYOUTS), default="dp2-ep",
+        help="the two-rank layout: data-parallel + expert-parallel, or one group of two tensor-parallel ranks",
+    )  # fmt: skip
     return p.parse_args()
+
+
+# The two-rank layouts (EngineConfig fields). The planner predicts dp2-ep only (engine_step_bytes).
+LAYOUTS = {
+    "dp2-ep": {"data_parallel_size": 2, "enable_expert_parallel": True},
+    "tp2": {"tensor_parallel_size": 2},
+}
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -70,7 +82,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     settings = {"max_num_seqs": max(args.concurrent), "max_model_len": args.prompt_len + args.new_tokens + 1}
     one = LLMEngine.from_pretrained(workdir, **settings)
-    two = LLMEngine.from_pretrained(workdir, data_parallel_size=2, enable_expert_parallel=True, **settings)
+    two = LLMEngine.from_pretrained(workdir, **LAYOUTS[args.layout], **settings)
     rank_threads = torch.get_num_threads()  # launch set this process's threads for rank 0
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
@@ -106,6 +118,8 @@ def main() -> None:
             name: count / (engine_step_bytes(cfg, ranks, count, context, 4.0, 4) / bandwidth)
             for name, ranks in (("one", 1), ("two", 2))
         }
+        if args.layout != "dp2-ep":
+            predicted["two"] = float("nan")
         rows.append([
             count, f"{speed['one']:,.1f}", f"{speed['two']:,.1f}", f"{speed['two'] / speed['one']:.2f}x",
             f"{exchange / sum(times['two']):.0%}", f"{predicted['one']:,.0f}", f"{predicted['two']:,.0f}",
@@ -113,9 +127,10 @@ def main() -> None:
             len(times["one"]),
         ])  # fmt: skip
     torch.set_num_threads(threads)
+    print(f"two ranks: {args.layout}")
     print_table(
         [
-            "C", "1 proc tok/s", "2 ranks tok/s", "2 / 1", "rank 0 in exchange", "predicted 1",
+            "C", "1 proc tok/s", "2 ranks tok/s", "2 / 1", "rank 0 in the expert exchange", "predicted 1",
             "predicted 2", "measured / predicted (1 / 2)", "rounds",
         ],
         rows,
@@ -128,7 +143,8 @@ def main() -> None:
         [
             ["1 process", f"{one.get_stats().weight_bytes / 2**20:,.1f} MiB", "", ""],
             *[
-                [f"rank {r}", f"{s.weight_bytes / 2**20:,.1f} MiB", f"{planned.weights_per_rank_bytes / 2**20:,.1f} MiB",
+                [f"rank {r}", f"{s.weight_bytes / 2**20:,.1f} MiB",
+                 f"{planned.weights_per_rank_bytes / 2**20:,.1f} MiB" if args.layout == "dp2-ep" else "",
                  f"{rss_bytes(worker_pid) / 2**20:,.0f} MiB" if r == 1 else "(with the 1-process engine)"]
                 for r, s in enumerate(ranks)
             ],
