@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -184,6 +185,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from moetron.convert.hf import save_pretrained
+    from moetron.data import load_tokenizer
+    from moetron.data.errors import DataError
+    from moetron.finetune.lora import merge_lora
+    from moetron.finetune.peft_format import load_adapter
+
+    model = from_pretrained(args.base)
+    cfg = load_adapter(model, args.adapter)
+    merge_lora(model)
+    save_pretrained(model, args.out)
+    with contextlib.suppress(DataError):  # a base without a tokenizer: the merged directory has none
+        load_tokenizer(args.base).save(args.out)
+    print(f"[merge] {args.out}: {args.base} + {args.adapter} (LoRA r={cfg.rank}, {', '.join(cfg.targets)})")
+    return 0
+
+
 # `moetron serve` flags that set EngineConfig fields (dashes for underscores).
 ENGINE_FLAGS = (
     "max_model_len",
@@ -284,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="the file to write (replaced atomically)")
     exp.add_argument("--outtype", default="f32", choices=["f32", "bf16", "q8_0", "q4_0", "q4_k"])
     exp.set_defaults(func=cmd_export)
+
+    mrg = sub.add_parser(
+        "merge", help="fold a LoRA adapter (PEFT format) into its base: a plain HF directory"
+    )
+    mrg.add_argument("base", help="the base model directory")
+    mrg.add_argument(
+        "adapter", help="the adapter directory (adapter_config.json + adapter_model.safetensors)"
+    )
+    mrg.add_argument("out", help="the merged model directory to write")
+    mrg.set_defaults(func=cmd_merge)
 
     srv = sub.add_parser(
         "serve",
