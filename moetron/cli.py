@@ -114,6 +114,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from moetron.finetune.trainer import finetune
+
+    if wrong := [o for o in overrides if not o.startswith("--finetune.")]:
+        raise ConfigError(f"`moetron finetune` takes --finetune.key=value settings, not {wrong}")
+    flags = [
+        f"--finetune.{k}={v}"
+        for k in ("base", "data", "method", "out_dir")
+        if (v := getattr(args, k)) is not None
+    ]
+    if args.merge:
+        flags.append("--finetune.merge=true")
+    cfg = load_run_config(args.config, [*overrides, *flags]).finetune
+    result = finetune(cfg)
+    evaluated = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    print(f"[finetune] done: {result.step} steps{evaluated}; {cfg.method} output in {result.output_dir}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     from moetron.data import prepare
 
@@ -302,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="the file to write (replaced atomically)")
     exp.add_argument("--outtype", default="f32", choices=["f32", "bf16", "q8_0", "q4_0", "q4_k"])
     exp.set_defaults(func=cmd_export)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model directory on JSONL (SFT full / LoRA, or DPO); --finetune.key=value sets any setting",
+    )
+    ft.add_argument("base", nargs="?", default=None, help="the base model directory (or finetune.base)")
+    ft.add_argument(
+        "--data", default=None, help="JSONL: messages, prompt/completion, or prompt/chosen/rejected"
+    )
+    ft.add_argument("--method", default=None, choices=["full", "lora", "dpo"])
+    ft.add_argument("--out", dest="out_dir", default=None, help="output directory (default runs/finetune)")
+    ft.add_argument("--merge", action="store_true", help="LoRA: also write the merged model to OUT/merged")
+    ft.add_argument("--config", default=None, help="a TOML file whose [finetune] table sets the run")
+    ft.set_defaults(func=cmd_finetune, takes_overrides=True)
 
     mrg = sub.add_parser(
         "merge", help="fold a LoRA adapter (PEFT format) into its base: a plain HF directory"

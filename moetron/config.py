@@ -552,6 +552,76 @@ class EngineConfig:
         return from_dict(cls, overrides, "engine")
 
 
+LORA_TARGETS = ("attention", "experts", "router", "shared", "dense")
+
+
+@dataclass
+class LoRAConfig:
+    """`[finetune.lora]`: rank r, alpha (the update is scaled by alpha / r), dropout on the LoRA
+    input, and targets: attention = q/k/v/o, experts = each routed expert's w1/w3/w2, router = the
+    gates, shared = shared experts, dense = dense FFN layers (moetron/finetune/lora.py)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "finetune.lora.")
+        _positive("finetune.lora.rank", self.rank)
+        _check(0.0 <= self.dropout < 1.0, f"finetune.lora.dropout={self.dropout} must lie in [0, 1)")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        _check(
+            bool(self.targets) and not unknown,
+            f"finetune.lora.targets={self.targets}: choose among {', '.join(LORA_TARGETS)}",
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class FinetuneConfig:
+    """`moetron finetune BASE --data FILE.jsonl` (a TOML's `[finetune]` table; --finetune.key=value):
+    supervised fine-tuning (full, or LoRA on a frozen base) or DPO (moetron/finetune/)."""
+
+    base: str = ""  # the base model directory
+    data: str = ""  # JSONL: chat messages, prompt/completion, or prompt/chosen/rejected (dpo)
+    method: Literal["full", "lora", "dpo"] = "lora"
+    dpo_lora: bool = True  # dpo: train a LoRA (the reference is the base without it) or all weights
+    dpo_beta: float = 0.1
+    out_dir: str = "runs/finetune"
+    steps: int = 100
+    batch_size: int = 4  # rows of seq_len tokens per step
+    seq_len: int = 512
+    pack: bool = True  # several examples per row, attention kept within each (document masking)
+    train_on_prompt: bool = False  # loss on every token, not only the answers'
+    lr: float = 2e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_fraction: float = 0.1  # held out from `data`, the last examples after a seeded shuffle
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    merge: bool = False  # lora: also write the merged model to out_dir/merged
+    seed: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "finetune.")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            _positive(f"finetune.{name}", getattr(self, name))
+        _positive("finetune.lr", self.lr)
+        _positive("finetune.dpo_beta", self.dpo_beta)
+        _check(
+            0.0 <= self.eval_fraction < 1.0, f"finetune.eval_fraction={self.eval_fraction} must lie in [0, 1)"
+        )
+        _check(self.warmup_steps >= 0, f"finetune.warmup_steps={self.warmup_steps} must be >= 0")
+
+
 @dataclass
 class Config:
     """Everything a run needs; saved resolved beside every checkpoint."""
@@ -561,6 +631,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # `moetron serve --config`
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `moetron finetune`
 
     def __post_init__(self) -> None:
         _check(

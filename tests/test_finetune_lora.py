@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from moetron.config import get_preset
+from moetron.config import LoRAConfig, get_preset
 from moetron.convert.hf import from_pretrained, save_pretrained
-from moetron.finetune.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
+from moetron.finetune.lora import apply_lora, lora_parameters, merge_lora
 from moetron.finetune.peft_format import AdapterError, load_adapter, save_adapter
 from moetron.model.transformer import Transformer
 

@@ -20,41 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.config import LoRAConfig
 from moetron.model.moe import FeedForward, GroupedExperts, MoELayer
 from moetron.model.ops import Linear
 from moetron.model.transformer import Attention, Transformer
-
-TARGETS = ("attention", "experts", "router", "shared", "dense")
-
-
-@dataclass
-class LoRAConfig:
-    """The `[finetune.lora]` table. `targets`: attention = q/k/v/o, experts = each routed expert's
-    w1/w3/w2, router = the gates, shared = shared experts, dense = dense FFN layers."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"finetune.lora.rank={self.rank!r} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"finetune.lora.dropout={self.dropout} must lie in [0, 1)")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"finetune.lora.targets={self.targets}: choose among {', '.join(TARGETS)}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(Linear):

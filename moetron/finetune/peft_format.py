@@ -26,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moetron.finetune.lora import LoRAConfig, LoRAGroupedExperts, LoRALinear, apply_lora
+from moetron.config import ConfigError, LoRAConfig
+from moetron.finetune.lora import LoRAGroupedExperts, LoRALinear, apply_lora
 from moetron.model.transformer import Transformer
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -144,7 +145,7 @@ def read_config(directory: str | Path) -> LoRAConfig:
             dropout=float(raw.get("lora_dropout", 0.0)),
             targets=targets,
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise AdapterError(f"{path}: {e}") from None
 
 

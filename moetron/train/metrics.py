@@ -61,10 +61,12 @@ def plot_run(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if "loss" in r]
+    key = "lm_loss" if any("lm_loss" in r for r in records) else "dpo_loss"  # `moetron finetune` DPO
+    train = [r for r in records if key in r]
     val = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss", lw=1)
+    label = "train LM loss" if key == "lm_loss" else "train DPO loss"
+    ax.plot([r["step"] for r in train], [r[key] for r in train], label=label, lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="moetron training")
