@@ -203,3 +203,15 @@ def test_dpo_learns_the_preference(base_dir, tmp_path) -> None:
     assert records[-1]["reward_accuracy"] == 1.0 and records[-1]["reward_margin"] > 0.5
     evals = [r["val_loss"] for r in records if "val_loss" in r]
     assert evals[-1] < math.log(2) - 0.1
+
+
+def test_the_demo_task_holds_out_unseen_passages(tmp_path) -> None:
+    from moetron.finetune.demo import QUESTION, make_task
+
+    heldout = make_task(tmp_path / "train.jsonl", num_train=200, num_eval=50)
+    train = [json.loads(line)["messages"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line)["messages"] for line in heldout.read_text().splitlines()]
+    assert (len(train), len(held)) == (200, 50)
+    for user, answer in train + held:  # the answer is the name the passage opens with
+        assert user["content"].startswith(f"{QUESTION}\n\n{answer['content']}.\n")
+    assert not {m[0]["content"] for m in held} & {m[0]["content"] for m in train}
