@@ -152,23 +152,19 @@ class ShardedBlock(FusedBlock):
     ) -> None:
         if self.heads is None:
             return super().attention_half(h_TD, cos_BTd, sin_BTd, attention_backend)
-        lib, tables = cpu_kernels.library(), attention_backend.kernel_tables
         num_tokens, dim = h_TD.shape
-        k_cache, v_cache = (
-            attention_backend.k_caches[self.layer_id],
-            attention_backend.v_caches[self.layer_id],
-        )
         num_heads, num_kv_heads, head_dim, scale = self.attention_constants
         attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
         q_format, k_format, v_format, o_format = self.attention_formats
+        (k_cache, v_cache, cache_format, slots, tables, max_blocks, seq_of_row, pos_of_row,
+         block_size) = self.paged_cache_arguments(attention_backend)  # fmt: skip
         heads_TX = torch.empty(num_tokens, num_heads * head_dim)
+        lib = cpu_kernels.library()
         lib.moetron_attention_heads(
             h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
-            cos_BTd.data_ptr(), sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], attention_backend.slot_mapping_T.data_ptr(),
-            tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
-            tables.pos_of_row_T.data_ptr(), heads_TX.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim,
-            k_cache.shape[1], scale, torch.get_num_threads(),
+            cos_BTd.data_ptr(), sin_BTd.data_ptr(), k_cache, v_cache, cache_format, slots, tables, max_blocks,
+            seq_of_row, pos_of_row, heads_TX.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim,
+            block_size, scale, torch.get_num_threads(),
         )  # fmt: skip
         all_heads = self.heads.gather_heads(heads_TX)
         lib.moetron_attention_output(

@@ -137,24 +137,36 @@ class FusedBlock(ServingModule, Block):
         sin_BTd: torch.Tensor,
         attention_backend: PagedAttention,
     ) -> None:
-        tables = attention_backend.kernel_tables
         num_tokens, dim = h_TD.shape
-        k_cache, v_cache = (
-            attention_backend.k_caches[self.layer_id],
-            attention_backend.v_caches[self.layer_id],
-        )
         num_heads, num_kv_heads, head_dim, scale = self.attention_constants
         attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
         q_format, k_format, v_format, o_format = self.attention_formats
+        (k_cache, v_cache, cache_format, slots, tables, max_blocks, seq_of_row, pos_of_row,
+         block_size) = self.paged_cache_arguments(attention_backend)  # fmt: skip
         cpu_kernels.library().moetron_attention_block(
             h_TD.data_ptr(), attn_norm, self.attention_norm.eps, wq, q_format, wk, k_format, wv, v_format,
-            wo, o_format, cos_BTd.data_ptr(),
-            sin_BTd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], attention_backend.slot_mapping_T.data_ptr(),
-            tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
-            tables.pos_of_row_T.data_ptr(), num_tokens, dim, num_heads, num_kv_heads, head_dim, k_cache.shape[1],
+            wo, o_format, cos_BTd.data_ptr(), sin_BTd.data_ptr(), k_cache, v_cache, cache_format, slots, tables,
+            max_blocks, seq_of_row, pos_of_row, num_tokens, dim, num_heads, num_kv_heads, head_dim, block_size,
             scale, torch.get_num_threads(),
         )  # fmt: skip
+
+    def paged_cache_arguments(self, attention_backend: PagedAttention) -> tuple[int, ...]:
+        """The attention kernels' cache arguments for this layer: the K and V caches' addresses, their
+        format code, the slot mapping, the block tables and their width, each row's sequence and
+        position, the block size."""
+        tables = attention_backend.kernel_tables
+        k_cache = attention_backend.k_caches[self.layer_id]
+        return (
+            k_cache.data_ptr(),
+            attention_backend.v_caches[self.layer_id].data_ptr(),
+            cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]],
+            attention_backend.slot_mapping_T.data_ptr(),
+            tables.tables_QB.data_ptr(),
+            tables.tables_QB.shape[1],
+            tables.seq_of_row_T.data_ptr(),
+            tables.pos_of_row_T.data_ptr(),
+            k_cache.shape[1],
+        )
 
     def moe_half(self, h_TD: torch.Tensor) -> None:
         num_tokens, dim = h_TD.shape
