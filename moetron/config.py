@@ -607,6 +607,7 @@ class FinetuneConfig:
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     merge: bool = False  # lora: also write the merged model to out_dir/merged
+    progress: bool = True  # a progress bar on a terminal, a line every 10% of the run otherwise
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

@@ -113,7 +113,7 @@ def _cfg(base: Path, data: Path, out: Path, **changes) -> FinetuneConfig:
     settings = {
         "base": str(base), "data": str(data), "out_dir": str(out), "steps": 30, "batch_size": 4, "seq_len": 64,
         "lr": 3e-3, "warmup_steps": 2, "eval_fraction": 0.25, "eval_every": 10, "checkpoint_every": 10,
-        "lora": LoRAConfig(rank=4, alpha=8.0),
+        "lora": LoRAConfig(rank=4, alpha=8.0), "progress": False,
     }  # fmt: skip
     return FinetuneConfig(**(settings | changes))
 

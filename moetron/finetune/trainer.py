@@ -202,6 +202,7 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None, log=print) -> F
     log_file = metrics.MetricsLog(out_dir / "metrics.jsonl", start if state is not None else None)
     last = min(cfg.steps, stop_after or cfg.steps)
     eval_loss = None
+    progress = metrics.Progress(start, cfg.steps, cfg.progress, label="finetune")
 
     def step_loss(indices: list[int]) -> tuple[torch.Tensor, dict[str, float], int]:
         if not dpo:
@@ -229,9 +230,11 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None, log=print) -> F
             eval_loss = _evaluate(model, reference, eval_rows, cfg, dpo)
             record["val_loss"] = eval_loss
         log_file.write(record)
+        progress.update(step, record)
         if step % cfg.checkpoint_every == 0 or step == last:
             saved = TrainingState(step, sampler.state_dict(), dataclasses.asdict(cfg), {})
             checkpoint.save_checkpoint(checkpoint_dir, step, module, optimizer, saved, cfg.keep_checkpoints)
+    progress.close()
     if last < cfg.steps:
         return FinetuneResult(out_dir, None, last, eval_loss)
     metrics.plot_run(log_file.read(), out_dir)

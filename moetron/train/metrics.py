@@ -93,3 +93,38 @@ def plot_run(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(heatmap_png)
     return paths
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; one line every 10% of the run otherwise (CI logs)."""
+
+    def __init__(self, start: int, total: int, enabled: bool, label: str = "train") -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.total, self.enabled, self.label = total, enabled, label
+        self.bar = (
+            tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            if enabled and sys.stderr.isatty()
+            else None
+        )
+
+    def update(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        loss = record["lm_loss"] if "lm_loss" in record else record["dpo_loss"]
+        summary = f"loss {loss:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if "val_loss" in record:
+            summary += f" val {record['val_loss']:.3f}"
+            if "val_bpb" in record:
+                summary += f" ({record['val_bpb']:.3f} bits/byte)"
+        if self.bar is not None:
+            self.bar.set_postfix_str(summary, refresh=False)
+            self.bar.update(1)
+        elif step % max(self.total // 10, 1) == 0 or step == self.total or "val_loss" in record:
+            print(f"[{self.label}] step {step}/{self.total} {summary}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -222,7 +222,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
     val_loss = val_bpb = None
-    progress = _progress(start_step, tc.steps, tc.progress and ctx.is_main)
+    progress = metrics.Progress(start_step, tc.steps, tc.progress and ctx.is_main)
 
     # Communication time is sampled on one step (profiling slows it): the second of this attempt.
     profiled_step = min(start_step + 2, last_step) if ctx.distributed else None
@@ -404,35 +404,3 @@ def export(model: Transformer, data: PreparedData, final_dir: Path) -> Path:
         generation["pad_token_id"] = data.tokenizer.pad_id
     (final_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return final_dir
-
-
-class _progress:
-    """A tqdm bar with ETA on a terminal; one line every 10% of the run otherwise (CI logs)."""
-
-    def __init__(self, start: int, total: int, enabled: bool) -> None:
-        import sys
-
-        from tqdm import tqdm
-
-        self.total, self.enabled = total, enabled
-        self.bar = (
-            tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-            if enabled and sys.stderr.isatty()
-            else None
-        )
-
-    def update(self, step: int, record: dict) -> None:
-        if not self.enabled:
-            return
-        summary = f"loss {record['lm_loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
-        if "val_loss" in record:
-            summary += f" val {record['val_loss']:.3f} ({record['val_bpb']:.3f} bits/byte)"
-        if self.bar is not None:
-            self.bar.set_postfix_str(summary, refresh=False)
-            self.bar.update(1)
-        elif step % max(self.total // 10, 1) == 0 or step == self.total or "val_loss" in record:
-            print(f"[train] step {step}/{self.total} {summary}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
