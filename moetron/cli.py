@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -240,6 +241,8 @@ ENGINE_FLAGS = (
     "node_rank",
     "master_addr",
     "master_port",
+    "lora_modules",
+    "max_loras",
 )
 
 
@@ -248,11 +251,18 @@ def serve_engine_config(args: argparse.Namespace, overrides: list[str]) -> Engin
     if wrong := [o for o in overrides if not o.startswith("--engine.")]:
         raise ConfigError(f"`moetron serve` takes --engine.key=value settings, not {wrong}")
     flags = [
-        f"--engine.{k}={str(v).lower() if isinstance(v, bool) else v}"
-        for k in ENGINE_FLAGS
-        if (v := getattr(args, k)) is not None
+        f"--engine.{k}={_override_value(v)}" for k in ENGINE_FLAGS if (v := getattr(args, k)) is not None
     ]
     return load_run_config(args.config, [*overrides, *flags]).engine
+
+
+def _override_value(value: object) -> str:
+    """A flag's value as an --engine.key=value override reads it (TOML literals)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return str(value)
 
 
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -413,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--node-rank", type=int, default=None, help="this node's index (node 0 serves HTTP)")
     par.add_argument("--master-addr", default=None, help="node 0's address for the ranks' rendezvous")
     par.add_argument("--master-port", type=int, default=None, help="its port (default: a free one, one node)")
+    srv.add_argument(
+        "--lora-modules", nargs="+", default=None, metavar="NAME=ADAPTER_DIR",
+        help="LoRA adapters (PEFT format) served per request: a request whose model is NAME runs that adapter",
+    )  # fmt: skip
+    srv.add_argument("--max-loras", type=int, default=None, help="at most this many adapters (default 8)")
     srv.set_defaults(func=cmd_serve, takes_overrides=True)
 
     from moetron.plan.cli import add_plan_parser

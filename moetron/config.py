@@ -470,10 +470,14 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (one node only)
+    # LoRA adapters served per request (infer/adapters.py), vLLM's `NAME=ADAPTER_DIR` entries: a
+    # request whose `model` is NAME runs that adapter; at most max_loras of them.
+    lora_modules: list[str] = field(default_factory=list)
+    max_loras: int = 8
 
     def __post_init__(self) -> None:
         _check_field_types(self, "engine.")
-        for name in ("data_parallel_size", "tensor_parallel_size", "nnodes"):
+        for name in ("data_parallel_size", "tensor_parallel_size", "nnodes", "max_loras"):
             _check(getattr(self, name) >= 1, f"engine.{name}={getattr(self, name)} must be >= 1")
         _check(
             0 <= self.node_rank < self.nnodes,

@@ -87,15 +87,17 @@ def _targets(model: Transformer, targets: list[str]) -> Iterator[tuple[str, nn.M
             yield from ((f"{name}.{n}", getattr(module, n)) for n in ("w1", "w2", "w3"))
 
 
-def apply_lora(model: Transformer, cfg: LoRAConfig, seed: int = 0) -> list[str]:
+def apply_lora(model: Transformer, cfg: LoRAConfig, seed: int = 0, device: str | None = None) -> list[str]:
     """Freeze `model` and give the modules `cfg.targets` name a LoRA update (B = 0: the outputs are
-    the base model's). Returns the adapted modules' names; a target matching nothing is an error."""
+    the base model's). Returns the adapted modules' names; a target matching nothing is an error.
+    `device`: where the adapter lives (float32), if not beside each base weight (a model on meta
+    whose adapter only is read, infer/adapters.py)."""
     for param in model.parameters():
         param.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     names = []
     for name, module in list(_targets(model, cfg.targets)):
-        _add_lora(module, cfg, generator)
+        _add_lora(module, cfg, generator, device)
         names.append(name)
     found = {t for t in cfg.targets if any(_target_of(n) == t for n in names)}
     if missing := sorted(set(cfg.targets) - found):
@@ -113,11 +115,11 @@ def _target_of(name: str) -> str:
     return "shared" if ".shared_experts." in name else "dense"
 
 
-def _add_lora(module: nn.Module, cfg: LoRAConfig, generator: torch.Generator) -> None:
+def _add_lora(module: nn.Module, cfg: LoRAConfig, generator: torch.Generator, device: str | None) -> None:
     r, like = cfg.rank, next(module.parameters())
 
     def param(*shape: int, zero: bool = False) -> nn.Parameter:
-        t = torch.zeros(*shape, dtype=like.dtype, device=like.device)
+        t = torch.zeros(*shape, dtype=torch.float32 if device else like.dtype, device=device or like.device)
         if not zero:
             bound = 1.0 / math.sqrt(shape[-1])  # kaiming-uniform, a = √5: U(-1/√fan_in, 1/√fan_in)
             t.uniform_(-bound, bound, generator=generator)

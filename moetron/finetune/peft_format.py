@@ -149,12 +149,13 @@ def read_config(directory: str | Path) -> LoRAConfig:
         raise AdapterError(f"{path}: {e}") from None
 
 
-def load_adapter(model: Transformer, directory: str | Path) -> LoRAConfig:
-    """Give `model` the LoRA of a peft adapter directory (frozen base, adapter weights loaded).
-    Refuses an adapter for another base (a shape mismatch names the tensor and both shapes)."""
+def load_adapter(model: Transformer, directory: str | Path, device: str | None = None) -> LoRAConfig:
+    """Give `model` the LoRA of a peft adapter directory (frozen base, adapter weights loaded;
+    `device` as apply_lora's). Refuses an adapter for another base (a shape mismatch names the
+    tensor and both shapes)."""
     directory = Path(directory)
     cfg = read_config(directory)
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, device=device)
     wanted = _peft_tensors(model)
     path = directory / WEIGHTS_FILE
     try:

@@ -16,8 +16,15 @@ from collections.abc import Sequence as Seq
 from moetron.infer.sequence import Sequence
 
 
-def block_hash(parent_hash: int | None, token_ids: Seq[int]) -> int:
+def block_hash(parent_hash: int | tuple | None, token_ids: Seq[int]) -> int:
     return hash((parent_hash, tuple(token_ids)))
+
+
+def _root(seq: Sequence) -> tuple | None:
+    """The hash chain's root: None for the base model; a LoRA adapter's rows have other keys and
+    values, so each adapter's blocks chain from their own root."""
+    adapter = seq.request.adapter
+    return ("lora", adapter) if adapter else None
 
 
 class BlockManager:
@@ -57,7 +64,7 @@ class BlockManager:
         the tokens they hold (the scheduler marks them computed). At least one token is always left to compute: the step
         that computes it yields the logits for the next token."""
         assert not seq.block_table, "match_prefix is for a sequence without blocks"
-        parent: int | None = None
+        parent = _root(seq)
         size = self.block_size
         for i in range((seq.num_tokens - 1) // size):
             tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
@@ -96,7 +103,7 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Register the full blocks seq has finished computing (prompt or output) in the prefix cache."""
         size = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else _root(seq)
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // size):
             tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
             h = block_hash(parent, tokens)

@@ -87,6 +87,10 @@ class RankReport:
 def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
     """Refuse a layout the model cannot take, naming the flags."""
     ranks, tp = cfg.data_parallel_size, cfg.tensor_parallel_size
+    if cfg.lora_modules:
+        raise ValueError(
+            "--lora-modules with --data-parallel-size / --tensor-parallel-size > 1 is not supported yet"
+        )
     if tp > 1:
         if model_cfg.num_kv_heads == 1:
             raise ValueError(

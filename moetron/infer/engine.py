@@ -25,6 +25,7 @@ import torch
 from moetron import hardware
 from moetron.config import EngineConfig
 from moetron.infer import fused_layers
+from moetron.infer.adapters import load_adapters
 from moetron.infer.block_manager import BlockManager
 from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
 from moetron.infer.expert_parallel import ExpertExchange
@@ -110,7 +111,10 @@ class LLMEngine:
         blocks = num_kv_blocks(model.cfg, cfg, kv_dtype, self.max_model_len)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange, heads)
+        # LoRA adapters per request (infer/adapters.py); read before the runner installs its kernels.
+        self.adapters = load_adapters(model, cfg.lora_modules, cfg.max_loras) if cfg.lora_modules else None
+        self.lora_names = self.adapters.names if self.adapters else []
+        self.runner = ModelRunner(model, cfg, blocks, dtype, kv_dtype, exchange, heads, self.adapters)
         self.num_forward_steps_total = 0
         self.weight_bytes = model_weight_bytes(model)
         self.eos_token_id = getattr(tokenizer, "eos_id", None)
@@ -217,14 +221,21 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt: str | None = None,
+        lora: str | None = None,
     ) -> str:
+        """`lora`: the name of a served adapter (EngineConfig.lora_modules) to run it with."""
         params = params or SamplingParams()
         ids = list(prompt_token_ids)
         self._check_prompt(ids, params)
+        if lora is not None and self.adapters is None:
+            raise ValueError(f"LoRA adapter {lora!r} requested, but this engine serves none")
+        adapter = self.adapters.index(lora) if self.adapters else 0
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        request = Request(request_id, prompt, ids, params, RequestMetrics(arrival_time=time.monotonic()))
+        request = Request(
+            request_id, prompt, ids, params, RequestMetrics(arrival_time=time.monotonic()), adapter=adapter
+        )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         for index in range(params.n):

@@ -17,6 +17,7 @@ import torch
 
 from moetron.config import EngineConfig, ModelConfig
 from moetron.infer import fused_layers, serving_kernels
+from moetron.infer.adapters import AdapterSet, adapter_kernels
 from moetron.infer.expert_parallel import ExpertExchange, sharded_kernels
 from moetron.infer.head_parallel import HeadParallel
 from moetron.infer.paged_attention import PagedAttention, SeqSlice
@@ -71,6 +72,7 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
         exchange: ExpertExchange | None = None,
         heads: HeadParallel | None = None,
+        adapters: AdapterSet | None = None,
     ) -> None:
         """`dtype`: activations, default the parameters'. float32 with a bf16 model runs the fused
         path on the bf16 weights (serving_dtype() in engine.py decides). `kv_dtype`: the KV cache's,
@@ -78,7 +80,8 @@ class ModelRunner:
         `exchange`: this rank's expert-parallel collectives when `model` holds a shard of its
         experts (expert_parallel.py); every step then takes part in them, `idle()` included.
         `heads`: its tensor-parallel group when `model` holds a shard of its attention heads
-        (head_parallel.py; the cache then holds only those heads)."""
+        (head_parallel.py; the cache then holds only those heads). `adapters`: LoRA adapters served
+        per request (adapters.py): the module path then runs, with their classes installed."""
         self.model = model
         self.block_size = cfg.block_size
         self.invariant = cfg.batch_invariant
@@ -95,7 +98,13 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)
         ]
-        self.fused = cfg.fused_layers and self.dtype == torch.float32 and fused_layers.supports(model)
+        self.adapters = adapters
+        self.fused = (
+            cfg.fused_layers
+            and adapters is None
+            and self.dtype == torch.float32
+            and fused_layers.supports(model)
+        )
         if self.dtype != param.dtype and not self.fused:
             raise ValueError(f"{self.dtype} activations over {param.dtype} weights need the fused path")
         kernels = serving_kernels.INVARIANT if self.invariant else serving_kernels.FAST
@@ -108,6 +117,8 @@ class ModelRunner:
                     "engine.fused_layers=true"
                 )
             self.kernels = sharded_kernels(model, kernels, exchange, heads)
+        elif adapters is not None:
+            self.kernels = adapter_kernels(serving_kernels.INVARIANT, adapters)
         else:
             self.kernels = fused_layers.fused_kernels(model, kernels) if self.fused else kernels
         serving_kernels.install(model, self.kernels)
@@ -129,6 +140,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         seqs: list[SeqSlice] = []
+        token_adapters: list[int] = []
         size = self.block_size
         for item in batch.scheduled:
             seq, first, num_new = item.seq, item.first_position, item.num_new_tokens
@@ -142,9 +154,12 @@ class ModelRunner:
             )
             token_ids.extend(seq.scheduled_token_ids(first, num_new))  # + draft tokens
             positions.extend(range(first, first + num_new))
+            token_adapters.extend([seq.request.adapter] * num_new)
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
         if self.exchange is not None:
             self.exchange.begin_step(len(token_ids))
+        if self.adapters is not None:
+            self.adapters.step.set_step(token_adapters)
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
         slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)

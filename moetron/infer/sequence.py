@@ -127,6 +127,7 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    adapter: int = 0  # the LoRA adapter its rows run (infer/adapters.py); 0: the base model
 
     @property
     def finished(self) -> bool:

@@ -42,6 +42,7 @@ class ServerState:
     max_model_len: int
     api_key: str | None = None
     max_queued_requests: int | None = None
+    lora_names: list[str] = field(default_factory=list)  # LoRA adapters served by name (--lora-modules)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
@@ -137,7 +138,9 @@ def build_app(state: ServerState) -> FastAPI:
             for i, inp in enumerate(inputs):
                 request_id = f"{response_id}-{i}"
                 streams.append(
-                    await state.engine.add_request(inp.prompt_token_ids, inp.params, request_id, inp.prompt)
+                    await state.engine.add_request(
+                        inp.prompt_token_ids, inp.params, request_id, inp.prompt, inp.lora
+                    )
                 )
         except ValueError as e:  # the engine refused a prompt (over its context)
             for s in streams:
@@ -235,27 +238,30 @@ def build_app(state: ServerState) -> FastAPI:
         stats = await asyncio.wait_for(state.engine.stats(), timeout=30) if state.engine.alive else None
         return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
-    def model_card() -> dict:
-        return {
-            "id": state.model_name,
+    def model_card(adapter: str | None = None) -> dict:
+        card = {
+            "id": adapter or state.model_name,
             "object": "model",
             "created": state.created,
             "owned_by": "moetron",
+            "root": state.model_name,
+            "parent": state.model_name if adapter else None,
             "max_model_len": state.max_model_len,
         }
+        return card
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         async def handle() -> Response:
-            return JSONResponse({"object": "list", "data": [model_card()]})
+            cards = [model_card(), *(model_card(name) for name in state.lora_names)]
+            return JSONResponse({"object": "list", "data": cards})
 
         return await guarded("models", request, handle)
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> Response:
         async def handle() -> Response:
-            P.check_model(model, state.model_name)
-            return JSONResponse(model_card())
+            return JSONResponse(model_card(P.check_model(model, state.model_name, state.lora_names)))
 
         return await guarded("models", request, handle)
 
@@ -263,10 +269,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         async def handle() -> Response:
             req = P.parse(P.CompletionRequest, await request.body())
-            P.check_model(req.model, state.model_name)
+            lora = P.check_model(req.model, state.model_name, state.lora_names)
             _check_stream_options(req)
             inputs = P.completion_inputs(req, state.tokenizer, state.vocab_size, state.max_model_len)
-            r = R.CompletionRenderer(state.model_name, state.tokens, req, inputs)
+            for inp in inputs:
+                inp.lora = lora
+            r = R.CompletionRenderer(lora or state.model_name, state.tokens, req, inputs)
             return await generate(request, inputs, r, req.stream)
 
         return await guarded("completions", request, handle)
@@ -275,10 +283,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         async def handle() -> Response:
             req = P.parse(P.ChatCompletionRequest, await request.body())
-            P.check_model(req.model, state.model_name)
+            lora = P.check_model(req.model, state.model_name, state.lora_names)
             _check_stream_options(req)
             inputs = [P.chat_input(req, state.tokenizer, state.vocab_size, state.max_model_len)]
-            r = R.ChatRenderer(state.model_name, state.tokens, req, inputs)
+            inputs[0].lora = lora
+            r = R.ChatRenderer(lora or state.model_name, state.tokens, req, inputs)
             return await generate(request, inputs, r, req.stream)
 
         return await guarded("chat_completions", request, handle)
@@ -287,7 +296,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def tokenize(request: Request) -> Response:
         async def handle() -> Response:
             req = P.parse(P.TokenizeRequest, await request.body())
-            P.check_model(req.model, state.model_name)
+            P.check_model(req.model, state.model_name, state.lora_names)
             if (req.prompt is None) == (req.messages is None):
                 raise P.APIError(400, "give exactly one of prompt or messages", param="prompt")
             text = (
@@ -304,7 +313,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def detokenize(request: Request) -> Response:
         async def handle() -> Response:
             req = P.parse(P.DetokenizeRequest, await request.body())
-            P.check_model(req.model, state.model_name)
+            P.check_model(req.model, state.model_name, state.lora_names)
             P.check_token_ids(req.tokens, state.vocab_size, "tokens")
             return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
 

@@ -176,13 +176,14 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        lora: str | None = None,
     ) -> RequestStream:
         """Submit a request once the engine has accepted it. Raises `ValueError` for a request the
         engine refuses (a prompt over the context), so a server can still answer 400."""
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream._slot
         try:
-            await self._call(_Command("add", request_id, (prompt_token_ids, params, prompt)))
+            await self._call(_Command("add", request_id, (prompt_token_ids, params, prompt, lora)))
         except BaseException:
             stream.close()
             raise
@@ -246,9 +247,10 @@ class AsyncEngine:
             return
         try:
             if cmd.kind == "add":
-                prompt_token_ids, params, prompt = cmd.args
+                prompt_token_ids, params, prompt, lora = cmd.args
+                adapter = {"lora": lora} if lora is not None else {}  # engines without adapters take none
                 result = engine.add_request(
-                    prompt_token_ids, params, request_id=cmd.request_id, prompt=prompt
+                    prompt_token_ids, params, request_id=cmd.request_id, prompt=prompt, **adapter
                 )
             elif cmd.kind == "stats":
                 result = engine.get_stats()

@@ -140,16 +140,22 @@ class EngineInput:
     prompt_token_ids: list[int]
     prompt: str | None
     params: SamplingParams
+    lora: str | None = None  # the served LoRA adapter its `model` names, if any
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise APIError(
-            404,
-            f"the model `{requested}` does not exist; this server serves `{served}`",
-            param="model",
-            code="model_not_found",
-        )
+def check_model(requested: str | None, served: str, adapters: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The LoRA adapter `requested` names (None for the base model); 404 for any other name."""
+    if requested is None or requested == served:
+        return None
+    if requested in adapters:
+        return requested
+    also = f" and the LoRA adapters {', '.join(f'`{a}`' for a in adapters)}" if adapters else ""
+    raise APIError(
+        404,
+        f"the model `{requested}` does not exist; this server serves `{served}`{also}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

@@ -82,6 +82,7 @@ def make_state(
         max_model_len=engine.max_model_len,
         api_key=api_key,
         max_queued_requests=max_queued_requests,
+        lora_names=list(getattr(engine, "lora_names", [])),
     )
 
 
