@@ -593,6 +593,9 @@ class FinetuneConfig:
     base: str = ""  # the base model directory
     data: str = ""  # JSONL: chat messages, prompt/completion, or prompt/chosen/rejected (dpo)
     method: Literal["full", "lora", "dpo"] = "lora"
+    # The frozen base's dtype under LoRA (the adapter and its optimizer stay float32); full and DPO
+    # without LoRA train float32 weights.
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
     dpo_lora: bool = True  # dpo: train a LoRA (the reference is the base without it) or all weights
     dpo_beta: float = 0.1
     out_dir: str = "runs/finetune"
@@ -625,6 +628,12 @@ class FinetuneConfig:
             0.0 <= self.eval_fraction < 1.0, f"finetune.eval_fraction={self.eval_fraction} must lie in [0, 1)"
         )
         _check(self.warmup_steps >= 0, f"finetune.warmup_steps={self.warmup_steps} must be >= 0")
+        lora = self.method == "lora" or (self.method == "dpo" and self.dpo_lora)
+        _check(
+            self.base_dtype == "float32" or lora,
+            f"finetune.base_dtype={self.base_dtype!r} is for a frozen base under LoRA; method={self.method!r} "
+            "trains float32 weights",
+        )
 
 
 @dataclass

@@ -215,3 +215,18 @@ def test_the_demo_task_holds_out_unseen_passages(tmp_path) -> None:
     for user, answer in train + held:  # the answer is the name the passage opens with
         assert user["content"].startswith(f"{QUESTION}\n\n{answer['content']}.\n")
     assert not {m[0]["content"] for m in held} & {m[0]["content"] for m in train}
+
+
+def test_lora_over_a_bf16_base_trains_a_float32_adapter(base_dir, tmp_path) -> None:
+    from safetensors import safe_open
+
+    data = _write(tmp_path / "chats.jsonl", CHATS)
+    finetune(_cfg(base_dir, data, tmp_path / "bf16", base_dtype="bfloat16", steps=12), log=lambda _: None)
+    losses = [
+        json.loads(line)["lm_loss"] for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert losses[-1] < losses[0] - 0.5
+    with safe_open(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+    with pytest.raises(ValueError, match="base_dtype='bfloat16' is for a frozen base under LoRA"):
+        FinetuneConfig(method="full", base_dtype="bfloat16")

@@ -27,7 +27,7 @@ from torch import nn
 
 from moetron.config import LoRAConfig
 from moetron.model.moe import FeedForward, GroupedExperts, MoELayer
-from moetron.model.ops import Linear
+from moetron.model.ops import Linear, linear
 from moetron.model.transformer import Attention, Transformer
 
 
@@ -39,8 +39,8 @@ class LoRALinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return base + self.lora_scaling * update.to(base.dtype)
+        low = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # a bf16 base, fp32 adapter
+        return base + (self.lora_scaling * F.linear(low, self.lora_B)).to(base.dtype)
 
 
 class LoRAGroupedExperts(GroupedExperts):
@@ -58,15 +58,16 @@ class LoRAGroupedExperts(GroupedExperts):
         for expert, x in enumerate(x_ND.split(num_tokens_per_expert_E.tolist())):
             if x.shape[0] == 0:
                 continue
-            low = F.linear(self.lora_dropout(x), self.lora_A_gate_up[expert])  # [n, r]
+            low = F.linear(self.lora_dropout(x).to(self.lora_A_gate_up.dtype), self.lora_A_gate_up[expert])
             up = F.linear(low, self.lora_B_gate_up[expert]) * s  # [n, 2I]
-            a = F.linear(x, self.w1[expert]) + up[:, :hidden].to(x.dtype)
-            b = F.linear(x, self.w3[expert]) + up[:, hidden:].to(x.dtype)
+            a = linear(x, self.w1[expert]) + up[:, :hidden].to(
+                x.dtype
+            )  # training's matmul kernel (model/ops.py)
+            b = linear(x, self.w3[expert]) + up[:, hidden:].to(x.dtype)
             h = F.silu(a) * b
-            down = F.linear(
-                F.linear(self.lora_dropout(h), self.lora_A_down[expert]), self.lora_B_down[expert]
-            )
-            outputs.append(F.linear(h, self.w2[expert]) + (s * down).to(h.dtype))
+            low_down = F.linear(self.lora_dropout(h).to(self.lora_A_down.dtype), self.lora_A_down[expert])
+            down = F.linear(low_down, self.lora_B_down[expert])
+            outputs.append(linear(h, self.w2[expert]) + (s * down).to(h.dtype))
         return torch.cat(outputs) if outputs else x_ND.new_zeros(0, x_ND.shape[-1])
 
 

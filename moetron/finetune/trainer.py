@@ -142,7 +142,7 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None, log=print) -> F
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.base)
-    model = from_pretrained(cfg.base, dtype=torch.float32)
+    model = from_pretrained(cfg.base, dtype=getattr(torch, cfg.base_dtype))
     dataset = load_dataset(cfg.data, tokenizer, cfg.train_on_prompt)
     dpo = cfg.method == "dpo"
     items = dataset.pairs if dpo else dataset.examples
@@ -157,7 +157,8 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None, log=print) -> F
     train_items, eval_items = _split(items, cfg.eval_fraction, cfg.seed)
     use_lora = cfg.method == "lora" or (dpo and cfg.dpo_lora)
     if use_lora:
-        names = apply_lora(model, cfg.lora, seed=cfg.seed)
+        # The adapter in float32 beside the base (whatever its dtype): what AdamW updates and saves.
+        names = apply_lora(model, cfg.lora, seed=cfg.seed, device=str(next(model.parameters()).device))
         trained = dict(lora_parameters(model))
         log(
             f"[finetune] LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {len(names)} modules ({', '.join(cfg.lora.targets)})"
