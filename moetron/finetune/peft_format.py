@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,8 +41,9 @@ class AdapterError(ValueError):
     """An adapter directory moetron cannot load or write, with the reason."""
 
 
-def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
+def _lora_factors(model: Transformer) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, bool]]:
+    """(peft key without `.lora_A/B.weight`, moetron's A, moetron's B, whether they are per expert)
+    for every LoRA of `model`: the one place that names moetron's adapters in peft's keys."""
     for name, module in model.named_modules():
         layer = re.match(r"layers\.(\d+)\.", name)
         if isinstance(module, LoRALinear):
@@ -54,19 +56,23 @@ def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                 raise AdapterError(
                     f"{name}: a LoRA on shared experts or dense layers has no PEFT key for MixtralForCausalLM"
                 )
-            tensors[f"{_PREFIX}{key}.lora_A.weight"] = module.lora_A
-            tensors[f"{_PREFIX}{key}.lora_B.weight"] = module.lora_B
+            yield f"{_PREFIX}{key}", module.lora_A, module.lora_B, False
         elif isinstance(module, LoRAGroupedExperts):
-            num_experts, rank, _ = module.lora_A_gate_up.shape
             key = f"{_PREFIX}model.layers.{layer[1]}.mlp.experts"
-            for inner, a, b in (
-                (".base_layer", module.lora_A_gate_up, module.lora_B_gate_up),
-                ("", module.lora_A_down, module.lora_B_down),
-            ):
-                tensors[f"{key}{inner}.lora_A.weight"] = a.reshape(num_experts * rank, a.shape[-1])
-                tensors[f"{key}{inner}.lora_B.weight"] = b.permute(1, 2, 0).reshape(
-                    b.shape[1], rank * num_experts
-                )
+            yield f"{key}.base_layer", module.lora_A_gate_up, module.lora_B_gate_up, True
+            yield key, module.lora_A_down, module.lora_B_down, True
+
+
+def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """peft's tensors of `model`'s LoRA, by peft key (expert factors [E, r, in] / [E, out, r] laid
+    out as peft's [r·E, in] / [out, r·E])."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, a, b, per_expert in _lora_factors(model):
+        if per_expert:
+            num_experts, rank, width = a.shape
+            a = a.reshape(num_experts * rank, width)
+            b = b.permute(1, 2, 0).reshape(b.shape[1], rank * num_experts)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
     return tensors
 
 
@@ -182,25 +188,12 @@ def load_adapter(model: Transformer, directory: str | Path, device: str | None =
 
 @torch.no_grad()
 def _assign(model: Transformer, stored: dict[str, torch.Tensor]) -> None:
-    """Copy peft tensors into the LoRA parameters (the inverse of _peft_tensors' views)."""
-    for name, module in model.named_modules():
-        layer = re.match(r"layers\.(\d+)\.", name)
-        if isinstance(module, LoRALinear):
-            leaf = name.rsplit(".", 1)[1]
-            key = (
-                f"model.layers.{layer[1]}.self_attn.{_ATTENTION[leaf]}"
-                if ".attention." in name
-                else f"model.layers.{layer[1]}.mlp.gate"
-            )
-            module.lora_A.copy_(stored[f"{_PREFIX}{key}.lora_A.weight"])
-            module.lora_B.copy_(stored[f"{_PREFIX}{key}.lora_B.weight"])
-        elif isinstance(module, LoRAGroupedExperts):
-            key = f"{_PREFIX}model.layers.{layer[1]}.mlp.experts"
-            for inner, a, b in (
-                (".base_layer", module.lora_A_gate_up, module.lora_B_gate_up),
-                ("", module.lora_A_down, module.lora_B_down),
-            ):
-                num_experts, rank, width = a.shape
-                a.copy_(stored[f"{key}{inner}.lora_A.weight"].reshape(num_experts, rank, width))
-                peft_b = stored[f"{key}{inner}.lora_B.weight"]
-                b.copy_(peft_b.reshape(peft_b.shape[0], rank, num_experts).permute(2, 0, 1))
+    """Copy peft tensors into the LoRA parameters (the inverse of _peft_tensors' layout)."""
+    for key, a, b, per_expert in _lora_factors(model):
+        peft_a, peft_b = stored[f"{key}.lora_A.weight"], stored[f"{key}.lora_B.weight"]
+        if per_expert:
+            num_experts, rank, width = a.shape
+            peft_a = peft_a.reshape(num_experts, rank, width)
+            peft_b = peft_b.reshape(peft_b.shape[0], rank, num_experts).permute(2, 0, 1)
+        a.copy_(peft_a)
+        b.copy_(peft_b)

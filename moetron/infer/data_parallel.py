@@ -76,7 +76,8 @@ class StepPlan:
 
 @dataclass
 class RankReport:
-    """What each rank sends rank 0 after a step (or once loaded: outputs empty)."""
+    """What each rank sends rank 0: once loaded (or its load error), then after each step its
+    outputs, or its stats when asked."""
 
     rank: int
     outputs: list[RequestOutput] = field(default_factory=list)
@@ -103,17 +104,17 @@ def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
                 f"--tensor-parallel-size={tp} must divide the model's {model_cfg.num_kv_heads} KV heads and "
                 f"{model_cfg.num_heads} query heads"
             )
+    if tp > 1 or cfg.enable_expert_parallel:  # both run the fused decoder layers, all-MoE models only
         moe = model_cfg.moe
         if model_cfg.num_moe_layers == 0 or moe.num_dense_layers or moe.num_shared_experts:
+            flag = f"--tensor-parallel-size={tp}" if tp > 1 else "--enable-expert-parallel"
             raise ValueError(
-                f"--tensor-parallel-size={tp} serves models whose every layer is routed-expert MoE without "
-                "shared experts (dense layers are not split)"
+                f"{flag} serves models whose every layer is routed-expert MoE without shared experts (this "
+                f"one has {moe.num_dense_layers} dense layers, {moe.num_shared_experts} shared experts)"
             )
     if not cfg.enable_expert_parallel:
         return
     moe = model_cfg.moe
-    if moe is None or moe.num_experts == 0:
-        raise ValueError("--enable-expert-parallel: the model has no MoE layers to shard")
     if ranks > moe.num_experts:
         raise ValueError(
             f"--data-parallel-size={ranks} with --enable-expert-parallel: more ranks than the model's "
@@ -124,18 +125,13 @@ def check_layout(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
             f"--data-parallel-size={ranks} with --enable-expert-parallel must divide the model's "
             f"{moe.num_experts} experts"
         )
-    if moe.num_dense_layers or moe.num_shared_experts:
-        raise ValueError(
-            "--enable-expert-parallel serves models whose every layer is routed-expert MoE without shared "
-            f"experts (this one has {moe.num_dense_layers} dense layers, {moe.num_shared_experts} shared experts)"
-        )
 
 
 # --- processes ---------------------------------------------------------------------------------
 
 
-# A rank's engine from (model_dir, cfg, experts, exchange): LLMEngine.load, passed in by the caller
-# (engine.py imports this module; this one does not import it back).
+# A rank's engine from (model_dir, cfg, experts=, exchange=, heads=): LLMEngine.load, passed in by
+# the caller (engine.py imports this module; this one does not import it back).
 RankLoader = Callable[..., Any]
 
 
@@ -197,7 +193,7 @@ def launch(model_dir: str | Path, cfg: EngineConfig, load: RankLoader) -> DataPa
     dist.broadcast_object_list([cfg], src=0)
     try:
         engine = _load_rank(load, model_dir, cfg, 0, world)
-        reports = _gather(RankReport(0, stats=engine.get_stats()))
+        reports = _gather(RankReport(0))  # every rank loaded, or why not
     except BaseException:
         _abandon(workers, threads_before)
         raise
@@ -243,9 +239,12 @@ def _resolve_kv_blocks(model_dir: str | Path, cfg: EngineConfig, local_ranks: in
         model_cfg, num_kv_heads=model_cfg.num_kv_heads // cfg.tensor_parallel_size
     )
     dtype = cfg.torch_kv_dtype(cfg.torch_dtype or torch.float32)
-    shared = cfg.replace(kv_cache_memory_fraction=cfg.kv_cache_memory_fraction / local_ranks)
-    if cfg.kv_cache_memory_bytes is not None:
-        shared = cfg
+    # A fraction of free memory is this node's, shared by its ranks; an explicit byte budget is per rank.
+    shared = (
+        cfg
+        if cfg.kv_cache_memory_bytes is not None
+        else cfg.replace(kv_cache_memory_fraction=cfg.kv_cache_memory_fraction / local_ranks)
+    )
     return cfg.replace(
         num_kv_blocks=num_kv_blocks(model_cfg, shared, dtype, cfg.resolve_max_model_len(model_cfg))
     )
@@ -306,7 +305,7 @@ def _serve_forever(rank: int, world: int, model_dir: str, load: RankLoader) -> N
         _gather(RankReport(rank, error=f"{type(e).__name__}: {e}"))
         dist.destroy_process_group()
         sys.exit(1)
-    _gather(RankReport(rank, stats=engine.get_stats()))
+    _gather(RankReport(rank))  # loaded
     try:
         while True:
             plan_box: list[Any] = [None]
@@ -460,19 +459,18 @@ class DataParallelEngine:
             self._remaining[out.request_id] = remaining
         return outputs
 
+    def _dead_workers(self) -> str | None:
+        """The workers this node started that have exited, described; None while all run."""
+        dead = [p for p in self.workers if p.exitcode is not None]
+        return "; ".join(f"{p.name} (pid {p.pid}) died with exit code {p.exitcode}" for p in dead) or None
+
     def _who_died(self, error: BaseException) -> str:
         time.sleep(0.2)  # let a dying process's exit code settle
-        dead = [(p.name, p.pid, p.exitcode) for p in self.workers if p.exitcode is not None]
-        if dead:
-            return "; ".join(f"{name} (pid {pid}) died with exit code {code}" for name, pid, code in dead)
-        return f"a serving rank disconnected: {error}"
+        return self._dead_workers() or f"a serving rank disconnected: {error}"
 
     def failure(self) -> str | None:
         """Which worker this node started has died, if any (the server polls this)."""
-        dead = [p for p in self.workers if p.exitcode is not None]
-        if not dead or self._stopped:
-            return None
-        return "; ".join(f"{p.name} (pid {p.pid}) died with exit code {p.exitcode}" for p in dead)
+        return None if self._stopped else self._dead_workers()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop every rank (after the requests in flight: the caller drains first)."""

@@ -140,7 +140,6 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         seqs: list[SeqSlice] = []
-        token_adapters: list[int] = []
         size = self.block_size
         for item in batch.scheduled:
             seq, first, num_new = item.seq, item.first_position, item.num_new_tokens
@@ -154,12 +153,13 @@ class ModelRunner:
             )
             token_ids.extend(seq.scheduled_token_ids(first, num_new))  # + draft tokens
             positions.extend(range(first, first + num_new))
-            token_adapters.extend([seq.request.adapter] * num_new)
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + num_new))
         if self.exchange is not None:
             self.exchange.begin_step(len(token_ids))
-        if self.adapters is not None:
-            self.adapters.step.set_step(token_adapters)
+        if self.adapters is not None:  # each packed row's adapter (0: the base)
+            self.adapters.step.set_step(
+                [item.seq.request.adapter for item in batch.scheduled for _ in range(item.num_new_tokens)]
+            )
         ids_BT = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions_BT = torch.tensor([positions], dtype=torch.long, device=self.device)
         slots_T = torch.tensor(slots, dtype=torch.long, device=self.device)

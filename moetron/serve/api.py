@@ -239,7 +239,7 @@ def build_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     def model_card(adapter: str | None = None) -> dict:
-        card = {
+        return {
             "id": adapter or state.model_name,
             "object": "model",
             "created": state.created,
@@ -248,7 +248,6 @@ def build_app(state: ServerState) -> FastAPI:
             "parent": state.model_name if adapter else None,
             "max_model_len": state.max_model_len,
         }
-        return card
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
