@@ -38,6 +38,7 @@ from moetron.infer.sampling_params import SamplingParams
 from moetron.infer.scheduler import Scheduler
 from moetron.infer.sequence import Request, Sequence, SequenceStatus
 from moetron.infer.spec_decode import SpecDecoder
+from moetron.infer.structured_output import GrammarCompiler
 from moetron.model.transformer import Transformer
 from moetron.quant.quantize import quantize_model, quantized_format
 
@@ -122,6 +123,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         sampler = Sampler(self.eos_token_id)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         self.spec: SpecDecoder | None = None
         if cfg.speculative_method is not None:
             if cfg.speculative_method == "draft" and draft_model is None:
@@ -242,7 +244,14 @@ class LLMEngine:
             seq = Sequence(
                 request,
                 index,
-                SamplingState(params, ids, [], make_generator(params.seed, index), self.eos_token_id),
+                SamplingState(
+                    params,
+                    ids,
+                    [],
+                    make_generator(params.seed, index),
+                    self.eos_token_id,
+                    self.grammars.state(params.structured_outputs) if params.structured_outputs else None,
+                ),
                 StopChecker(params, self.eos_token_id),
                 None
                 if self.tokenizer is None
@@ -263,6 +272,8 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         check_token_ids(params, self.vocab_size)
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # a bad grammar fails here, not mid-step
         wanted = len(ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise ValueError(

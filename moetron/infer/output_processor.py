@@ -9,6 +9,7 @@ detokenized and checked against the stop conditions; finished sequences are free
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -18,6 +19,8 @@ from moetron.infer.sampling import Sampler, prompt_logprobs
 from moetron.infer.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from moetron.infer.sequence import Request, Sequence
 from moetron.infer.spec_decode import SpecDecoder
+
+log = logging.getLogger("moetron.infer")
 
 
 class OutputProcessor:
@@ -106,6 +109,18 @@ class OutputProcessor:
             seq.detokenizer.add(token_id)
             seq.text = seq.detokenizer.text
         finish_reason, stop_reason, text = seq.stop_checker.check(seq.output_token_ids, seq.text)
+        grammar = seq.sampling_state.grammar
+        if grammar is not None and finish_reason is None:
+            if not grammar.accept(token_id):  # drawn under its mask: a bug, not the client's fault
+                log.error(
+                    "request %s: the grammar refused token %d: %s",
+                    request.request_id,
+                    token_id,
+                    grammar.error,
+                )
+                finish_reason = "abort"
+            elif grammar.is_finished:  # nothing but EOS can follow: the structured output is complete
+                finish_reason = "stop"
         if finish_reason is None and seq.num_tokens >= self.max_model_len:
             finish_reason = "length"
         if finish_reason is not None:

@@ -6,7 +6,7 @@ vocabulary of one row is vectorised over rows (CPU kernels reduce each row the s
 the row count); randomness is drawn per row from that row's own generator (the exponential race
 `argmax(probs / Exponential(1))`, as vLLM does), so a batched `torch.multinomial` never couples rows.
 
-Processing order (vLLM's): logit_bias → min_tokens (mask EOS and stop ids) → repetition penalty
+Processing order (vLLM's): grammar mask (structured outputs) → logit_bias → min_tokens (mask EOS and stop ids) → repetition penalty
 (CTRL, over prompt + output) → presence/frequency penalties (OpenAI, over output) → [logprobs] →
 temperature → top-k → top-p → min-p → greedy argmax or sample.
 
@@ -24,6 +24,7 @@ import torch
 
 from moetron.infer.outputs import Logprob, PositionLogprobs
 from moetron.infer.sampling_params import SamplingParams, SamplingParamsError
+from moetron.infer.structured_output import GrammarState, mask_bias
 
 _MASK64 = (1 << 64) - 1
 
@@ -65,6 +66,7 @@ class SamplingState:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     eos_token_id: int | None = None
+    grammar: GrammarState | None = None  # structured outputs: the tokens allowed next
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +122,10 @@ def prompt_logprobs(
 
 class Sampler:
     """`Sampler(eos_token_id)(logits_SV, states) -> SamplerOutput`.
+
+    A row with a grammar (SamplingState.grammar) samples only the tokens it allows. Should the
+    other processors leave such a row nothing (min_tokens masking the EOS a finished grammar
+    needs), the grammar wins: the row falls back to its masked raw logits.
 
     The EOS id (masked while fewer than min_tokens are out, unless ignore_eos) is given here once,
     for the model; a `SamplingState.eos_token_id` overrides it per sequence.
@@ -185,13 +191,24 @@ class Sampler:
         return probs_SV
 
     def _process(self, raw_SV: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        """logit_bias, min_tokens, penalties; returns raw_SV itself when no row needs any."""
+        """Grammar masks, logit_bias, min_tokens, penalties; returns raw_SV itself when no row
+        needs any."""
         if not any(_needs_processing(s, len(s.output_token_ids)) for s in states):
             return raw_SV
         logits_SV = raw_SV.clone()  # copy only when some row changes its logits
+        constrained = [i for i, s in enumerate(states) if s.grammar is not None]
+        if constrained:
+            grammars = [states[i].grammar for i in constrained]
+            bias_RV = mask_bias(grammars, logits_SV.shape[1]).to(logits_SV.device)  # type: ignore[arg-type]
+            _put(logits_SV, constrained, _take(logits_SV, constrained) + bias_RV)  # x + 0.0 == x
         self._apply_logit_bias(logits_SV, states)
         self._apply_min_tokens(logits_SV, states)
         self._apply_penalties(logits_SV, states)
+        if constrained:
+            empty = (_take(logits_SV, constrained).amax(dim=-1) == float("-inf")).tolist()
+            for r in (r for r, e in enumerate(empty) if e):
+                row = constrained[r]
+                logits_SV[row] = raw_SV[row] + bias_RV[r]
         return logits_SV
 
     # --- logit processors (in place on the processed logits) ---
@@ -344,7 +361,8 @@ def _spread(values_R1: torch.Tensor, rows: list[int], num_rows: int) -> torch.Te
 def _needs_processing(state: SamplingState, num_output: int) -> bool:
     p = state.params
     return bool(
-        p.logit_bias
+        state.grammar is not None
+        or p.logit_bias
         or num_output < p.min_tokens
         or p.repetition_penalty != 1.0
         or p.presence_penalty != 0.0

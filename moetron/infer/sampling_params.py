@@ -18,6 +18,37 @@ def _require(ok: bool, param: str, message: str) -> None:
         raise SamplingParamsError(param, message)
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A grammar every sampled token of a sequence must follow (vLLM's StructuredOutputsParams):
+    exactly one of `json` (a JSON schema, serialized), `json_object` (any JSON object), `regex`,
+    `choice` (one of these strings) or `grammar` (Lark in llguidance's dialect, or GBNF). Plain
+    strings, so requests cross process boundaries as they are; each engine compiles them
+    (infer/structured_output.py). JSON is compact unless `whitespace_flexible`: a weak model given
+    free whitespace pads with indentation until max_tokens."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    whitespace_flexible: bool = False
+
+    def __post_init__(self) -> None:
+        given = [self.json is not None, self.json_object, self.regex is not None]
+        given += [self.choice is not None, self.grammar is not None]
+        _require(
+            sum(given) == 1,
+            "structured_outputs",
+            "structured outputs need exactly one of json, json_object, regex, choice, grammar",
+        )
+        _require(
+            self.choice is None or (len(self.choice) > 0 and all(isinstance(c, str) for c in self.choice)),
+            "structured_outputs",
+            "choice must be a non-empty list of strings",
+        )
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -39,6 +70,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k ≥ 0: the chosen token's logprob plus the top k
     prompt_logprobs: int | None = None  # same, for the prompt tokens (echo + logprobs)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # constrain every token to a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

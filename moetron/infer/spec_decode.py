@@ -55,6 +55,8 @@ class SpecDecoder:
             seq.spec_token_ids, seq.spec_probs = [], None
             if seq.num_uncomputed_tokens != 1 or not seq.output_token_ids:
                 continue  # prefill (or recompute after preemption): nothing to speculate on
+            if seq.sampling_state.grammar is not None:
+                continue  # draft tokens would need the grammar's verdict on each: constrained rows decode one by one
             params = seq.request.params
             left = max_model_len - seq.num_tokens
             if params.max_tokens is not None:
