@@ -15,6 +15,7 @@ which requests a layout preempts is its own).
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from test_serve_server import MODEL, STARTUP_TIMEOUT_S, STREAM, Server, _free_po
 
 from moetron.infer.engine import LLMEngine
 from moetron.infer.llm import LLM
-from moetron.infer.sampling_params import SamplingParams
+from moetron.infer.sampling_params import SamplingParams, StructuredOutputs
 
 pytestmark = pytest.mark.distributed
 EP2 = {"data_parallel_size": 2, "enable_expert_parallel": True}
@@ -71,6 +72,12 @@ def ranks_that_generated(engine: Any) -> list[int]:
     return [r for r, s in enumerate(engine.get_stats().ranks) if s.generation_tokens_total > 0]
 
 
+JSON_OUTPUT = StructuredOutputs(
+    json='{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'
+)
+REGEX_OUTPUT = StructuredOutputs(regex="[a-z]{3,60}")
+
+
 def test_parity_under_preemption_chunked_prefill_sampling_and_n(tiny_model_dir, tokenizer) -> None:
     # 12 blocks of 16 per rank: 8 requests of ~90 tokens (6 blocks each) cannot all fit, on one
     # process or on a rank holding half of them, so both preempt; prompts over 32 tokens prefill in chunks.
@@ -82,15 +89,19 @@ def test_parity_under_preemption_chunked_prefill_sampling_and_n(tiny_model_dir, 
         SamplingParams(max_tokens=50, temperature=0.8, seed=1, ignore_eos=True),
         SamplingParams(max_tokens=40, temperature=1.0, seed=2, n=2, logprobs=1, ignore_eos=True),
         SamplingParams(max_tokens=55, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True),
-        SamplingParams(max_tokens=45, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=45, temperature=0, ignore_eos=True, structured_outputs=JSON_OUTPUT),
         SamplingParams(max_tokens=60, temperature=1.2, top_k=20, seed=4, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=0, logprobs=2),
-        SamplingParams(max_tokens=50, temperature=0.9, seed=5, ignore_eos=True),
-    ]
+        SamplingParams(
+            max_tokens=50, temperature=0.9, seed=5, ignore_eos=True, structured_outputs=REGEX_OUTPUT
+        ),
+    ]  # two grammar-constrained: each rank compiles the request's grammar itself
     with engines(tiny_model_dir, **settings) as (one, two):
         expected = LLM(one).generate(prompts, params)
         got = LLM(two).generate(prompts, params)
         assert_same_outputs(expected, got)
+        assert re.fullmatch("[a-z]{3,50}", got[7].outputs[0].text)  # the grammar held on its rank
+        assert got[4].outputs[0].text.startswith('{"a":')
         assert one.get_stats().num_preempted_total > 0
         stats = two.get_stats()
         assert all(s.num_preempted_total > 0 for s in stats.ranks), [
