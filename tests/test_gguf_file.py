@@ -295,6 +295,18 @@ def test_sentencepiece_vocabularies_encode_as_sentencepiece_does(tmp_path) -> No
         assert ours == sp.encode(line), line
         assert tokenizer.decode(ours) == line
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+    # Structured outputs read this vocabulary as we do: pieces with "▁", byte fallback for CJK.
+    from moetron.infer.sampling_params import StructuredOutputs
+    from moetron.infer.structured_output import GrammarCompiler, mask_bias
+
+    schema = '{"type":"object","properties":{"line":{"type":"string"}},"required":["line"]}'
+    state = GrammarCompiler(tokenizer, sp.GetPieceSize()).state(StructuredOutputs(json=schema))
+    document = '{"line":"How should I your true love know, héllo 日本"}'
+    generated = tokenizer.encode(document, allow_special=False)[1:]  # as sampled: no dummy-prefix "▁"
+    assert tokenizer.decode(generated) == document
+    for token in generated:
+        assert mask_bias([state], sp.GetPieceSize())[0, token] == 0 and state.accept(token)
+    assert state.is_finished
 
 
 def _both_logits(path, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
