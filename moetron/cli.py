@@ -174,6 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return _eval_tasks(args)
+    if args.data is None:
+        raise ValueError("`moetron eval` needs --data FILE (loss and perplexity) or --tasks (lm-eval)")
     from moetron.data import load_tokenizer, read_documents
     from moetron.train.evaluate import evaluate_documents
 
@@ -190,6 +194,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"[eval] {args.data}: {num_tokens:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}"
     )
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from moetron.eval import harness
+
+    try:
+        results = harness.run_tasks(
+            args.model,
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            engine_overrides={"quantization": args.quantization} if args.quantization else None,
+        )
+    except harness.MissingExtraError as e:
+        print(f"moetron: error: {e}", file=sys.stderr)
+        return 2
+    print(harness.results_table(results))
+    if args.output_path:
+        harness.write_results(results, args.output_path)
+        print(f"[eval] results written to {args.output_path}")
     return 0
 
 
@@ -312,12 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a model on a text/JSONL/Parquet file")
+    ev = sub.add_parser(
+        "eval",
+        help="loss and perplexity on a text/JSONL/Parquet file (--data), or lm-evaluation-harness tasks "
+        "run through moetron's own server (--tasks)",
+    )
     ev.add_argument("model", help="Hugging Face model directory (with tokenizer)")
-    ev.add_argument("--data", required=True, help="file or directory of .txt/.jsonl/.parquet")
+    ev.add_argument("--data", default=None, help="file or directory of .txt/.jsonl/.parquet")
+    ev.add_argument(
+        "--tasks", default=None,
+        help="comma-separated lm-eval tasks (bundled: moetron_next_line, moetron_next_line_gen); "
+        "needs pip install 'moetron[eval]'",
+    )  # fmt: skip
+    ev.add_argument(
+        "--limit", type=float, default=None, help="--tasks: at most N documents per task (a fraction if < 1)"
+    )
+    ev.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples")
+    ev.add_argument("--output-path", default=None, help="--tasks: also write the results as JSON here")
     ev.add_argument("--text-field", default="text")
     ev.add_argument("--seq-len", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per batch (--tasks: per request)")
     ev.add_argument("--max-tokens", type=int, default=200_000, help="evaluate at most this many tokens")
     ev.add_argument(
         "--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import models, pre_tokenizers, trainers
@@ -27,15 +28,54 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS.values(), END_OF_TURN)
 
+# Tool calling in Hermes / Qwen2.5's format, which many open models are trained on: the tool list
+# closes the system turn, a call is JSON between <tool_call> tags in an assistant turn, a result
+# comes back between <tool_response> tags in a user turn (serve/tool_calls.py parses the calls).
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
 # <|role|>\ncontent<|end|>\n per message. For tokenizers without these tokens (cl100k_base) the
-# markers are ordinary text, which still gives an unambiguous format.
+# markers are ordinary text, which still gives an unambiguous format. With `tools`, the tool list
+# joins the first system message (or opens one); consecutive tool results share one user turn.
+# Arguments given as a string (OpenAI's JSON text) render verbatim, a mapping as JSON.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|system|>\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] ~ '\n\n' }}{% endif %}"
+    "{{ " + json.dumps(TOOLS_PREAMBLE) + " }}"
+    "{% for tool in tools %}{{ '\n' ~ (tool | tojson) }}{% endfor %}"
+    "{{ " + json.dumps(TOOLS_INSTRUCTIONS) + " ~ '<|end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"  # rendered with the tools
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|user|>\n' if loop.first or messages[loop.index0 - 1]['role'] != 'tool' else '\n' }}"
+    "{{ '<tool_response>\n' ~ message['content'] ~ '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|end|>\n' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|assistant|>\n' }}{% if message['content'] %}{{ message['content'] ~ '\n' }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '' if loop.first else '\n' }}"
+    "{{ '<tool_call>\n{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"arguments\": ' }}"
+    "{{ fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) }}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|end|>\n' }}"
+    "{% else %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user, assistant or tool') }}"
     "{% endif %}"
     "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -48,6 +88,19 @@ _PAD_NAMES = (PAD, "<pad>", "<|finetune_right_pad_id|>")
 
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' filter: Jinja's own escapes HTML characters and sorts keys.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 class Tokenizer:
@@ -121,12 +174,23 @@ class Tokenizer:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role": ..., "content": ...}]), as transformers renders it."""
+    @cached_property
+    def chat_template_knows_tools(self) -> bool:
+        """Whether the chat template reads `tools` (else tool calls must be rendered as text first)."""
+        parsed = self._chat_template.environment.parse(self.chat_template)
+        return "tools" in jinja2.meta.find_undeclared_variables(parsed)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The prompt text for `messages` ([{"role": ..., "content": ...}], assistant messages may
+        carry `tool_calls`) and OpenAI-style `tools`, as transformers renders it."""
         return self._chat_template.render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,

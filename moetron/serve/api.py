@@ -142,10 +142,10 @@ def build_app(state: ServerState) -> FastAPI:
                         inp.prompt_token_ids, inp.params, request_id, inp.prompt, inp.lora
                     )
                 )
-        except ValueError as e:  # the engine refused a prompt (over its context)
+        except ValueError as e:  # the engine refused a prompt (over its context) or its parameters
             for s in streams:
                 s.close()
-            raise P.APIError(400, str(e), param=param) from None
+            raise P.APIError(400, str(e), param=getattr(e, "param", param)) from None
         except BaseException:
             for s in streams:
                 s.close()
@@ -303,7 +303,11 @@ def build_app(state: ServerState) -> FastAPI:
                 if req.prompt is not None
                 else P.render_chat(req.messages or [], state.tokenizer, req.add_generation_prompt)
             )
-            ids = state.tokenizer.encode(text)
+            ids = (
+                state.tokenizer.backend.encode(text, add_special_tokens=True).ids  # its post-processor's BOS
+                if req.add_special_tokens
+                else state.tokenizer.encode(text)
+            )
             return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
 
         return await guarded("tokenize", request, handle)
@@ -318,7 +322,30 @@ def build_app(state: ServerState) -> FastAPI:
 
         return await guarded("detokenize", request, handle)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        async def handle() -> Response:
+            return JSONResponse(_tokenizer_info(state.tokenizer, state.max_model_len))
+
+        return await guarded("tokenizer_info", request, handle)
+
     return app
+
+
+def _tokenizer_info(tokenizer: Tokenizer, max_model_len: int) -> dict:
+    """vLLM's /tokenizer_info: the tokenizer's Hugging Face config (what `tokenizer_config.json`
+    holds). lm-eval's remote tokenizer reads the special tokens and the chat template from it."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": max_model_len,
+        "add_bos_token": False,  # moetron never adds special tokens to a prompt
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
 
 
 class _EventStream(StreamingResponse):

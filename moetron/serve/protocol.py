@@ -7,13 +7,18 @@ range checks are the engine's own (`SamplingParams.__post_init__`), so they are 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moetron.data.tokenizer import Tokenizer
-from moetron.infer.sampling_params import SamplingParams, SamplingParamsError
+from moetron.infer import structured_output
+from moetron.infer.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
+from moetron.serve import tool_calls
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 or uint64; the engine mixes the seed's 64 bits
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat allows top_logprobs up to 20
@@ -46,6 +51,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extras)."""
 
@@ -72,6 +89,12 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    # Structured outputs: OpenAI's response_format, or one of vLLM's guided_* extras.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -87,10 +110,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of type object
+    strict: bool | None = None  # accepted; required / named tool_choice always enforce the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -99,6 +156,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # auto with tools
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(_Strict):
@@ -106,6 +166,9 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    # vLLM's field (lm-eval's remote tokenizer sends false). Off by default, unlike vLLM, because
+    # moetron's completions never add special tokens: the count is the one the server will see.
+    add_special_tokens: bool = False
 
 
 class DetokenizeRequest(_Strict):
@@ -125,7 +188,7 @@ def parse(cls: type[Req], body: bytes) -> Req:
         loc = [str(p) for p in first["loc"]]
         if first["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON: {first['msg']}") from None
-        if first["type"] == "model_type":  # a JSON value that is not an object
+        if first["type"] == "model_type" and not loc:  # a JSON value that is not an object
             raise APIError(400, "the request body must be a JSON object") from None
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"unrecognized request argument: {'.'.join(loc)}", param=loc[0]) from None
@@ -211,6 +274,7 @@ def _sampling_params(
     if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
         raise APIError(400, f"seed={req.seed} must lie in [-2**63, 2**64 - 1]", param="seed")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    structured = structured_outputs(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -232,9 +296,56 @@ def _sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            structured_outputs=structured,
         )
     except SamplingParamsError as e:
         raise APIError(400, str(e), param=e.param) from None
+
+
+def structured_outputs(req: _SamplingRequest) -> StructuredOutputs | None:
+    """The grammar a request asks for (response_format or a guided_* field), checked by the
+    grammar engine so that a schema it cannot compile is a 400 naming the field."""
+    given = {
+        name: getattr(req, name)
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        if getattr(req, name) is not None
+    }
+    if req.response_format is not None and req.response_format.type != "text":
+        given = {"response_format": req.response_format, **given}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give at most one of {', '.join(given)}", param=next(iter(given)))
+    ((param, value),) = given.items()
+    try:
+        if param == "response_format":
+            spec = _response_format(value)
+        elif param == "guided_json":
+            spec = StructuredOutputs(json=value if isinstance(value, str) else json.dumps(value))
+        elif param == "guided_regex":
+            spec = StructuredOutputs(regex=value)
+        elif param == "guided_choice":
+            spec = StructuredOutputs(choice=tuple(value))
+        else:
+            spec = StructuredOutputs(grammar=value)
+        structured_output.check(spec)
+    except SamplingParamsError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return spec
+
+
+def _response_format(fmt: ResponseFormat) -> StructuredOutputs:
+    if fmt.type == "json_object":
+        if fmt.json_schema is not None:
+            raise SamplingParamsError("response_format", "json_schema is only allowed with type json_schema")
+        return StructuredOutputs(json_object=True)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise SamplingParamsError("response_format", "type json_schema needs json_schema.schema")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fmt.json_schema.name):
+        raise SamplingParamsError(
+            "response_format", "json_schema.name must be 1-64 letters, digits, underscores or dashes"
+        )
+    return StructuredOutputs(json=json.dumps(fmt.json_schema.schema_))
 
 
 def completion_inputs(
@@ -274,20 +385,52 @@ def completion_inputs(
     return inputs
 
 
-def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
-    """The prompt text from the tokenizer's chat template (OpenAI's `developer` role is `system`)."""
+def render_chat(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+) -> str:
+    """The prompt text from the tokenizer's chat template (OpenAI's `developer` role is `system`).
+    A template that knows nothing of tools gets them, and calls and results, as message text."""
     if not messages:
         raise APIError(400, "messages: at least one message is required", param="messages")
-    plain = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    plain = [_template_message(m, k) for k, m in enumerate(messages)]
+    uses_tools = bool(tools) or any(m["role"] == "tool" or "tool_calls" in m for m in plain)
+    if uses_tools and not tokenizer.chat_template_knows_tools:
+        plain, tools = tool_calls.default_format(plain, tools), None
     try:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as e:  # jinja2's TemplateError and friends: the template refused these messages
         raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
+
+
+def _template_message(m: ChatMessage, k: int) -> dict:
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    message: dict[str, Any] = {
+        "role": "system" if m.role == "developer" else m.role,
+        "content": content or "",
+    }
+    if m.tool_calls is not None and m.role != "assistant":
+        raise APIError(400, f"messages[{k}]: only assistant messages carry tool_calls", param="messages")
+    if (m.role == "tool") != (m.tool_call_id is not None):
+        raise APIError(
+            400, f"messages[{k}]: tool messages, and only they, need tool_call_id", param="messages"
+        )
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": tool_calls.template_call(c.function.name, c.function.arguments),
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    return message
 
 
 def chat_input(
@@ -295,9 +438,25 @@ def chat_input(
 ) -> EngineInput:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    text = render_chat(req.messages, tokenizer, req.add_generation_prompt)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools is not None else None
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    try:
+        tool_calls.check_tools(tools, choice)
+        forced = tool_calls.forced_call_grammar(tools, choice, req.parallel_tool_calls)
+    except tool_calls.ToolCallError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    text = render_chat(req.messages, tokenizer, req.add_generation_prompt, tools)
     ids = tokenizer.encode(text)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = _check_length(len(ids), requested, max_model_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return EngineInput(ids, text, _sampling_params(req, vocab_size, max_tokens=max_tokens, logprobs=logprobs))
+    params = _sampling_params(req, vocab_size, max_tokens=max_tokens, logprobs=logprobs)
+    if forced is not None:
+        if params.structured_outputs is not None:
+            raise APIError(
+                400,
+                "response_format cannot be combined with tool_choice required or a named function",
+                param="response_format",
+            )
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=forced))
+    return EngineInput(ids, text, params)

@@ -17,6 +17,7 @@ from moetron.data.byte_level import char_to_byte
 from moetron.data.tokenizer import Tokenizer
 from moetron.infer.detokenizer import safe_text_length
 from moetron.infer.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from moetron.serve import tool_calls
 from moetron.serve.protocol import ChatCompletionRequest, CompletionRequest, EngineInput, _SamplingRequest
 
 
@@ -277,23 +278,48 @@ class ChatRenderer(Renderer):
     ) -> None:
         super().__init__(model, tokens, req, inputs)
         self.logprobs, self.top_logprobs = req.logprobs, req.top_logprobs or 0
+        # With tools (and tool_choice not "none") the text is parsed for calls, streamed or not.
+        self.parse_calls = bool(req.tools) and req.tool_choice != "none"
+        self.call_ids: dict[tuple[int, int], str] = {}  # (choice, call) -> id, made once
+        self.call_streams: dict[int, tool_calls.ToolCallStream] = {}
+        self.held_logprobs: dict[int, tuple[list[int], list[PositionLogprobs]]] = {}
 
     def _logprobs(self, ids: list[int], positions: list[PositionLogprobs] | None) -> dict | None:
         if not self.logprobs or positions is None:
             return None
         return chat_logprobs(ids, positions, self.top_logprobs, self.tokens, self.as_ids)
 
+    def _call_id(self, index: int, k: int) -> str:
+        return self.call_ids.setdefault((index, k), f"call_{uuid.uuid4().hex[:24]}")
+
+    def _finish_reason(self, parsed: tool_calls.Parsed, reason: str | None) -> str | None:
+        return "tool_calls" if parsed.calls and reason == "stop" else reason  # "length" stays
+
+    def _message(self, index: int, o: CompletionOutput) -> tuple[dict, str | None]:
+        if not self.parse_calls:
+            return {"role": "assistant", "content": o.text}, o.finish_reason
+        parsed = tool_calls.parse(o.text, final=True)
+        message = {"role": "assistant", "content": parsed.content or None}
+        if parsed.calls:
+            message["tool_calls"] = [
+                {
+                    "id": self._call_id(index, k),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for k, call in enumerate(parsed.calls)
+            ]
+        return message, self._finish_reason(parsed, o.finish_reason)
+
     def response(self, outs: list[RequestOutput]) -> dict:
         (out,) = outs
-        choices = [
-            {
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": self._logprobs(o.token_ids, o.logprobs),
-                "finish_reason": o.finish_reason,
-            }
-            for o in sorted(out.outputs, key=lambda o: o.index)
-        ]
+        choices = []
+        for o in sorted(out.outputs, key=lambda o: o.index):
+            message, finish_reason = self._message(o.index, o)
+            logprobs = self._logprobs(o.token_ids, o.logprobs)
+            choices.append(
+                {"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+            )
         return {**self.head(self.endpoint.object), "choices": choices, "usage": self.usage(outs)}
 
     def chunks(self, i: int, out: RequestOutput) -> list[dict]:
@@ -302,7 +328,32 @@ class ChatRenderer(Renderer):
             if first:  # OpenAI opens every choice with the role
                 role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                 result.append(self.chunk({**role, "finish_reason": None}))
+            if self.parse_calls:
+                result += self._call_chunks(index, d)
+                continue
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": self._logprobs(d.token_ids, d.logprobs)}
             result.append(self.chunk({**choice, "finish_reason": d.finish_reason}))
         return result
+
+    def _call_chunks(self, index: int, d: Delta) -> list[dict]:
+        """Content and tool-call deltas, each in its own chunk, then the finish. Logprobs of tokens
+        whose text is held back ride on the next chunk that goes out."""
+        if index not in self.call_streams:
+            self.call_streams[index] = tool_calls.ToolCallStream(lambda k: self._call_id(index, k))
+        stream = self.call_streams[index]
+        final = d.finish_reason is not None
+        deltas, parsed = stream.update(d.text, final)
+        ids, positions = self.held_logprobs.setdefault(index, ([], []))
+        ids += d.token_ids
+        positions += d.logprobs or []
+        events = [*deltas, {}] if final else deltas  # the finish goes out in a chunk of its own
+        chunks = []
+        for k, delta in enumerate(events):
+            logprobs = self._logprobs(ids, positions) if ids else None
+            ids, positions = [], []
+            reason = self._finish_reason(parsed, d.finish_reason) if final and k == len(events) - 1 else None
+            chunk = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            chunks.append(self.chunk(chunk))
+        self.held_logprobs[index] = (ids, positions)
+        return chunks
