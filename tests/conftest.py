@@ -158,7 +158,11 @@ def serve_in_process() -> Callable[..., contextlib.AbstractContextManager[InProc
         server = make_server(state, log_level="warning")
         # A socket already listening: connections wait in its backlog until uvicorn has started,
         # so there is no startup to poll for and no free port to race for.
-        sock = socket.create_server(("127.0.0.1", 0))
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on such sockets (create_server's have
+        # proto 0), and without it every small request waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
         port = sock.getsockname()[1]
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
