@@ -5,6 +5,7 @@ a bad request gets (naming the field, never a 5xx)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -149,3 +150,25 @@ def test_bad_structured_output_requests_are_400_naming_the_field(server, extra, 
         r = server.client.post(path, json={**body, **extra})
         assert_openai_error(r, 400, param)
     assert server.client.get("/health").status_code == 200
+
+
+def test_a_chat_reply_ends_at_the_end_of_turn_token(client, tokenizer) -> None:
+    """The chat format's <|end|> closes the reply (finish "stop"), as EOS does; completions do
+    not stop there unless a finished grammar allows it."""
+    end = tokenizer.end_of_turn_id
+    assert end is not None and end != tokenizer.eos_id
+    bias = {str(end): 100}  # the model's first choice becomes <|end|>
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, logit_bias=bias)
+    assert (r.choices[0].finish_reason, r.choices[0].message.content, r.usage.completion_tokens) == (
+        "stop",
+        "",
+        1,
+    )
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5, logit_bias=bias)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+    # A grammar that is complete may end with <|end|>: "a+" takes one or more a's, then stops there.
+    r = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=20, logit_bias=bias, extra_body={"guided_regex": "a+"}
+    )
+    assert r.choices[0].finish_reason == "stop" and re.fullmatch("a+", r.choices[0].text)
+    assert r.usage.completion_tokens <= 3

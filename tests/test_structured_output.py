@@ -128,14 +128,17 @@ def test_n_samples_each_follow_the_grammar(engine) -> None:
 
 
 def test_min_tokens_never_leaves_a_constrained_row_without_a_token(tokenizer) -> None:
-    """min_tokens masks EOS; a grammar that allows only EOS then wins (no all -inf row)."""
+    """min_tokens masks EOS and the stop ids; a finished grammar allows only those (EOS or the
+    chat end of turn), so the grammar wins: the row samples one of them, never from all -inf."""
     compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)
     state = compiler.state(StructuredOutputs(regex="a"))
     assert state.accept(tokenizer.encode("a")[0])
-    params = SamplingParams(temperature=0.0, min_tokens=5, max_tokens=10)
+    ends = [tokenizer.eos_id, tokenizer.end_of_turn_id]
+    params = SamplingParams(temperature=0.0, min_tokens=5, max_tokens=10, stop_token_ids=ends[1:])
     sampling = SamplingState(params, [1], [], eos_token_id=tokenizer.eos_id, grammar=state)
     logits = torch.randn(1, tokenizer.vocab_size)
-    assert Sampler(tokenizer.eos_id)(logits, [sampling]).token_ids == [tokenizer.eos_id]
+    (token,) = Sampler(tokenizer.eos_id)(logits, [sampling]).token_ids
+    assert token == max(ends, key=lambda t: float(logits[0, t]))
 
 
 def test_bad_grammars_are_refused_naming_the_field() -> None:

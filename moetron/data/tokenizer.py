@@ -81,6 +81,8 @@ CHAT_TEMPLATE = (
 )
 
 # Names other tokenizers use, for a tokenizer.json that comes without a tokenizer_config.json.
+# A chat turn's end in other models' templates (ChatML, Llama 3, Gemma): a reply stops there too.
+_END_OF_TURN_NAMES = (END_OF_TURN, "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end_of_turn|>")
 _EOS_NAMES = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 _BOS_NAMES = (BOS, "<|begin_of_text|>", "<s>", "<bos>")
 _PAD_NAMES = (PAD, "<pad>", "<|finetune_right_pad_id|>")
@@ -176,6 +178,15 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_exception
         env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template)
+
+    @cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The special token that closes an assistant turn in the chat format, when it is not EOS
+        (the bundled template's <|end|>): a chat reply ends there, as vLLM ends one on any of
+        generation_config's EOS ids."""
+        added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        found = next((added[name] for name in _END_OF_TURN_NAMES if name in added), None)
+        return None if found == self.eos_id else found
 
     @cached_property
     def chat_template_knows_tools(self) -> bool:

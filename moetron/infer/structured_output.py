@@ -90,8 +90,11 @@ class GrammarCompiler:
         if self._ll_tokenizer is None:
             if self.tokenizer is None or not hasattr(self.tokenizer, "backend"):
                 raise SamplingParamsError(FIELD, "structured outputs need the model's tokenizer")
+            # A finished grammar may end with EOS or with the chat format's end of turn.
+            end_of_turn = getattr(self.tokenizer, "end_of_turn_id", None)
+            ends = [self.tokenizer.eos_id, *([end_of_turn] if end_of_turn is not None else [])]
             self._ll_tokenizer = _llguidance().LLTokenizer(
-                self.tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self.tokenizer.eos_id
+                self.tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=ends
             )
         return self._ll_tokenizer
 

@@ -451,6 +451,9 @@ def chat_input(
     max_tokens = _check_length(len(ids), requested, max_model_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _sampling_params(req, vocab_size, max_tokens=max_tokens, logprobs=logprobs)
+    end_of_turn = tokenizer.end_of_turn_id
+    if end_of_turn is not None and end_of_turn < vocab_size and end_of_turn not in params.stop_token_ids:
+        params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, end_of_turn])
     if forced is not None:
         if params.structured_outputs is not None:
             raise APIError(
