@@ -172,10 +172,16 @@ def test_every_instruction_set_build_gives_the_same_bits(monkeypatch: pytest.Mon
             for fmt, w in weights.items()
         ]
         outputs.append(cpu_kernels.moe_swiglu_f32(x, routing, ids, w1, w2, w3, ("q4_0",) * 3))
+        # Fewer x rows than a tile: the AVX2 build then runs 16 weight rows per pass (Lanes8x2).
+        r8 = [fmt for fmt in weights if fmt.endswith("_r8")]
+        outputs += [
+            cpu_kernels.quantized_linear(x[:rows], weights[fmt], fmt) for fmt in r8 for rows in (1, 3)
+        ]
         results[isa] = outputs
+    names = [*weights, "moe", *(f"{fmt} x{rows}" for fmt in r8 for rows in (1, 3))]
     first = results[isas[0]]
     for isa in isas[1:]:
-        for fmt, ours, theirs in zip([*weights, "moe"], results[isa], first, strict=True):
+        for fmt, ours, theirs in zip(names, results[isa], first, strict=True):
             assert torch.equal(ours, theirs), (isa, fmt)
 
 

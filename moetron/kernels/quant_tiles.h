@@ -217,6 +217,58 @@ struct Lanes8 {
     static void store(float* out, F v) { _mm256_storeu_ps(out, v); }
 };
 
+// Two groups of 8 rows as two AVX2 registers (the AVX2 build's 16 rows per pass): each x value is
+// broadcast and each x scale converted once for both groups, which a 4-bit decode, compute-bound
+// on AVX2 (maddubs + int16 adds where AVX-512 has dpbusd), spends much of its time on. Every op is
+// Lanes8's on each half: the same chain per lane, the same bits.
+struct Lanes8x2 {
+    static constexpr int GROUPS = 2;
+    struct I {
+        __m256i a, b;
+    };
+    struct F {
+        __m256 a, b;
+    };
+    template <typename G>
+    static I load(const G* const* w, int64_t b, size_t at) {
+        const G* const lo[1] = {w[0]};
+        const G* const hi[1] = {w[1]};
+        return {Lanes8::load(lo, b, at), Lanes8::load(hi, b, at)};
+    }
+    template <typename G>
+    static F halves(const G* const* w, int64_t b, size_t at) {
+        const G* const lo[1] = {w[0]};
+        const G* const hi[1] = {w[1]};
+        return {Lanes8::halves(lo, b, at), Lanes8::halves(hi, b, at)};
+    }
+    static I both(__m256i v) { return {v, v}; }
+    static I zero() { return both(Lanes8::zero()); }
+    static I bytes(int v) { return both(Lanes8::bytes(v)); }
+    static I ints(int v) { return both(Lanes8::ints(v)); }
+    static I broadcast(const int8_t* x) { return both(Lanes8::broadcast(x)); }
+    static I band(I x, I y) { return {Lanes8::band(x.a, y.a), Lanes8::band(x.b, y.b)}; }
+    static I bor(I x, I y) { return {Lanes8::bor(x.a, y.a), Lanes8::bor(x.b, y.b)}; }
+    static I shr16(I x, int n) { return {Lanes8::shr16(x.a, n), Lanes8::shr16(x.b, n)}; }
+    static I shr32(I x, int n) { return {Lanes8::shr32(x.a, n), Lanes8::shr32(x.b, n)}; }
+    static I shl32(I x, int n) { return {Lanes8::shl32(x.a, n), Lanes8::shl32(x.b, n)}; }
+    static I add(I x, I y) { return {Lanes8::add(x.a, y.a), Lanes8::add(x.b, y.b)}; }
+    static I mul(I x, I y) { return {Lanes8::mul(x.a, y.a), Lanes8::mul(x.b, y.b)}; }
+    static I pairs(I u, I s) { return {Lanes8::pairs(u.a, s.a), Lanes8::pairs(u.b, s.b)}; }
+    static I pairs_acc(I acc, I u, I s) { return {Lanes8::pairs_acc(acc.a, u.a, s.a), Lanes8::pairs_acc(acc.b, u.b, s.b)}; }
+    static I add_pairs(I x, I y) { return {Lanes8::add_pairs(x.a, y.a), Lanes8::add_pairs(x.b, y.b)}; }
+    static I widen(I x) { return {Lanes8::widen(x.a), Lanes8::widen(x.b)}; }
+    static F floats(I x) { return {Lanes8::floats(x.a), Lanes8::floats(x.b)}; }
+    static F splat(float v) { return {Lanes8::splat(v), Lanes8::splat(v)}; }
+    static F fmul(F x, F y) { return {Lanes8::fmul(x.a, y.a), Lanes8::fmul(x.b, y.b)}; }
+    static F fma(F x, F y, F z) { return {Lanes8::fma(x.a, y.a, z.a), Lanes8::fma(x.b, y.b, z.b)}; }
+    static F fsub(F x, F y) { return {Lanes8::fsub(x.a, y.a), Lanes8::fsub(x.b, y.b)}; }
+    static F fzero() { return {Lanes8::fzero(), Lanes8::fzero()}; }
+    static void store(float* out, F v) {
+        Lanes8::store(out, v.a);
+        Lanes8::store(out + 8, v.b);
+    }
+};
+
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 struct Lanes16 {
     static constexpr int GROUPS = 2;
@@ -402,14 +454,17 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8
     float tmp[16];
     int64_t n = n0;
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
+    using Wide = Lanes16;  // two groups of 8 rows per 16-lane vector
+#else
+    using Wide = Lanes8x2;  // two groups of 8 rows as two registers
+#endif
+    for (; n + 16 <= n1; n += 16) {
         const BlockQ4_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
         for (int64_t m = 0; m < M; ++m) {
-            q4_k_groups_row<Lanes16>(groups, xq + m * nb, nb, tmp);
+            q4_k_groups_row<Wide>(groups, xq + m * nb, nb, tmp);
             for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
-#endif
     for (; n < n1; n += 8) {
         const BlockQ4_Kx8* group[1] = {w + (n / 8) * nb};
         for (int64_t m = 0; m < M; ++m) {
@@ -466,6 +521,8 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float
         };
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
         groups_of(Lanes16{});
+#else
+        if (M < MR) groups_of(Lanes8x2{});  // one x row at a time: registers to spare for two groups
 #endif
         groups_of(Lanes8{});
     } else {
