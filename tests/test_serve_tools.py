@@ -452,6 +452,55 @@ def test_random_walks_through_the_grammar_are_valid_calls(tokenizer, ll_tokenize
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
 
 
+def test_auto_grammar_leaves_text_free_and_constrains_every_call(tokenizer, ll_tokenizer, accepts) -> None:
+    auto = tool_calls.auto_call_grammar(TOOLS)
+    clock = '<tool_call>\n{"name":"get_time","arguments":{"zone":"cet"}}\n</tool_call>'
+    weather = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}\n</tool_call>'
+    for text in ("", "Sure, it is sunny.\nNo call needed: <tool or tool_call>", f"Let me check.\n{clock}",
+                 f"{weather}\n{clock}", f"{clock} and then some words"):  # fmt: skip
+        assert accepts(auto, text), text
+    for text in (
+        'Let me check.\n<tool_call>\n{"name": "get_time"',  # free whitespace inside a call
+        '<tool_call>\n{"name":"get_forecast"',  # no such function
+        weather.replace('"unit":"c"', '"unit":"k"'),
+        '<tool_call>\n{"name":"get_time","arguments":{"zone":"cet"}}\n and no close',
+    ):
+        matcher = _matcher(ll_tokenizer, auto)
+        assert not all(matcher.consume_token(t) for t in tokenizer.encode(text)), text
+    # Outside a call the reply may end at once (EOS); inside one it may not.
+    matcher = _matcher(ll_tokenizer, auto)
+    assert all(matcher.consume_token(t) for t in tokenizer.encode("Fine.")) and matcher.is_accepting()
+    matcher = _matcher(ll_tokenizer, auto)
+    assert (
+        all(matcher.consume_token(t) for t in tokenizer.encode("<tool_call>\n{"))
+        and not matcher.is_accepting()
+    )
+
+
+def test_random_walks_after_an_opened_call_are_valid_calls(tokenizer, ll_tokenizer) -> None:
+    """In "auto", whatever the model writes once it opens a call parses into a valid call."""
+    rng = random.Random(1)
+    auto = tool_calls.auto_call_grammar(TOOLS)
+    bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+    for _ in range(10):
+        matcher = _matcher(ll_tokenizer, auto)
+        ids = tokenizer.encode("Let me look that up.\n<tool_call>")
+        assert all(matcher.consume_token(t) for t in ids)
+        while len(ids) < 200 and not tokenizer.decode(ids).endswith("</tool_call>"):
+            llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
+            bits = np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[: tokenizer.vocab_size]
+            token = rng.choice(np.flatnonzero(bits).tolist())
+            assert token != tokenizer.eos_id  # a call once opened must close
+            assert matcher.consume_token(token)
+            ids.append(token)
+        parsed = parse(tokenizer.decode(ids), final=True)
+        assert parsed.content == "Let me look that up.\n"
+        if len(ids) < 200:
+            (call,) = parsed.calls
+            assert call.complete
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
 # --- The server, on a scripted engine: parsing, streaming, errors.
 
 
@@ -572,7 +621,8 @@ def test_auto_parses_calls_streamed_or_not(scripted, tokenizer) -> None:
     ]
     assert all(CALL_ID.fullmatch(i) for i, _, _ in calls) and len({i for i, _, _ in calls}) == 2
     prompt, params = engine.received[-1]
-    assert prompt == tokenizer.apply_chat_template(USER, tools=TOOLS) and params.structured_outputs is None
+    assert prompt == tokenizer.apply_chat_template(USER, tools=TOOLS)
+    assert params.structured_outputs.grammar == tool_calls.auto_call_grammar(TOOLS)  # calls constrained
     streamed_content, streamed_calls, streamed_reason, _ = _stream(
         client, model="fake", messages=USER, tools=TOOLS
     )
@@ -601,7 +651,17 @@ def test_tool_choice_none_renders_tools_but_never_parses(scripted, tokenizer) ->
     )
     assert answer == (REPLY, [], "stop")
     assert engine.received[-1][0] == tokenizer.apply_chat_template(USER, tools=TOOLS)
+    assert engine.received[-1][1].structured_outputs is None  # "none": nothing constrained
     assert _stream(client, model="fake", messages=USER, tools=TOOLS, tool_choice="none")[:3] == answer
+
+
+def test_auto_with_a_response_format_keeps_the_formats_grammar(scripted) -> None:
+    engine, _, client = scripted
+    engine.reply = "{}"
+    client.chat.completions.create(
+        model="fake", messages=USER, tools=TOOLS, response_format={"type": "json_object"}
+    )
+    assert engine.received[-1][1].structured_outputs.json_object  # calls are then parsed only
 
 
 def test_a_call_cut_by_max_tokens_keeps_what_it_has(scripted, tokenizer) -> None:

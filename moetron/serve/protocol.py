@@ -442,7 +442,7 @@ def chat_input(
     choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
     try:
         tool_calls.check_tools(tools, choice)
-        forced = tool_calls.forced_call_grammar(tools, choice, req.parallel_tool_calls)
+        grammar = tool_calls.grammar_for(tools, choice, req.parallel_tool_calls)
     except tool_calls.ToolCallError as e:
         raise APIError(400, str(e), param=e.param) from None
     text = render_chat(req.messages, tokenizer, req.add_generation_prompt, tools)
@@ -454,12 +454,14 @@ def chat_input(
     end_of_turn = tokenizer.end_of_turn_id
     if end_of_turn is not None and end_of_turn < vocab_size and end_of_turn not in params.stop_token_ids:
         params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, end_of_turn])
-    if forced is not None:
-        if params.structured_outputs is not None:
+    if grammar is not None and params.structured_outputs is not None:
+        if tool_calls.is_forced(choice):
             raise APIError(
                 400,
                 "response_format cannot be combined with tool_choice required or a named function",
                 param="response_format",
             )
-        params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=forced))
+        grammar = None  # "auto" with a response format: the format's grammar; calls are parsed only
+    if grammar is not None:
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=grammar))
     return EngineInput(ids, text, params)

@@ -10,7 +10,8 @@ text and on plain dicts (OpenAI's JSON), so it knows nothing of HTTP:
   so far: streaming diffs its successive results (`ToolCallStream`), which makes the streamed
   reassembly equal the non-streamed response by construction;
 - `call_grammar` is the Lark grammar (llguidance's dialect) that forces one or more calls whose
-  arguments validate against the function's JSON schema (`tool_choice` "required" or named).
+  arguments validate against the function's JSON schema (`tool_choice` "required" or named);
+  `auto_call_grammar` leaves text free but constrains every call the model opens (`auto`).
 """
 
 from __future__ import annotations
@@ -346,22 +347,52 @@ class ToolCallStream:
 # --- Constrained calls.
 
 
-def forced_call_grammar(
-    tools: list[dict] | None, tool_choice: str | dict | None, parallel: bool
-) -> str | None:
-    """The checked grammar that tool_choice "required" or a named function imposes, else None."""
-    if not tools or not (tool_choice == "required" or isinstance(tool_choice, dict)):
+def is_forced(tool_choice: str | dict | None) -> bool:
+    """tool_choice "required" or a named function: the reply must be calls."""
+    return tool_choice == "required" or isinstance(tool_choice, dict)
+
+
+def grammar_for(tools: list[dict] | None, tool_choice: str | dict | None, parallel: bool) -> str | None:
+    """The checked grammar the tools impose: calls only for "required" or a named function, free
+    text with constrained calls for "auto" (the default with tools), None for "none"."""
+    if not tools or tool_choice == "none":
         return None
-    only = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
-    grammar = call_grammar(tools, only, parallel)
+    if is_forced(tool_choice):
+        only = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+        grammar = call_grammar(tools, only, parallel)
+    else:
+        grammar = auto_call_grammar(tools)
     check_grammar(grammar)
     return grammar
+
+
+def auto_call_grammar(tools: list[dict]) -> str:
+    """Free text in which every `<tool_call>` the model opens continues as a valid call (compact
+    JSON, arguments following the function's schema) and closes: the trigger is a lazy lexeme,
+    matched wherever the text first ends in it (llguidance's tool-calling pattern). Special tokens
+    other than EOS / the end of turn stay out of the text; parallel_tool_calls is not enforced."""
+    return (
+        "%llguidance {}\n"
+        "start: call* TEXT\n"
+        f'call: call_open "\\n" %json {json.dumps(_call_schema(tools, None))} "\\n{CLOSE}"\n'
+        f'call_open[lazy]: TEXT "{OPEN}"\n'
+        "TEXT: /(.|\\n)*/\n"
+    )
 
 
 def call_grammar(tools: list[dict], only: str | None, parallel: bool) -> str:
     """Lark (llguidance's dialect) for one call, or several separated by newlines when `parallel`,
     to any of `tools` (or the one named `only`): compact JSON whose arguments follow the function's
-    schema. Each schema moves under the root's $defs, so its local "$ref"s still resolve."""
+    schema."""
+    schema = _call_schema(tools, only)
+    call = f'"{OPEN}\\n" %json {json.dumps(schema)} "\\n{CLOSE}"'
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return f"{start}\ncall: {call}\n"
+
+
+def _call_schema(tools: list[dict], only: str | None) -> dict:
+    """A call's JSON schema: {"name": one of the functions, "arguments": its parameters}. Each
+    parameters schema moves under the root's $defs, so its local "$ref"s still resolve."""
     functions = [t["function"] for t in tools if only is None or t["function"]["name"] == only]
     definitions = {
         f["name"]: _rebase_refs(f.get("parameters") or NO_PARAMETERS, f["name"]) for f in functions
@@ -376,10 +407,7 @@ def call_grammar(tools: list[dict], only: str | None, parallel: bool) -> str:
         for name in definitions
     ]
     # No free whitespace: a model given it may pad with newlines until max_tokens.
-    schema = {"anyOf": alternatives, "$defs": definitions, "x-guidance": {"whitespace_flexible": False}}
-    call = f'"{OPEN}\\n" %json {json.dumps(schema)} "\\n{CLOSE}"'
-    start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    return f"{start}\ncall: {call}\n"
+    return {"anyOf": alternatives, "$defs": definitions, "x-guidance": {"whitespace_flexible": False}}
 
 
 def check_grammar(grammar: str) -> None:
