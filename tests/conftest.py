@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,33 +151,18 @@ def serve_in_process() -> Callable[..., contextlib.AbstractContextManager[InProc
     def serve(
         engine: Any, *, model_name: str, max_queued_requests: int | None = None
     ) -> Iterator[InProcessServer]:
-        from moetron.serve.server import make_server, make_state
+        from moetron.serve.server import make_state, serve_in_thread
 
         state = make_state(engine, model_name, api_key=API_KEY, max_queued_requests=max_queued_requests)
-        server = make_server(state, log_level="warning")
-        # A socket already listening: connections wait in its backlog until uvicorn has started,
-        # so there is no startup to poll for and no free port to race for.
-        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on such sockets (create_server's have
-        # proto 0), and without it every small request waits ~40 ms for a delayed ACK.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        client = httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-            timeout=HANG_GUARD_S,
-        )
-        try:
-            yield InProcessServer(server, thread, client, port)
-        finally:
-            client.close()
-            server.should_exit = True
-            thread.join(HANG_GUARD_S)
-            sock.close()
-        assert not thread.is_alive(), "the in-process server did not stop"
+        with serve_in_thread(state, HANG_GUARD_S) as running:
+            client = httpx.Client(
+                base_url=running.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=HANG_GUARD_S
+            )
+            try:
+                yield InProcessServer(running.server, running.thread, client, running.port)
+            finally:
+                client.close()
+        assert not running.thread.is_alive(), "the in-process server did not stop"
 
     return serve
 

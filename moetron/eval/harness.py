@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,23 +41,10 @@ def import_lm_eval() -> Any:
 @contextlib.contextmanager
 def serving(engine: Any, model_name: str) -> Iterator[str]:
     """Run `moetron serve`'s server around `engine` in a thread on loopback; yields its base URL."""
-    from moetron.serve.server import make_server, make_state
+    from moetron.serve.server import make_state, serve_in_thread
 
-    server = make_server(make_state(engine, model_name), log_level="warning")
-    # Bound before the thread starts: requests wait in the backlog until uvicorn is up. The protocol
-    # is named because asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets (create_server's have
-    # proto 0): without it every small request waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(SHUTDOWN_TIMEOUT_S)
-        sock.close()
+    with serve_in_thread(make_state(engine, model_name), SHUTDOWN_TIMEOUT_S) as running:
+        yield running.url
 
 
 def evaluate(
