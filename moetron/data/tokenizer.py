@@ -80,9 +80,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-# Names other tokenizers use, for a tokenizer.json that comes without a tokenizer_config.json.
 # A chat turn's end in other models' templates (ChatML, Llama 3, Gemma): a reply stops there too.
 _END_OF_TURN_NAMES = (END_OF_TURN, "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end_of_turn|>")
+# Names other tokenizers use, for a tokenizer.json that comes without a tokenizer_config.json.
 _EOS_NAMES = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 _BOS_NAMES = (BOS, "<|begin_of_text|>", "<s>", "<bos>")
 _PAD_NAMES = (PAD, "<pad>", "<|finetune_right_pad_id|>")

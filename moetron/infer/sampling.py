@@ -6,9 +6,9 @@ vocabulary of one row is vectorised over rows (CPU kernels reduce each row the s
 the row count); randomness is drawn per row from that row's own generator (the exponential race
 `argmax(probs / Exponential(1))`, as vLLM does), so a batched `torch.multinomial` never couples rows.
 
-Processing order (vLLM's): grammar mask (structured outputs) → logit_bias → min_tokens (mask EOS and stop ids) → repetition penalty
-(CTRL, over prompt + output) → presence/frequency penalties (OpenAI, over output) → [logprobs] →
-temperature → top-k → top-p → min-p → greedy argmax or sample.
+Processing order (vLLM's): grammar mask (structured outputs) → logit_bias → min_tokens (mask EOS
+and stop ids) → repetition penalty (CTRL, over prompt + output) → presence/frequency penalties
+(OpenAI, over output) → [logprobs] → temperature → top-k → top-p → min-p → greedy argmax or sample.
 
 Legend: S sequences (rows), R rows needing some step, V vocabulary, K top-k values, C top-p candidates.
 """

@@ -66,13 +66,17 @@ def grammar_text(spec: StructuredOutputs) -> str:
     return llg.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
 
 
-def check(spec: StructuredOutputs) -> None:
-    """Raise SamplingParamsError (naming the field) unless llguidance accepts `spec`'s grammar."""
+def _checked_text(spec: StructuredOutputs) -> str:
     try:
-        text = grammar_text(spec)
+        return grammar_text(spec)
     except ValueError as e:  # GBNF that does not convert, a schema llguidance cannot read
         raise SamplingParamsError(FIELD, f"invalid grammar: {e}") from None
-    error = _llguidance().LLMatcher.validate_grammar(text)
+
+
+def check(spec: StructuredOutputs) -> None:
+    """Raise SamplingParamsError (naming the field) unless llguidance accepts `spec`'s grammar
+    (no tokenizer needed: the API checks a request before it reaches the engine)."""
+    error = _llguidance().LLMatcher.validate_grammar(_checked_text(spec))
     if error:
         raise SamplingParamsError(FIELD, f"unsupported or invalid grammar: {error.strip()}")
 
@@ -104,10 +108,11 @@ class GrammarCompiler:
         if matcher is not None:
             self._compiled.move_to_end(spec)
             return matcher
-        check(spec)
-        matcher = _llguidance().LLMatcher(self._ll(), grammar_text(spec))
+        # Building the matcher validates the grammar: no separate check (this runs on the engine
+        # thread, where every millisecond holds up the other requests' steps).
+        matcher = _llguidance().LLMatcher(self._ll(), _checked_text(spec), log_level=0)
         if matcher.is_error():
-            raise SamplingParamsError(FIELD, f"invalid grammar: {matcher.get_error()}")
+            raise SamplingParamsError(FIELD, f"unsupported or invalid grammar: {matcher.get_error().strip()}")
         self._compiled[spec] = matcher
         if len(self._compiled) > self.cache_size:
             self._compiled.popitem(last=False)

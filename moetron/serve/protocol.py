@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -341,7 +340,7 @@ def _response_format(fmt: ResponseFormat) -> StructuredOutputs:
         return StructuredOutputs(json_object=True)
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise SamplingParamsError("response_format", "type json_schema needs json_schema.schema")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fmt.json_schema.name):
+    if not tool_calls.NAME_PATTERN.fullmatch(fmt.json_schema.name):  # OpenAI's rule for both names
         raise SamplingParamsError(
             "response_format", "json_schema.name must be 1-64 letters, digits, underscores or dashes"
         )

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moetron.data.tokenizer import TOOLS_INSTRUCTIONS, TOOLS_PREAMBLE
+from moetron.infer import structured_output
+from moetron.infer.sampling_params import SamplingParamsError, StructuredOutputs
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -411,13 +413,13 @@ def _call_schema(tools: list[dict], only: str | None) -> dict:
 
 
 def check_grammar(grammar: str) -> None:
-    """ToolCallError (on `tools`) unless llguidance compiles `grammar` (a schema it cannot read)."""
-    import llguidance
-
-    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar))
-    if error:
-        first_line = error.strip().splitlines()[0]  # the rest repeats the grammar
-        raise ToolCallError("tools", f"the function parameters cannot be enforced: {first_line}")
+    """ToolCallError (on `tools`) unless the engine's grammar check passes `grammar` (a schema
+    llguidance cannot read), checked as the engine will compile it."""
+    try:
+        structured_output.check(StructuredOutputs(grammar=grammar))
+    except SamplingParamsError as e:
+        first_line = str(e).splitlines()[0]  # the rest repeats the grammar
+        raise ToolCallError("tools", f"the function parameters cannot be enforced: {first_line}") from None
 
 
 def _rebase_refs(schema: Any, name: str) -> Any:
