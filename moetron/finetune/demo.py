@@ -69,8 +69,7 @@ def accuracy(model_dir: str | Path, heldout: str | Path) -> float:
     llm = LLM(model_dir)
     rows = [json.loads(line) for line in Path(heldout).read_text().splitlines() if line.strip()]
     prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(r["messages"][:1])) for r in rows]
-    end = llm.tokenizer.encode("<|end|>")
-    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=end)
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[llm.tokenizer.end_of_turn_id])
     outputs = llm.generate(prompts, params)
     right = sum(
         o.outputs[0].text.strip() == r["messages"][1]["content"] for o, r in zip(outputs, rows, strict=True)
