@@ -46,5 +46,6 @@ Next:
   .venv/bin/moetron serve ${out}/final --port 8000                       # OpenAI-compatible API (docs/serving.md)
   .venv/bin/moetron generate ${out}/final "JULIET:" --max-tokens 80      # sample again
   .venv/bin/moetron eval ${out}/final --data path/to/text.txt             # loss / perplexity on your text
+  .venv/bin/moetron eval ${out}/final --tasks moetron_next_line           # lm-eval through the server
   python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('${out}/final')"
 EOM
