@@ -117,6 +117,36 @@ def test_interleaved_rows_give_the_same_bits(fmt: str) -> None:
         cpu_kernels.quantized_linear(torch.randn(1, 768), interleaved[:12], f"{fmt}_r8")
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k_r8", "q4_0_r8"])
+def test_activations_quantized_once_per_matmul_never_go_stale(fmt: str) -> None:
+    """Each thread keeps the x rows it last quantized and reuses them when the next chunk's x is the
+    same floats: x changed in place (same address, same shape), one value flipped, a shorter or
+    strided view at the same address must all be quantized afresh, giving a fresh tensor's bits."""
+    gen = torch.Generator().manual_seed(12)
+    base = fmt.removesuffix("_r8")
+    packed = _quantized_weight(base, 64, 512, gen)
+    if fmt.endswith("_r8"):
+        packed = interleave.to_r8(packed, base)
+    x = torch.randn(4, 512, generator=gen)
+    first = cpu_kernels.quantized_linear(x, packed, fmt)
+    assert torch.equal(first, cpu_kernels.quantized_linear(x.clone(), packed, fmt))
+    x[2, 300] += 1.0  # one value of one row, in place
+    changed = cpu_kernels.quantized_linear(x, packed, fmt)
+    assert torch.equal(changed, cpu_kernels.quantized_linear(x.clone(), packed, fmt))
+    assert not torch.equal(changed[2], first[2]) and torch.equal(changed[[0, 1, 3]], first[[0, 1, 3]])
+    x.mul_(-0.5)  # every row, in place
+    scaled = cpu_kernels.quantized_linear(x, packed, fmt)
+    assert torch.equal(scaled, cpu_kernels.quantized_linear(x.clone(), packed, fmt))
+    wide = torch.randn(3, 1024, generator=gen)
+    strided = wide[:, :512]  # rows 1024 floats apart
+    assert torch.equal(
+        cpu_kernels.quantized_linear(strided, packed, fmt),
+        cpu_kernels.quantized_linear(strided.contiguous(), packed, fmt),
+    )
+    one_row = cpu_kernels.quantized_linear(x[:1], packed, fmt)  # fewer rows at the same address
+    assert torch.equal(one_row, cpu_kernels.quantized_linear(x[:1].clone(), packed, fmt))
+
+
 def _experts(fmt: str, num_experts: int, dim: int, hidden: int, gen: torch.Generator) -> list[torch.Tensor]:
     """w1, w2, w3 as [E, rows, bytes per row] blocks."""
     shapes = ((hidden, dim), (dim, hidden), (hidden, dim))

@@ -208,6 +208,24 @@ struct Lanes8 {
     static I add_pairs(I a, I b) { return _mm256_add_epi16(a, b); }
     static I widen(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 #endif
+    // Each lane's 4 bytes replaced by its bytes (b0, b1, b2, b3); ZERO gives 0 (pshufb, whose
+    // indices are relative to the 16-byte lane: each 4-byte lane adds its own offset).
+    static I pick(I a, uint32_t bytes) {
+        const I lane_offsets = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808, 0x0C0C0C0C);
+        return _mm256_shuffle_epi8(a, _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(bytes)), lane_offsets));
+    }
+    static I madd16(I a, I b) { return _mm256_madd_epi16(a, b); }
+    // A sub-block's pair sums (V::pairs) times its scale, as int32 lanes: `scale_at` picks byte k of
+    // each lane as the scale in the form `scaled` takes. Without VNNI the pair sums are int16 and the
+    // scale is duplicated into both int16 halves, so one madd widens and scales at once; with VNNI
+    // they are int32 already and the scale a plain int32.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    static constexpr uint32_t scale_bytes(int k) { return 0x80808000u | k; }
+    static I scaled(I sums, I scale) { return _mm256_mullo_epi32(sums, scale); }
+#else
+    static constexpr uint32_t scale_bytes(int k) { return 0x80008000u | k << 16 | k; }
+    static I scaled(I sums, I scale) { return _mm256_madd_epi16(sums, scale); }
+#endif
     static F floats(I a) { return _mm256_cvtepi32_ps(a); }
     static F splat(float v) { return _mm256_set1_ps(v); }
     static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -257,6 +275,10 @@ struct Lanes8x2 {
     static I pairs_acc(I acc, I u, I s) { return {Lanes8::pairs_acc(acc.a, u.a, s.a), Lanes8::pairs_acc(acc.b, u.b, s.b)}; }
     static I add_pairs(I x, I y) { return {Lanes8::add_pairs(x.a, y.a), Lanes8::add_pairs(x.b, y.b)}; }
     static I widen(I x) { return {Lanes8::widen(x.a), Lanes8::widen(x.b)}; }
+    static I pick(I x, uint32_t bytes) { return {Lanes8::pick(x.a, bytes), Lanes8::pick(x.b, bytes)}; }
+    static I madd16(I x, I y) { return {Lanes8::madd16(x.a, y.a), Lanes8::madd16(x.b, y.b)}; }
+    static constexpr uint32_t scale_bytes(int k) { return Lanes8::scale_bytes(k); }
+    static I scaled(I x, I y) { return {Lanes8::scaled(x.a, y.a), Lanes8::scaled(x.b, y.b)}; }
     static F floats(I x) { return {Lanes8::floats(x.a), Lanes8::floats(x.b)}; }
     static F splat(float v) { return {Lanes8::splat(v), Lanes8::splat(v)}; }
     static F fmul(F x, F y) { return {Lanes8::fmul(x.a, y.a), Lanes8::fmul(x.b, y.b)}; }
@@ -305,6 +327,13 @@ struct Lanes16 {
     static I pairs_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
     static I add_pairs(I a, I b) { return _mm512_add_epi32(a, b); }
     static I widen(I a) { return a; }
+    static I pick(I a, uint32_t bytes) {
+        const I lane_offsets = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
+        return _mm512_shuffle_epi8(a, _mm512_add_epi8(_mm512_set1_epi32(static_cast<int>(bytes)), lane_offsets));
+    }
+    static I madd16(I a, I b) { return _mm512_madd_epi16(a, b); }
+    static constexpr uint32_t scale_bytes(int k) { return 0x80808000u | k; }
+    static I scaled(I sums, I scale) { return _mm512_mullo_epi32(sums, scale); }
     static F floats(I a) { return _mm512_cvtepi32_ps(a); }
     static F splat(float v) { return _mm512_set1_ps(v); }
     static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -317,33 +346,31 @@ struct Lanes16 {
 
 // Q4_K, rows as lanes, one x row: per super-block the lanes of sum_j scale_j * dot_j and of
 // sum_j min_j * (x sums over sub-block j), exact integers as in row_dot, then the same two chains.
-// w: V::GROUPS row groups; out: their 8 * GROUPS results.
+// w: V::GROUPS row groups; x_pair_sums: the x block's 8 sub-block sums (ActivationBlock);
+// out: the 8 * GROUPS results.
 template <typename V>
-inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int64_t nb, float* out) {
+inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, const int16_t* x_pair_sums, int64_t nb,
+                            float* out) {
     using I = typename V::I;
     using F = typename V::F;
-    const I low = V::bytes(0x0F), six = V::ints(63), four = V::ints(15), two = V::ints(3);
+    const I low = V::bytes(0x0F), six_bits = V::bytes(0x3F), top_two = V::bytes(0x30);
     F acc = V::fzero(), acc_min = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
         const BlockQ8_K& xb = x[b];
-        // The 6-bit scales and mins, lane by lane (q4_k_scale_min's bit layout): bytes 0-3 hold
-        // scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the
-        // low 4 bits of scales 4-7 (low nibbles) and of mins 4-7 (high nibbles).
+        // The 6-bit scales and mins (q4_k_scale_min's bit layout), unpacked as bytes for all lanes
+        // at once: bytes 0-3 of a lane hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the
+        // same for the mins, bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7
+        // (high nibbles). Byte k of each lane of scales_lo is scale k, of scales_hi scale 4 + k.
         const I a = V::load(w, b, offsetof(BlockQ4_Kx8, scales));
         const I m = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 32);
         const I c = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 64);
-        I scale[8], min[8];
-        for (int j = 0; j < 4; ++j) {
-            const I aj = V::shr32(a, 8 * j), mj = V::shr32(m, 8 * j), cj = V::shr32(c, 8 * j);
-            scale[j] = V::band(aj, six);
-            min[j] = V::band(mj, six);
-            scale[j + 4] = V::bor(V::band(cj, four), V::shl32(V::band(V::shr32(aj, 6), two), 4));
-            min[j + 4] = V::bor(V::band(V::shr32(cj, 4), four), V::shl32(V::band(V::shr32(mj, 6), two), 4));
-        }
+        const I scales_lo = V::band(a, six_bits), mins_lo = V::band(m, six_bits);
+        const I scales_hi = V::bor(V::band(c, low), V::band(V::shr16(a, 2), top_two));
+        const I mins_hi = V::bor(V::band(V::shr16(c, 4), low), V::band(V::shr16(m, 2), top_two));
         I isum = V::zero(), msum = V::zero();
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
-            // Each sub-block's 32 products as 8 pair sums (exact as int16 too: V::pairs), widened
-            // once; four accumulator chains (low/high nibbles, even/odd t) so dpbusd's latency overlaps.
+            // Each sub-block's 32 products as 8 pair sums (exact as int16 too: V::pairs); four
+            // accumulator chains (low/high nibbles, even/odd t) so the multiply-adds' latency overlaps.
             I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
             for (int t = 0; t < 8; t += 2) {
                 const I p0 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t));
@@ -353,10 +380,14 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, int
                 dot_lo1 = V::pairs_acc(dot_lo1, V::band(p1, low), V::broadcast(xb.qs + 64 * g + 4 * t + 4));
                 dot_hi1 = V::pairs_acc(dot_hi1, V::band(V::shr16(p1, 4), low), V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
             }
-            isum = V::add(isum, V::mul(V::widen(V::add_pairs(dot_lo, dot_lo1)), scale[2 * g]));
-            isum = V::add(isum, V::mul(V::widen(V::add_pairs(dot_hi, dot_hi1)), scale[2 * g + 1]));
-            msum = V::add(msum, V::mul(min[2 * g], V::ints(xb.bsums[4 * g] + xb.bsums[4 * g + 1])));
-            msum = V::add(msum, V::mul(min[2 * g + 1], V::ints(xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3])));
+            const I& scales = g < 2 ? scales_lo : scales_hi;
+            const I& mins = g < 2 ? mins_lo : mins_hi;
+            const int k = 2 * g % 4;  // sub-block 2g's byte
+            isum = V::add(isum, V::scaled(V::add_pairs(dot_lo, dot_lo1), V::pick(scales, V::scale_bytes(k))));
+            isum = V::add(isum, V::scaled(V::add_pairs(dot_hi, dot_hi1), V::pick(scales, V::scale_bytes(k + 1))));
+            // min_2g * sum_2g + min_2g+1 * sum_2g+1 in one madd: the mins as int16 pairs (bytes k, k + 1).
+            const I min_pair = V::pick(mins, 0x80008000u | (k + 1) << 16 | k);
+            msum = V::add(msum, V::madd16(min_pair, V::broadcast(reinterpret_cast<const int8_t*>(x_pair_sums + 8 * b + 2 * g))));
         }
         const F dx = V::splat(xb.d);
         acc = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, d))), V::floats(isum), acc);
@@ -396,43 +427,85 @@ inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const
     for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
 }
 
-// The sum of each Q8_0 block's 32 values, for M rows of nb blocks (kept per thread, grown only).
-inline const int32_t* block_sums(const BlockQ8_0* xq, int64_t M, int64_t nb) {
-    static thread_local std::vector<int32_t> sums;
-    if (sums.size() < static_cast<size_t>(M * nb)) sums.resize(M * nb);
-    const __m256i ones = _mm256_set1_epi8(1);
-    for (int64_t k = 0; k < M * nb; ++k) sums[k] = hsum_epi32(dot_lanes_us(ones, load_q8(xq[k].qs)));
-    return sums.data();
-}
-
 // --- quantizing x, and the chunk ------------------------------------------------------------------
 
-template <typename B>
-struct ActivationBlock {  // Q8_0 for Q8_0 / Q4_0 weights (either layout)
+// How x rows are quantized for weights of block type B (ActivationBlock<B>), and the sums of x
+// the r8 kernels take with them: Q8_0 blocks and each block's sum (Q4_0: the -8 offset); for the k-quants Q8_K blocks and
+// the 8 sums of each block's 32-value sub-blocks (Q4_K's mins), |sum| <= 32 * 128 as int16.
+struct Q8_0Activations {
     using type = BlockQ8_0;
-    static constexpr int64_t size = 32;
+    using sum = int32_t;
+    static constexpr int64_t size = 32, sums_per_block = 1;
     static void quantize(const float* x, type* y, int64_t K) { quantize_row_q8_0(x, y, K); }
+    static void sums(const type& y, sum* out) {
+        const __m256i ones = _mm256_set1_epi8(1);
+        out[0] = hsum_epi32(dot_lanes_us(ones, load_q8(y.qs)));
+    }
 };
-template <>
-struct ActivationBlock<BlockQ4_K> {
+struct Q8_KActivations {
     using type = BlockQ8_K;
-    static constexpr int64_t size = 256;
+    using sum = int16_t;
+    static constexpr int64_t size = 256, sums_per_block = 8;
     static void quantize(const float* x, type* y, int64_t K) { quantize_row_q8_k(x, y, K); }
+    static void sums(const type& y, sum* out) {
+        for (int j = 0; j < 8; ++j) out[j] = static_cast<int16_t>(y.bsums[2 * j] + y.bsums[2 * j + 1]);
+    }
+};
+template <typename B>
+struct ActivationsFor {
+    using type = Q8_0Activations;  // Q8_0 / Q4_0, either layout
 };
 template <>
-struct ActivationBlock<BlockQ6_K> : ActivationBlock<BlockQ4_K> {};
+struct ActivationsFor<BlockQ4_K> {
+    using type = Q8_KActivations;
+};
 template <>
-struct ActivationBlock<BlockQ4_Kx8> : ActivationBlock<BlockQ4_K> {};
-
-// x rows [0, M) quantized into a buffer kept per thread (grown only).
+struct ActivationsFor<BlockQ6_K> : ActivationsFor<BlockQ4_K> {};
+template <>
+struct ActivationsFor<BlockQ4_Kx8> : ActivationsFor<BlockQ4_K> {};
 template <typename B>
-const typename ActivationBlock<B>::type* quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K) {
-    using A = typename ActivationBlock<B>::type;
-    static thread_local std::vector<A> buffer;
-    const int64_t nb = K / ActivationBlock<B>::size;
-    if (buffer.size() < static_cast<size_t>(M * nb)) buffer.resize(M * nb);
-    for (int64_t m = 0; m < M; ++m) ActivationBlock<B>::quantize(x + m * ldx, buffer.data() + m * nb, K);
-    return buffer.data();
+using ActivationBlock = typename ActivationsFor<B>::type;
+
+template <typename A>
+struct QuantizedRows {
+    const typename A::type* blocks;  // nb per row
+    const typename A::sum* sums;     // A::sums_per_block per block
+};
+
+// x rows [0, M) quantized, with their sums, in buffers kept per thread (grown only). A matmul's
+// chunks all take the same x (and an expert's w1 and w3 too), so the rows last quantized on this
+// thread are kept with a copy of their floats and reused when x is the same floats again, compared
+// bit for bit: the same floats quantize to the same blocks, so reuse cannot change a result.
+template <typename A>
+QuantizedRows<A> quantize_activations(const float* x, int64_t ldx, int64_t M, int64_t K) {
+    struct Cache {
+        std::vector<typename A::type> blocks;
+        std::vector<typename A::sum> sums;
+        std::vector<float> source;
+        int64_t M = -1, K = -1;
+    };
+    static thread_local Cache cache;
+    const int64_t nb = K / A::size;
+    bool same = cache.M == M && cache.K == K;
+    for (int64_t m = 0; same && m < M; ++m)
+        same = __builtin_memcmp(x + m * ldx, cache.source.data() + m * K, K * sizeof(float)) == 0;
+    if (!same) {
+        if (cache.blocks.size() < static_cast<size_t>(M * nb)) cache.blocks.resize(M * nb);
+        if (cache.sums.size() < static_cast<size_t>(M * nb * A::sums_per_block)) cache.sums.resize(M * nb * A::sums_per_block);
+        if (cache.source.size() < static_cast<size_t>(M * K)) cache.source.resize(M * K);
+        for (int64_t m = 0; m < M; ++m) {
+            __builtin_memcpy(cache.source.data() + m * K, x + m * ldx, K * sizeof(float));
+            A::quantize(x + m * ldx, cache.blocks.data() + m * nb, K);
+        }
+        for (int64_t k = 0; k < M * nb; ++k) A::sums(cache.blocks[k], cache.sums.data() + k * A::sums_per_block);
+        cache.M = M;
+        cache.K = K;
+    }
+    return {cache.blocks.data(), cache.sums.data()};
+}
+template <typename B>
+QuantizedRows<ActivationBlock<B>> quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K) {
+    return quantize_activations<ActivationBlock<B>>(x, ldx, M, K);
 }
 
 // out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T for GGML-layout rows of K / block elements each (w points
@@ -440,7 +513,7 @@ const typename ActivationBlock<B>::type* quantize_rows(const float* x, int64_t l
 template <typename B>
 inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* out, int64_t ldo, int64_t M,
                                int64_t K, int64_t n0, int64_t n1) {
-    const auto* xq = quantize_rows<B>(x, ldx, M, K);
+    const auto* xq = quantize_rows<B>(x, ldx, M, K).blocks;
     const int64_t nb = K / ActivationBlock<B>::size;
     for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = row_dot(w + n * nb, xq + m * nb, nb);
@@ -449,7 +522,7 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
 // The same for r8 rows (n0, n1 multiples of 8; w points at row 0).
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8* w, float* out, int64_t ldo,
                                   int64_t M, int64_t K, int64_t n0, int64_t n1) {
-    const BlockQ8_K* xq = quantize_rows<BlockQ4_Kx8>(x, ldx, M, K);
+    const auto [xq, pair_sums] = quantize_rows<BlockQ4_Kx8>(x, ldx, M, K);
     const int64_t nb = K / 256;
     float tmp[16];
     int64_t n = n0;
@@ -461,14 +534,14 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8
     for (; n + 16 <= n1; n += 16) {
         const BlockQ4_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
         for (int64_t m = 0; m < M; ++m) {
-            q4_k_groups_row<Wide>(groups, xq + m * nb, nb, tmp);
+            q4_k_groups_row<Wide>(groups, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
             for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
     for (; n < n1; n += 8) {
         const BlockQ4_Kx8* group[1] = {w + (n / 8) * nb};
         for (int64_t m = 0; m < M; ++m) {
-            q4_k_groups_row<Lanes8>(group, xq + m * nb, nb, tmp);
+            q4_k_groups_row<Lanes8>(group, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
             for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
@@ -497,11 +570,10 @@ template <typename G>  // BlockQ8_0x8 or BlockQ4_0x8
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
     constexpr int MR = 4;
-    const BlockQ8_0* xq = quantize_rows<BlockQ8_0>(x, ldx, M, K);
+    const auto [xq, sums] = quantize_rows<G>(x, ldx, M, K);
     const int64_t nb = K / 32;
     int64_t n = n0;
     if constexpr (std::is_same_v<G, BlockQ4_0x8>) {
-        const int32_t* sums = block_sums(xq, M, nb);
         // Rows in groups of 8 * V::GROUPS (the AVX-512 build: 16 per vector while they last).
         const auto groups_of = [&](auto lanes) {
             using V = decltype(lanes);
