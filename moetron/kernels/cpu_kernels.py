@@ -91,19 +91,27 @@ def _cache_dir() -> Path:
 
 def supported_isas() -> list[str]:
     """The builds this CPU runs, narrowest first."""
-    cpu = hardware.detect().cpu
-    return [name for name, (needs, _) in ISAS.items() if all(cpu.has(flag) for flag in needs)]
+    return list(_isas_for(hardware.detect().cpu))
+
+
+@functools.cache
+def _isas_for(cpu: hardware.CpuInfo) -> tuple[str, ...]:
+    # Cached: library() asks on every kernel call (a decode step makes a dozen), and the flags
+    # walk cost ~20 µs a time, a few percent of a 4-bit decode step.
+    return tuple(name for name, (needs, _) in ISAS.items() if all(cpu.has(flag) for flag in needs))
 
 
 def selected_isa() -> str | None:
     """$MOETRON_CPU_ISA if set (an error if this CPU cannot run it), else the widest supported."""
-    isas = supported_isas()
+    isas = _isas_for(hardware.detect().cpu)
     wanted = os.environ.get("MOETRON_CPU_ISA")
     if wanted:
         if wanted not in ISAS:
             raise ValueError(f"MOETRON_CPU_ISA={wanted!r}: not one of {', '.join(ISAS)}")
         if wanted not in isas:
-            raise ValueError(f"MOETRON_CPU_ISA={wanted!r}: this CPU lacks {ISAS[wanted][0]} (it runs {isas})")
+            raise ValueError(
+                f"MOETRON_CPU_ISA={wanted!r}: this CPU lacks {ISAS[wanted][0]} (it runs {list(isas)})"
+            )
         return wanted
     return isas[-1] if isas else None
 
