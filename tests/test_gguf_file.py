@@ -216,7 +216,9 @@ def test_llama_cpp_runs_our_files_to_our_logits(model_and_tokenizer, tmp_path) -
 )
 @needs_kernels
 def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
-    """What users have: files llama.cpp's own quantizer writes (Q4_K_M mixes Q4_K and Q6_K). Its
+    """What users have: files llama.cpp's own quantizer writes. For an 8-expert MoE (Mixtral's
+    count; the Q8_0 file is made from a 4-expert one) Q4_K_M mixes Q4_K, Q5_K (attention output), Q6_K (head, some down projections) and Q8_0
+    (attention keys and values). Its
     Q8_0 file gives llama.cpp's logits within float rounding (the same integer block sums, summed
     per block in moetron, per lane in llama.cpp: 9e-8 relative measured); Q4_K_M within 5%, the
     same top-1 token at >= 90% of the positions of this random model's flat distributions.
@@ -226,17 +228,13 @@ def test_we_serve_llama_cpp_quantized_files(tmp_path) -> None:
 
     import llama_cpp
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        **{
-            **CFG.__dict__,
-            "moe": MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=256, bias_update_rate=0.0),
-        }
-    )
-    model = Transformer.from_config(cfg).eval()
-    source = write_gguf(model, train_bpe([TEXT], 300), tmp_path / "f32.gguf", "f32")
     ids = _ids()[0].tolist()
-    for ftype, tolerance, kinds in ((7, 1e-6, {"F32", "Q8_0"}), (15, 0.05, {"F32", "Q4_K", "Q6_K"})):
+    cases = ((4, 7, 1e-6, {"F32", "Q8_0"}), (8, 15, 0.05, {"F32", "Q4_K", "Q5_K", "Q6_K", "Q8_0"}))
+    for num_experts, ftype, tolerance, kinds in cases:
+        torch.manual_seed(0)
+        moe = MoEConfig(num_experts=num_experts, top_k=2, expert_hidden_dim=256, bias_update_rate=0.0)
+        model = Transformer.from_config(ModelConfig(**{**CFG.__dict__, "moe": moe})).eval()
+        source = write_gguf(model, train_bpe([TEXT], 300), tmp_path / f"f32-{num_experts}.gguf", "f32")
         target = tmp_path / f"llama-{ftype}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype  # LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_K_M

@@ -16,6 +16,7 @@ GGML_TYPES = {
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
     "q4_0": gguf.GGMLQuantizationType.Q4_0,
     "q4_k": gguf.GGMLQuantizationType.Q4_K,
+    "q5_k": gguf.GGMLQuantizationType.Q5_K,
     "q6_k": gguf.GGMLQuantizationType.Q6_K,
 }
 
@@ -57,16 +58,16 @@ def test_round_trip_error_is_within_half_a_step(fmt, max_relative_error: float) 
     assert fmt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5}[fmt.name]
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
 def test_k_quants_read_what_gguf_reads(fmt: str) -> None:
-    """Q4_K and Q6_K (the two formats of a Q4_K_M file's matmul weights): every byte pattern of the
+    """Q4_K, Q5_K and Q6_K (the formats of a Q4_K_M file's matmul weights): every byte pattern of the
     values and sub-block scales, with finite fp16 scales, dequantizes as the gguf package does."""
     gen = torch.Generator().manual_seed(2)
     rows, blocks_per_row = 5, 3
     block = ggml_blocks.block_format(fmt).block_bytes
     data = torch.randint(0, 256, (rows * blocks_per_row, block), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(rows * blocks_per_row, 2, generator=gen) * 0.02).to(torch.float16).view(torch.uint8)
-    if fmt == "q4_k":
+    if fmt in ("q4_k", "q5_k"):
         data[:, :4] = scales  # d, dmin
     else:
         data[:, -2:] = scales[:, :2]  # d
@@ -75,9 +76,9 @@ def test_k_quants_read_what_gguf_reads(fmt: str) -> None:
     ours = dequantize(data, fmt)
     assert ours.shape == (rows, blocks_per_row * 256)
     assert np.array_equal(ours.numpy(), expected)
-    assert ggml_blocks.block_format(fmt).bits_per_weight == {"q4_k": 4.5, "q6_k": 6.5625}[fmt]
-    if fmt == "q6_k":
-        with pytest.raises(ValueError, match="q6_k: moetron reads this format but does not write it yet"):
+    assert ggml_blocks.block_format(fmt).bits_per_weight == {"q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}[fmt]
+    if fmt != "q4_k":
+        with pytest.raises(ValueError, match=f"{fmt}: moetron reads this format but does not write it yet"):
             quantize(torch.zeros(2, 256), fmt)
 
 
@@ -107,7 +108,9 @@ def test_bad_shapes_and_names_say_what_is_valid() -> None:
         quantize(torch.zeros(4, 48), "q8_0")
     with pytest.raises(ValueError, match="float weights"):
         quantize(torch.zeros(4, 32, dtype=torch.int32), Q4_0)
-    with pytest.raises(ValueError, match="unknown block format 'q5_0'; choose one of q8_0, q4_0, q4_k, q6_k"):
+    with pytest.raises(
+        ValueError, match="unknown block format 'q5_0'; choose one of q8_0, q4_0, q4_k, q5_k, q6_k"
+    ):
         ggml_blocks.block_format("q5_0")
     with pytest.raises(ValueError, match=r"q4_0 data must be uint8 \[rows, blocks \* 18\]"):
         dequantize(torch.zeros(2, 20, dtype=torch.uint8), Q4_0)

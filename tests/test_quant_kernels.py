@@ -15,12 +15,12 @@ from moetron.quant import ggml_blocks, interleave
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason="moetron's CPU kernels need an AVX2 CPU and a C++ compiler"
 )
-FORMATS = ("q8_0", "q4_0", "q4_k", "q6_k")
+FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
 
 
 def _quantized_weight(fmt: str, rows: int, width: int, gen: torch.Generator) -> torch.Tensor:
     """GGML blocks of `fmt` for a random weight. The k-quants are random blocks with sane fp16
-    scales (every bit pattern of their values and sub-block scales is a valid block): Q6_K is
+    scales (every bit pattern of their values and sub-block scales is a valid block): Q5_K and Q6_K are
     read-only, and random Q4_K blocks reach scale and min patterns moetron's quantizer never makes."""
     if fmt in ("q8_0", "q4_0"):
         return ggml_blocks.quantize(torch.randn(rows, width, generator=gen) * 0.05, fmt)
@@ -30,7 +30,7 @@ def _quantized_weight(fmt: str, rows: int, width: int, gen: torch.Generator) -> 
     scales = (
         (torch.rand(blocks.shape[0], 2, generator=gen) * 0.004 + 0.001).to(torch.float16).view(torch.uint8)
     )
-    if fmt == "q4_k":  # d and dmin lead the block
+    if fmt in ("q4_k", "q5_k"):  # d and dmin lead the block
         blocks[:, 0:4] = scales
     else:  # Q6_K's d ends it
         blocks[:, block - 2 :] = scales[:, :2]
@@ -63,7 +63,7 @@ def _activations_q8_k(x: torch.Tensor) -> torch.Tensor:
 def _reference(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 product of the quantized activations and the dequantized weights, and the sum of
     |terms| per element (what an fp32 accumulation's error scales with)."""
-    xq = _activations_q8_k(x) if fmt in ("q4_k", "q6_k") else _activations_q8_0(x)
+    xq = _activations_q8_k(x) if fmt in ("q4_k", "q5_k", "q6_k") else _activations_q8_0(x)
     w = ggml_blocks.dequantize(packed, fmt).double()
     return xq @ w.T, xq.abs() @ w.abs().T
 

@@ -6,7 +6,7 @@
 The layout is what llama.cpp's converter writes for a Mixtral (architecture "llama"): the same
 tensor names, shapes and metadata keys, the query and key rows permuted into GGML's RoPE order
 (pairs interleaved; moetron, like Hugging Face, rotates halves). So llama.cpp runs moetron's files,
-and moetron serves llama.cpp's: matmul weights in Q8_0 / Q4_0 / Q4_K / Q6_K (the mix of a
+and moetron serves llama.cpp's: matmul weights in Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K (the mix of a
 Q4_K_M file) are installed as they lie in
 the file (moetron/quant/quantize.py's quantized modules), F32/F16/BF16 ones widened to float32;
 the embedding is dequantized (its rows are gathered, not multiplied).
@@ -50,7 +50,7 @@ from moetron.quant.quantize import HEAD_FORMAT, pack, set_quantized_weight, usab
 
 ARCH = "llama"
 # GGUF tensor types moetron reads, by ggml type id → its name in moetron/quant (floats: None).
-READABLE = {0: None, 1: None, 30: None, 8: "q8_0", 2: "q4_0", 12: "q4_k", 14: "q6_k"}
+READABLE = {0: None, 1: None, 30: None, 8: "q8_0", 2: "q4_0", 12: "q4_k", 13: "q5_k", 14: "q6_k"}
 OUTTYPES = ("f32", "bf16", "q8_0", "q4_0", "q4_k")
 # llama.cpp's pre-tokenizer names for GPT-4's split pattern (moetron's byte-level BPE).
 GPT4_SPLIT_PRES = ("llama-bpe", "llama3", "dbrx", "smaug-bpe")
@@ -451,7 +451,7 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         formats[fmt] = formats.get(fmt, 0) + 1
     if tensors:
         raise GGUFError(f"{path}: tensors moetron does not know: {sorted(tensors)[:5]}")
-    quantized = [f for f in formats if f in ("q8_0", "q4_0", "q4_k", "q6_k")]
+    quantized = [f for f in formats if f in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")]
     if quantized:  # the dominant quantized type: the engine then does not quantize again
         model.__dict__["quantization"] = max(quantized, key=lambda f: formats[f])
     model.name_or_path = path.stem
@@ -467,7 +467,7 @@ def _install(model: Transformer, name: str, tensor: object, cfg: ModelConfig, pa
     if type_id not in READABLE:
         raise GGUFError(
             f"{path}: tensor {tensor.name!r} is {tensor.tensor_type.name}; moetron reads "
-            "F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K"
+            "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K"
         )
     fmt = READABLE[type_id] or {0: "f32", 1: "f16", 30: "bf16"}[type_id]
     module_name, _, attr = name.rpartition(".")

@@ -73,6 +73,7 @@ FORMAT_CODES = {
     "q8_0": 8,
     "q4_0": 2,
     "q4_k": 12,
+    "q5_k": 13,
     "q6_k": 14,
     "q8_0_r8": 1008,
     "q4_0_r8": 1002,
@@ -227,7 +228,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q6_k, or their "_r8"
+    """x @ W.T for W stored as GGML blocks of format `fmt` (q8_0, q4_0, q4_k, q5_k, q6_k, or the "_r8"
     interleaved layouts: moetron/quant/interleave.py): `packed` is uint8 [N, bytes per row]. Each x
     row is quantized on its own first (Q8_0, or Q8_K for the k-quants, as llama.cpp does), so a
     row's result is bit-identical whatever shares its batch."""

@@ -16,7 +16,7 @@ namespace moetron {
 
 // ggml_type ids (ggml.h), the format codes the C interface takes; 1000 + id: the same blocks in
 // moetron's 8-row interleaved layout (quant_tiles.h).
-enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008, Q4_K_R8 = 1012 };
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008, Q4_K_R8 = 1012 };
 
 struct BlockQ8_0 {
     uint16_t d;  // fp16 scale
@@ -31,6 +31,12 @@ struct BlockQ4_K {
     uint8_t scales[12];   // 8 scales and 8 mins, 6 bits each
     uint8_t qs[128];      // 256 4-bit values: 64 per 32 bytes, low nibbles first
 };
+struct BlockQ5_K {
+    uint16_t d, dmin;    // as Q4_K's
+    uint8_t scales[12];  // as Q4_K's
+    uint8_t qh[32];      // the fifth bit: value 64g + l (l < 32) bit 2g of qh[l], 64g + 32 + l bit 2g + 1
+    uint8_t qs[128];     // the low 4 bits, as Q4_K's values
+};
 struct BlockQ6_K {
     uint8_t ql[128];     // low 4 bits (see q6_k_dot for the order)
     uint8_t qh[64];      // high 2 bits
@@ -42,7 +48,8 @@ struct BlockQ8_K {  // activations for Q4_K: one fp32 scale per 256, sums of eac
     int8_t qs[256];
     int16_t bsums[16];
 };
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144 && sizeof(BlockQ6_K) == 210);
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 &&
+              sizeof(BlockQ6_K) == 210);
 
 inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
 inline uint16_t fp32_to_fp16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }

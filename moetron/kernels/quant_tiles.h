@@ -1,4 +1,4 @@
-// x @ w.T over a chunk of block-quantized weight rows (Q8_0, Q4_0, Q4_K, Q6_K): the quantized twin
+// x @ w.T over a chunk of block-quantized weight rows (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K): the quantized twin
 // of linear_tiles.h, used through weights.h's linear_chunk.
 //
 // Each x row is quantized on its own (Q8_0, or Q8_K for the k-quants; quant_blocks.h). Every output
@@ -82,6 +82,38 @@ inline float row_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) {
             q4_k_scale_min(2 * g + 1, wb.scales, scale_hi, min_hi);
             const __m256i p_lo = dot_lanes_us(_mm256_and_si256(packed, low), load_q8(xb.qs + 64 * g));
             const __m256i p_hi = dot_lanes_us(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), load_q8(xb.qs + 64 * g + 32));
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(scale_lo)));
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(scale_hi)));
+            sum_min += min_lo * (xb.bsums[4 * g] + xb.bsums[4 * g + 1]) + min_hi * (xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3]);
+        }
+        out = __builtin_fmaf(xb.d * fp16_to_fp32(wb.d), static_cast<float>(hsum_epi32(sum)), out);
+        out_min = __builtin_fmaf(xb.d * fp16_to_fp32(wb.dmin), static_cast<float>(sum_min), out_min);
+    }
+    return out - out_min;
+}
+
+// Q5_K: Q4_K's chains, each value's fifth bit (x16) or-ed in from qh before the products.
+inline float row_dot(const BlockQ5_K* w, const BlockQ8_K* x, int64_t nb) {
+    float out = 0.0f, out_min = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
+    for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ5_K& wb = w[b];
+        const BlockQ8_K& xb = x[b];
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qh));
+        __m256i sum = _mm256_setzero_si256();
+        int32_t sum_min = 0;
+        for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs + 32 * g));
+            // Bit s of each qh byte to bit 4 (16-bit shifts: the mask drops what crosses bytes).
+            const __m256i bit_lo = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g), one), 4);
+            const __m256i bit_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g + 1), one), 4);
+            int scale_lo, min_lo, scale_hi, min_hi;
+            q4_k_scale_min(2 * g, wb.scales, scale_lo, min_lo);
+            q4_k_scale_min(2 * g + 1, wb.scales, scale_hi, min_hi);
+            const __m256i q_lo = _mm256_or_si256(_mm256_and_si256(packed, low), bit_lo);
+            const __m256i q_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), bit_hi);
+            const __m256i p_lo = dot_lanes_us(q_lo, load_q8(xb.qs + 64 * g));
+            const __m256i p_hi = dot_lanes_us(q_hi, load_q8(xb.qs + 64 * g + 32));
             sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(scale_lo)));
             sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(scale_hi)));
             sum_min += min_lo * (xb.bsums[4 * g] + xb.bsums[4 * g + 1]) + min_hi * (xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3]);
@@ -459,6 +491,8 @@ template <>
 struct ActivationsFor<BlockQ4_K> {
     using type = Q8_KActivations;
 };
+template <>
+struct ActivationsFor<BlockQ5_K> : ActivationsFor<BlockQ4_K> {};
 template <>
 struct ActivationsFor<BlockQ6_K> : ActivationsFor<BlockQ4_K> {};
 template <>

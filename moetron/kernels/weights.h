@@ -1,4 +1,4 @@
-// A weight matrix of any format the kernels take (fp32, bf16, GGML's Q8_0 / Q4_0 / Q4_K / Q6_K), and the
+// A weight matrix of any format the kernels take (fp32, bf16, GGML's Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K), and the
 // matmul over a chunk of its rows, dispatched on the format. The layer kernels (layer_avx2.cpp,
 // moe_avx2.cpp) are written once against this; the format is a run-time code per tensor, so a
 // GGUF file's mix of formats (llama.cpp keeps the router in F32) needs no entry point per combination.
@@ -20,7 +20,7 @@ struct Weight {
     // Elements per block and bytes per block of the format.
     static int64_t block_elements(int format) {
         switch (format) {
-            case Q4_K: case Q6_K: case Q4_K_R8: return 256;
+            case Q4_K: case Q5_K: case Q6_K: case Q4_K_R8: return 256;
             case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return 32;
             default: return 1;
         }
@@ -31,6 +31,7 @@ struct Weight {
             case BF16: return 2;
             case Q8_0: case Q8_0_R8: return sizeof(BlockQ8_0);
             case Q4_0: case Q4_0_R8: return sizeof(BlockQ4_0);
+            case Q5_K: return sizeof(BlockQ5_K);
             case Q6_K: return sizeof(BlockQ6_K);
             default: return sizeof(BlockQ4_K);
         }
@@ -53,6 +54,7 @@ inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, flo
         case Q8_0: return quant_linear_chunk(x, ldx, static_cast<const BlockQ8_0*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_0: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_0*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ4_K*>(w.data), out, ldo, M, K, n0, n1);
+        case Q5_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ5_K*>(w.data), out, ldo, M, K, n0, n1);
         case Q6_K: return quant_linear_chunk(x, ldx, static_cast<const BlockQ6_K*>(w.data), out, ldo, M, K, n0, n1);
         case Q8_0_R8:
             return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ8_0x8*>(w.data), out, ldo, M, K, n0, n1);

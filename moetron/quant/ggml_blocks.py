@@ -14,6 +14,10 @@ bytes are used as they are and moetron's writer produces what llama.cpp reads:
   Q6_K (210 bytes per 256 weights; read only: what llama.cpp's Q4_K_M gives some attention-value
        and down projections and the head): 128 bytes of low 4 bits, 64 of high 2 bits, sixteen
        int8 scales (one per 16 weights), fp16 d; x = d * scale[s] * (q - 32).
+  Q5_K (176 bytes per 256 weights; read only: llama.cpp's Q4_K_M gives it to an 8-expert MoE's
+       attention output projections): Q4_K with a fifth bit per weight, 32 bytes of high bits
+       before the 4-bit values (weight 64g + l, l < 32: bit 2g of byte l; 64g + 32 + l: bit
+       2g + 1); x = d * scale[s] * q - dmin * min[s], q < 32.
   Q4_K (144 bytes per 256 weights): fp16 d and dmin, 12 bytes packing eight 6-bit scales and
        mins (one per 32 weights), 128 bytes of 4-bit q (each 32-byte chunk holds two sub-blocks:
        low nibbles, then high); x ≈ d * scale[s] * q - dmin * min[s].
@@ -52,8 +56,9 @@ class BlockFormat:
 Q8_0 = BlockFormat("q8_0", 2 + BLOCK_SIZE)
 Q4_0 = BlockFormat("q4_0", 2 + BLOCK_SIZE // 2)
 Q4_K = BlockFormat("q4_k", 2 + 2 + 12 + 128, block_size=256)
+Q5_K = BlockFormat("q5_k", 2 + 2 + 12 + 32 + 128, block_size=256, writable=False)
 Q6_K = BlockFormat("q6_k", 128 + 64 + 16 + 2, block_size=256, writable=False)
-FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K, Q6_K)}
+FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)}
 
 
 def block_format(name: str) -> BlockFormat:
@@ -100,6 +105,8 @@ def dequantize(data_RY: torch.Tensor, fmt: BlockFormat | str) -> torch.Tensor:
     blocks_XY = data_RY.reshape(-1, fmt.block_bytes)
     if fmt is Q4_K:
         return _dequantize_q4_k(blocks_XY).reshape(rows, -1)
+    if fmt is Q5_K:
+        return _dequantize_q5_k(blocks_XY).reshape(rows, -1)
     if fmt is Q6_K:
         return _dequantize_q6_k(blocks_XY).reshape(rows, -1)
     scale_X = blocks_XY[:, :2].contiguous().view(torch.float16).float()  # [X, 1]
@@ -152,6 +159,15 @@ def _quantize_q4_0(blocks_XK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _dequantize_q4_k(blocks_XY: torch.Tensor) -> torch.Tensor:
+    return _dequantize_k4(blocks_XY, blocks_XY[:, 16:], None)
+
+
+def _dequantize_q5_k(blocks_XY: torch.Tensor) -> torch.Tensor:
+    return _dequantize_k4(blocks_XY, blocks_XY[:, 48:], blocks_XY[:, 16:48])
+
+
+def _dequantize_k4(blocks_XY: torch.Tensor, values_XV: torch.Tensor, high_XL: torch.Tensor | None) -> torch.Tensor:
+    """Q4_K's (and Q5_K's) d, dmin and packed scales, then 4-bit values (Q5_K: plus a high bit)."""
     d_X1 = blocks_XY[:, 0:2].contiguous().view(torch.float16).float()
     dmin_X1 = blocks_XY[:, 2:4].contiguous().view(torch.float16).float()
     # Twelve bytes, three rows of four: bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits
@@ -163,9 +179,11 @@ def _dequantize_q4_k(blocks_XY: torch.Tensor) -> torch.Tensor:
     mins_X8 = torch.cat([low_mins & 0x3F, (high_X4 >> 4) | ((low_mins >> 2) & 0x30)], dim=1)
     step_X81 = (d_X1 * scales_X8.float()).unsqueeze(-1)
     offset_X81 = (dmin_X1 * mins_X8.float()).unsqueeze(-1)
-    chunks_X4L = blocks_XY[:, 16:].reshape(-1, 4, 32)  # L = 32 bytes: two sub-blocks of 32 weights
-    q_X8K = torch.stack([chunks_X4L & 0x0F, chunks_X4L >> 4], dim=2).reshape(-1, 8, 32).float()
-    return (step_X81 * q_X8K - offset_X81).reshape(-1, 256)
+    chunks_X4L = values_XV.reshape(-1, 4, 32)  # L = 32 bytes: two sub-blocks of 32 weights
+    q_X8L = torch.stack([chunks_X4L & 0x0F, chunks_X4L >> 4], dim=2).reshape(-1, 8, 32)
+    if high_XL is not None:  # sub-block s takes bit s of each high-bits byte
+        q_X8L = q_X8L | torch.stack([((high_XL >> s) & 1) << 4 for s in range(8)], dim=1)
+    return (step_X81 * q_X8L.float() - offset_X81).reshape(-1, 256)
 
 
 def _quantize_q4_k(blocks_X256: torch.Tensor) -> torch.Tensor:
