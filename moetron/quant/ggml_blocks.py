@@ -166,7 +166,9 @@ def _dequantize_q5_k(blocks_XY: torch.Tensor) -> torch.Tensor:
     return _dequantize_k4(blocks_XY, blocks_XY[:, 48:], blocks_XY[:, 16:48])
 
 
-def _dequantize_k4(blocks_XY: torch.Tensor, values_XV: torch.Tensor, high_XL: torch.Tensor | None) -> torch.Tensor:
+def _dequantize_k4(
+    blocks_XY: torch.Tensor, values_XV: torch.Tensor, high_XL: torch.Tensor | None
+) -> torch.Tensor:
     """Q4_K's (and Q5_K's) d, dmin and packed scales, then 4-bit values (Q5_K: plus a high bit)."""
     d_X1 = blocks_XY[:, 0:2].contiguous().view(torch.float16).float()
     dmin_X1 = blocks_XY[:, 2:4].contiguous().view(torch.float16).float()
