@@ -101,7 +101,7 @@ def test_a_row_is_the_same_bits_whatever_it_is_batched_with(fmt: str) -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
 def test_interleaved_rows_give_the_same_bits(fmt: str) -> None:
     """The r8 layout (8 rows' blocks interleaved: quant/interleave.py) runs other code (8 rows as 8
     lanes) for the same arithmetic: identical outputs at every row count, and the layout round-trips."""
@@ -117,7 +117,7 @@ def test_interleaved_rows_give_the_same_bits(fmt: str) -> None:
         cpu_kernels.quantized_linear(torch.randn(1, 768), interleaved[:12], f"{fmt}_r8")
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k_r8", "q4_0_r8"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k_r8", "q4_0_r8", "q5_k_r8", "q6_k_r8"])
 def test_activations_quantized_once_per_matmul_never_go_stale(fmt: str) -> None:
     """Each thread keeps the x rows it last quantized and reuses them when the next chunk's x is the
     same floats: x changed in place (same address, same shape), one value flipped, a shorter or
@@ -189,7 +189,10 @@ def test_every_instruction_set_build_gives_the_same_bits(monkeypatch: pytest.Mon
     dense = torch.randn(67, 512, generator=gen)
     weights = {"f32": dense, "bf16": dense.bfloat16()}
     weights |= {fmt: _quantized_weight(fmt, 67, 512, gen) for fmt in FORMATS}
-    weights |= {f"{fmt}_r8": interleave.to_r8(weights[fmt][:64], fmt) for fmt in ("q8_0", "q4_0", "q4_k")}
+    weights |= {
+        f"{fmt}_r8": interleave.to_r8(weights[fmt][:64], fmt)
+        for fmt in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+    }
     w1, w2, w3 = _experts("q4_0", 3, 512, 256, gen)
     ids, routing = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]]), torch.rand(5, 2, generator=gen)
     results = {}

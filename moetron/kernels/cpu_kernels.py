@@ -78,6 +78,8 @@ FORMAT_CODES = {
     "q8_0_r8": 1008,
     "q4_0_r8": 1002,
     "q4_k_r8": 1012,
+    "q5_k_r8": 1013,
+    "q6_k_r8": 1014,
 }
 DTYPE_FORMATS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # The argument codes the library exports for each entry point (export.h): the C signatures are the

@@ -16,7 +16,7 @@ namespace moetron {
 
 // ggml_type ids (ggml.h), the format codes the C interface takes; 1000 + id: the same blocks in
 // moetron's 8-row interleaved layout (quant_tiles.h).
-enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008, Q4_K_R8 = 1012 };
+enum Format : int { F32 = 0, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30, Q4_0_R8 = 1002, Q8_0_R8 = 1008, Q4_K_R8 = 1012, Q5_K_R8 = 1013, Q6_K_R8 = 1014 };
 
 struct BlockQ8_0 {
     uint16_t d;  // fp16 scale

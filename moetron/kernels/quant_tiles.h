@@ -9,7 +9,7 @@
 // subtracted at the end. Integer sums are exact, so how SIMD lanes split them never shows.
 //
 // Two layouts of the same blocks: GGML's (rows one after another; any row count), and "r8" for
-// Q8_0 / Q4_0 / Q4_K (moetron/quant/interleave.py: each 8 rows' blocks interleaved, their scales together,
+// Q8_0 / Q4_0 / Q4_K / Q6_K (moetron/quant/interleave.py: each 8 rows' blocks interleaved, their scales together,
 // their values in 4-byte groups), where one 32-byte load holds 4 values of each of 8 rows. There
 // the 8 rows are the 8 SIMD lanes, each running the chain above, so a decode step streams the
 // weights with a few instructions per 256 multiply-adds (the layout llama.cpp's CPU repack uses
@@ -43,8 +43,21 @@ struct BlockQ4_Kx8 {
     uint8_t scales[96];  // 4-byte group c < 3, row r: the row's packed scales[4c .. 4c + 3] at 32c + 4r
     uint8_t qs[1024];    // 4-byte group k < 32, row r: the row's qs[4k .. 4k + 3] at 32k + 4r
 };
+struct BlockQ5_Kx8 {  // BlockQ4_Kx8 with the rows' qh (4-byte group k < 8, row r at 32k + 4r)
+    uint16_t d[8], dmin[8];
+    uint8_t scales[96];
+    uint8_t qh[256];
+    uint8_t qs[1024];
+};
+struct BlockQ6_Kx8 {
+    uint16_t d[8];       // the rows' d (which end a GGML block)
+    uint8_t ql[1024];    // 4-byte group k < 32, row r: the row's ql[4k .. 4k + 3] at 32k + 4r
+    uint8_t qh[512];     // the same for qh (k < 16)
+    int8_t scales[128];  // the same for the 16 scales (k < 4)
+};
 static_assert(sizeof(BlockQ8_0x8) == 8 * sizeof(BlockQ8_0) && sizeof(BlockQ4_0x8) == 8 * sizeof(BlockQ4_0) &&
-              sizeof(BlockQ4_Kx8) == 8 * sizeof(BlockQ4_K));
+              sizeof(BlockQ4_Kx8) == 8 * sizeof(BlockQ4_K) && sizeof(BlockQ5_Kx8) == 8 * sizeof(BlockQ5_K) &&
+              sizeof(BlockQ6_Kx8) == 8 * sizeof(BlockQ6_K));
 
 inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -221,6 +234,7 @@ struct Lanes8 {
     static I band(I a, I b) { return _mm256_and_si256(a, b); }
     static I bor(I a, I b) { return _mm256_or_si256(a, b); }
     static I shr16(I a, int n) { return _mm256_srli_epi16(a, n); }
+    static I shl16(I a, int n) { return _mm256_slli_epi16(a, n); }
     static I shr32(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
@@ -247,16 +261,24 @@ struct Lanes8 {
         return _mm256_shuffle_epi8(a, _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(bytes)), lane_offsets));
     }
     static I madd16(I a, I b) { return _mm256_madd_epi16(a, b); }
+    // Signed bytes k0, k1 of each lane as two int16 (pick into the high bytes, shift back down).
+    static I signed_pair(I a, int k0, int k1) {
+        return _mm256_srai_epi16(pick(a, 0x00800080u | k1 << 24 | k0 << 8), 8);
+    }
     // A sub-block's pair sums (V::pairs) times its scale, as int32 lanes: `scale_at` picks byte k of
     // each lane as the scale in the form `scaled` takes. Without VNNI the pair sums are int16 and the
     // scale is duplicated into both int16 halves, so one madd widens and scales at once; with VNNI
     // they are int32 already and the scale a plain int32.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    static constexpr int SUMS_Q6 = 4;  // pair sums of 6-bit values added before `scaled`: int32, any
     static constexpr uint32_t scale_bytes(int k) { return 0x80808000u | k; }
     static I scaled(I sums, I scale) { return _mm256_mullo_epi32(sums, scale); }
+    static I signed_scale(I a, int k) { return _mm256_srai_epi32(pick(a, 0x00808080u | k << 24), 24); }
 #else
+    static constexpr int SUMS_Q6 = 2;  // int16: two of them (<= 2 * 2 * 63 * 128) are exact
     static constexpr uint32_t scale_bytes(int k) { return 0x80008000u | k << 16 | k; }
     static I scaled(I sums, I scale) { return _mm256_madd_epi16(sums, scale); }
+    static I signed_scale(I a, int k) { return signed_pair(a, k, k); }
 #endif
     static F floats(I a) { return _mm256_cvtepi32_ps(a); }
     static F splat(float v) { return _mm256_set1_ps(v); }
@@ -299,6 +321,7 @@ struct Lanes8x2 {
     static I band(I x, I y) { return {Lanes8::band(x.a, y.a), Lanes8::band(x.b, y.b)}; }
     static I bor(I x, I y) { return {Lanes8::bor(x.a, y.a), Lanes8::bor(x.b, y.b)}; }
     static I shr16(I x, int n) { return {Lanes8::shr16(x.a, n), Lanes8::shr16(x.b, n)}; }
+    static I shl16(I x, int n) { return {Lanes8::shl16(x.a, n), Lanes8::shl16(x.b, n)}; }
     static I shr32(I x, int n) { return {Lanes8::shr32(x.a, n), Lanes8::shr32(x.b, n)}; }
     static I shl32(I x, int n) { return {Lanes8::shl32(x.a, n), Lanes8::shl32(x.b, n)}; }
     static I add(I x, I y) { return {Lanes8::add(x.a, y.a), Lanes8::add(x.b, y.b)}; }
@@ -309,8 +332,11 @@ struct Lanes8x2 {
     static I widen(I x) { return {Lanes8::widen(x.a), Lanes8::widen(x.b)}; }
     static I pick(I x, uint32_t bytes) { return {Lanes8::pick(x.a, bytes), Lanes8::pick(x.b, bytes)}; }
     static I madd16(I x, I y) { return {Lanes8::madd16(x.a, y.a), Lanes8::madd16(x.b, y.b)}; }
+    static constexpr int SUMS_Q6 = Lanes8::SUMS_Q6;
     static constexpr uint32_t scale_bytes(int k) { return Lanes8::scale_bytes(k); }
     static I scaled(I x, I y) { return {Lanes8::scaled(x.a, y.a), Lanes8::scaled(x.b, y.b)}; }
+    static I signed_pair(I x, int k0, int k1) { return {Lanes8::signed_pair(x.a, k0, k1), Lanes8::signed_pair(x.b, k0, k1)}; }
+    static I signed_scale(I x, int k) { return {Lanes8::signed_scale(x.a, k), Lanes8::signed_scale(x.b, k)}; }
     static F floats(I x) { return {Lanes8::floats(x.a), Lanes8::floats(x.b)}; }
     static F splat(float v) { return {Lanes8::splat(v), Lanes8::splat(v)}; }
     static F fmul(F x, F y) { return {Lanes8::fmul(x.a, y.a), Lanes8::fmul(x.b, y.b)}; }
@@ -351,6 +377,7 @@ struct Lanes16 {
     static I band(I a, I b) { return _mm512_and_si512(a, b); }
     static I bor(I a, I b) { return _mm512_or_si512(a, b); }
     static I shr16(I a, int n) { return _mm512_srli_epi16(a, n); }
+    static I shl16(I a, int n) { return _mm512_slli_epi16(a, n); }
     static I shr32(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
     static I shl32(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
     static I add(I a, I b) { return _mm512_add_epi32(a, b); }
@@ -364,8 +391,11 @@ struct Lanes16 {
         return _mm512_shuffle_epi8(a, _mm512_add_epi8(_mm512_set1_epi32(static_cast<int>(bytes)), lane_offsets));
     }
     static I madd16(I a, I b) { return _mm512_madd_epi16(a, b); }
+    static constexpr int SUMS_Q6 = 4;
     static constexpr uint32_t scale_bytes(int k) { return 0x80808000u | k; }
     static I scaled(I sums, I scale) { return _mm512_mullo_epi32(sums, scale); }
+    static I signed_pair(I a, int k0, int k1) { return _mm512_srai_epi16(pick(a, 0x00800080u | k1 << 24 | k0 << 8), 8); }
+    static I signed_scale(I a, int k) { return _mm512_srai_epi32(pick(a, 0x00808080u | k << 24), 24); }
     static F floats(I a) { return _mm512_cvtepi32_ps(a); }
     static F splat(float v) { return _mm512_set1_ps(v); }
     static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -380,12 +410,19 @@ struct Lanes16 {
 // sum_j min_j * (x sums over sub-block j), exact integers as in row_dot, then the same two chains.
 // w: V::GROUPS row groups; x_pair_sums: the x block's 8 sub-block sums (ActivationBlock);
 // out: the 8 * GROUPS results.
+// Bit s of each byte moved to bit 4 (the 16-bit shift's strays are masked off by the caller).
 template <typename V>
-inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, const int16_t* x_pair_sums, int64_t nb,
+inline typename V::I bit_to_4(typename V::I v, int s) {
+    return s <= 4 ? V::shl16(v, 4 - s) : V::shr16(v, s - 4);
+}
+
+template <typename V, typename G>  // G: BlockQ4_Kx8, or BlockQ5_Kx8 (the same with a fifth bit per value)
+inline void q4_k_groups_row(const G* const* w, const BlockQ8_K* x, const int16_t* x_pair_sums, int64_t nb,
                             float* out) {
     using I = typename V::I;
     using F = typename V::F;
-    const I low = V::bytes(0x0F), six_bits = V::bytes(0x3F), top_two = V::bytes(0x30);
+    constexpr bool fifth_bit = std::is_same_v<G, BlockQ5_Kx8>;
+    const I low = V::bytes(0x0F), six_bits = V::bytes(0x3F), top_two = V::bytes(0x30), bit4 = V::bytes(0x10);
     F acc = V::fzero(), acc_min = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
         const BlockQ8_K& xb = x[b];
@@ -393,9 +430,9 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, con
         // at once: bytes 0-3 of a lane hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the
         // same for the mins, bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7
         // (high nibbles). Byte k of each lane of scales_lo is scale k, of scales_hi scale 4 + k.
-        const I a = V::load(w, b, offsetof(BlockQ4_Kx8, scales));
-        const I m = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 32);
-        const I c = V::load(w, b, offsetof(BlockQ4_Kx8, scales) + 64);
+        const I a = V::load(w, b, offsetof(G, scales));
+        const I m = V::load(w, b, offsetof(G, scales) + 32);
+        const I c = V::load(w, b, offsetof(G, scales) + 64);
         const I scales_lo = V::band(a, six_bits), mins_lo = V::band(m, six_bits);
         const I scales_hi = V::bor(V::band(c, low), V::band(V::shr16(a, 2), top_two));
         const I mins_hi = V::bor(V::band(V::shr16(c, 4), low), V::band(V::shr16(m, 2), top_two));
@@ -405,27 +442,96 @@ inline void q4_k_groups_row(const BlockQ4_Kx8* const* w, const BlockQ8_K* x, con
             // accumulator chains (low/high nibbles, even/odd t) so the multiply-adds' latency overlaps.
             I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
             for (int t = 0; t < 8; t += 2) {
-                const I p0 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t));
-                const I p1 = V::load(w, b, offsetof(BlockQ4_Kx8, qs) + 32 * (8 * g + t + 1));
-                dot_lo = V::pairs_acc(dot_lo, V::band(p0, low), V::broadcast(xb.qs + 64 * g + 4 * t));
-                dot_hi = V::pairs_acc(dot_hi, V::band(V::shr16(p0, 4), low), V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
-                dot_lo1 = V::pairs_acc(dot_lo1, V::band(p1, low), V::broadcast(xb.qs + 64 * g + 4 * t + 4));
-                dot_hi1 = V::pairs_acc(dot_hi1, V::band(V::shr16(p1, 4), low), V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
+                I lo0 = V::band(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t)), low);
+                I lo1 = V::band(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1)), low);
+                I hi0 = V::band(V::shr16(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t)), 4), low);
+                I hi1 = V::band(V::shr16(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1)), 4), low);
+                if constexpr (fifth_bit) {  // bits 2g and 2g + 1 of qh's group t to bit 4 (x16)
+                    const I h0 = V::load(w, b, offsetof(G, qh) + 32 * t);
+                    const I h1 = V::load(w, b, offsetof(G, qh) + 32 * (t + 1));
+                    lo0 = V::bor(lo0, V::band(bit_to_4<V>(h0, 2 * g), bit4));
+                    lo1 = V::bor(lo1, V::band(bit_to_4<V>(h1, 2 * g), bit4));
+                    hi0 = V::bor(hi0, V::band(bit_to_4<V>(h0, 2 * g + 1), bit4));
+                    hi1 = V::bor(hi1, V::band(bit_to_4<V>(h1, 2 * g + 1), bit4));
+                }
+                dot_lo = V::pairs_acc(dot_lo, lo0, V::broadcast(xb.qs + 64 * g + 4 * t));
+                dot_hi = V::pairs_acc(dot_hi, hi0, V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
+                dot_lo1 = V::pairs_acc(dot_lo1, lo1, V::broadcast(xb.qs + 64 * g + 4 * t + 4));
+                dot_hi1 = V::pairs_acc(dot_hi1, hi1, V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
             }
             const I& scales = g < 2 ? scales_lo : scales_hi;
             const I& mins = g < 2 ? mins_lo : mins_hi;
             const int k = 2 * g % 4;  // sub-block 2g's byte
-            isum = V::add(isum, V::scaled(V::add_pairs(dot_lo, dot_lo1), V::pick(scales, V::scale_bytes(k))));
-            isum = V::add(isum, V::scaled(V::add_pairs(dot_hi, dot_hi1), V::pick(scales, V::scale_bytes(k + 1))));
+            const I scale_lo = V::pick(scales, V::scale_bytes(k)), scale_hi = V::pick(scales, V::scale_bytes(k + 1));
+            if (fifth_bit && V::SUMS_Q6 == 2) {  // int16 pair sums of 5-bit values: 4 at most (<= 4 * 2 * 31 * 128)
+                isum = V::add(isum, V::add(V::scaled(dot_lo, scale_lo), V::scaled(dot_lo1, scale_lo)));
+                isum = V::add(isum, V::add(V::scaled(dot_hi, scale_hi), V::scaled(dot_hi1, scale_hi)));
+            } else {
+                isum = V::add(isum, V::scaled(V::add_pairs(dot_lo, dot_lo1), scale_lo));
+                isum = V::add(isum, V::scaled(V::add_pairs(dot_hi, dot_hi1), scale_hi));
+            }
             // min_2g * sum_2g + min_2g+1 * sum_2g+1 in one madd: the mins as int16 pairs (bytes k, k + 1).
             const I min_pair = V::pick(mins, 0x80008000u | (k + 1) << 16 | k);
             msum = V::add(msum, V::madd16(min_pair, V::broadcast(reinterpret_cast<const int8_t*>(x_pair_sums + 8 * b + 2 * g))));
         }
         const F dx = V::splat(xb.d);
-        acc = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, d))), V::floats(isum), acc);
-        acc_min = V::fma(V::fmul(dx, V::halves(w, b, offsetof(BlockQ4_Kx8, dmin))), V::floats(msum), acc_min);
+        acc = V::fma(V::fmul(dx, V::halves(w, b, offsetof(G, d))), V::floats(isum), acc);
+        acc_min = V::fma(V::fmul(dx, V::halves(w, b, offsetof(G, dmin))), V::floats(msum), acc_min);
     }
     V::store(out, V::fsub(acc, acc_min));
+}
+
+// Q6_K, rows as lanes, one x row: per block the lanes of sum_s scale_s * dot_s (16 sub-blocks of 16,
+// signed scales) and of sum_s scale_s * (x sums over sub-block s), exact integers as in row_dot,
+// then its one chain: out = fma(d_x * d_w, float(isum - 32 * msum), out). The 6-bit values enter
+// unsigned (q + 32); V::SUMS_Q6 groups' pair sums are added before each scaling (int16 without VNNI).
+template <typename V>
+inline void q6_k_groups_row(const BlockQ6_Kx8* const* w, const BlockQ8_K* x, int64_t nb, float* out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    const I low = V::bytes(0x0F);
+    F acc = V::fzero();
+    for (int64_t b = 0; b < nb; ++b) {
+        const BlockQ8_K& xb = x[b];
+        I scales[4];  // lane r, byte j of scales[c]: the row's scale 4c + j
+        for (int c = 0; c < 4; ++c) scales[c] = V::load(w, b, offsetof(BlockQ6_Kx8, scales) + 32 * c);
+        I isum = V::zero(), msum = V::zero();
+        for (int s = 0; s < 16; s += 2)
+            msum = V::add(msum, V::madd16(V::signed_pair(scales[s / 4], s % 4, s % 4 + 1),
+                                          V::broadcast(reinterpret_cast<const int8_t*>(xb.bsums + s))));
+        const I top_two = V::bytes(0x30);
+        for (int h = 0; h < 2; ++h) {  // 128 values: 4 runs of 32 (k), each two sub-blocks of 16
+            for (int half = 0; half < 2; ++half) {  // values 16 half .. 16 half + 15 of each run
+                I scale[4], dots[4];
+                for (int k = 0; k < 4; ++k) {
+                    const int sub = 8 * h + 2 * k + half;  // the 16-value sub-block
+                    scale[k] = V::signed_scale(scales[sub / 4], sub % 4);
+                }
+                for (int u = 0; u < 4; ++u) {
+                    const int g = 4 * half + u;  // the 4-byte group: values 4g .. 4g + 3 of each run
+                    const I a = V::load(w, b, offsetof(BlockQ6_Kx8, ql) + 32 * (16 * h + g));
+                    const I c = V::load(w, b, offsetof(BlockQ6_Kx8, ql) + 32 * (16 * h + 8 + g));
+                    const I hi = V::load(w, b, offsetof(BlockQ6_Kx8, qh) + 32 * (8 * h + g));
+                    // Run k's two high bits are bits 2k, 2k + 1 of hi, moved to bits 4, 5 (the
+                    // 16-bit shifts' strays fall outside top_two).
+                    const I values[4] = {
+                        V::bor(V::band(a, low), V::band(V::shl16(hi, 4), top_two)),
+                        V::bor(V::band(c, low), V::band(V::shl16(hi, 2), top_two)),
+                        V::bor(V::band(V::shr16(a, 4), low), V::band(hi, top_two)),
+                        V::bor(V::band(V::shr16(c, 4), low), V::band(V::shr16(hi, 2), top_two)),
+                    };
+                    for (int k = 0; k < 4; ++k) {
+                        const I p = V::pairs(values[k], V::broadcast(xb.qs + 128 * h + 32 * k + 4 * g));
+                        dots[k] = u % V::SUMS_Q6 == 0 ? p : V::add_pairs(dots[k], p);
+                        if (u % V::SUMS_Q6 == V::SUMS_Q6 - 1) isum = V::add(isum, V::scaled(dots[k], scale[k]));
+                    }
+                }
+            }
+        }
+        const F scale = V::fmul(V::splat(xb.d), V::halves(w, b, offsetof(BlockQ6_Kx8, d)));
+        acc = V::fma(scale, V::floats(V::add(isum, V::mul(msum, V::ints(-32)))), acc);
+    }
+    V::store(out, acc);
 }
 
 // Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: unsigned nibbles (0..15) times x, minus
@@ -497,6 +603,10 @@ template <>
 struct ActivationsFor<BlockQ6_K> : ActivationsFor<BlockQ4_K> {};
 template <>
 struct ActivationsFor<BlockQ4_Kx8> : ActivationsFor<BlockQ4_K> {};
+template <>
+struct ActivationsFor<BlockQ5_Kx8> : ActivationsFor<BlockQ4_K> {};
+template <>
+struct ActivationsFor<BlockQ6_Kx8> : ActivationsFor<BlockQ4_K> {};
 template <typename B>
 using ActivationBlock = typename ActivationsFor<B>::type;
 
@@ -554,9 +664,10 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
 }
 
 // The same for r8 rows (n0, n1 multiples of 8; w points at row 0).
-inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8* w, float* out, int64_t ldo,
-                                  int64_t M, int64_t K, int64_t n0, int64_t n1) {
-    const auto [xq, pair_sums] = quantize_rows<BlockQ4_Kx8>(x, ldx, M, K);
+template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8>, int> = 0>
+inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
+                                  int64_t K, int64_t n0, int64_t n1) {
+    const auto [xq, pair_sums] = quantize_rows<G>(x, ldx, M, K);
     const int64_t nb = K / 256;
     float tmp[16];
     int64_t n = n0;
@@ -566,16 +677,40 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ4_Kx8
     using Wide = Lanes8x2;  // two groups of 8 rows as two registers
 #endif
     for (; n + 16 <= n1; n += 16) {
-        const BlockQ4_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
+        const G* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
         for (int64_t m = 0; m < M; ++m) {
             q4_k_groups_row<Wide>(groups, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
             for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
     for (; n < n1; n += 8) {
-        const BlockQ4_Kx8* group[1] = {w + (n / 8) * nb};
+        const G* group[1] = {w + (n / 8) * nb};
         for (int64_t m = 0; m < M; ++m) {
             q4_k_groups_row<Lanes8>(group, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
+            for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
+        }
+    }
+}
+
+inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ6_Kx8* w, float* out, int64_t ldo,
+                                  int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const BlockQ8_K* xq = quantize_rows<BlockQ6_Kx8>(x, ldx, M, K).blocks;
+    const int64_t nb = K / 256;
+    float tmp[16];
+    int64_t n = n0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
+        const BlockQ6_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
+        for (int64_t m = 0; m < M; ++m) {
+            q6_k_groups_row<Lanes16>(groups, xq + m * nb, nb, tmp);
+            for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
+        }
+    }
+#endif
+    for (; n < n1; n += 8) {
+        const BlockQ6_Kx8* group[1] = {w + (n / 8) * nb};
+        for (int64_t m = 0; m < M; ++m) {
+            q6_k_groups_row<Lanes8>(group, xq + m * nb, nb, tmp);
             for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
@@ -600,7 +735,7 @@ inline void row_tiles(const BlockQ8_0* xq, int64_t M, int64_t nb, int lanes, flo
     }
 }
 
-template <typename G>  // BlockQ8_0x8 or BlockQ4_0x8
+template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ8_0x8> || std::is_same_v<G, BlockQ4_0x8>, int> = 0>
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
     constexpr int MR = 4;

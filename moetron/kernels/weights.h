@@ -20,7 +20,7 @@ struct Weight {
     // Elements per block and bytes per block of the format.
     static int64_t block_elements(int format) {
         switch (format) {
-            case Q4_K: case Q5_K: case Q6_K: case Q4_K_R8: return 256;
+            case Q4_K: case Q5_K: case Q6_K: case Q4_K_R8: case Q5_K_R8: case Q6_K_R8: return 256;
             case Q8_0: case Q4_0: case Q8_0_R8: case Q4_0_R8: return 32;
             default: return 1;
         }
@@ -31,8 +31,8 @@ struct Weight {
             case BF16: return 2;
             case Q8_0: case Q8_0_R8: return sizeof(BlockQ8_0);
             case Q4_0: case Q4_0_R8: return sizeof(BlockQ4_0);
-            case Q5_K: return sizeof(BlockQ5_K);
-            case Q6_K: return sizeof(BlockQ6_K);
+            case Q5_K: case Q5_K_R8: return sizeof(BlockQ5_K);
+            case Q6_K: case Q6_K_R8: return sizeof(BlockQ6_K);
             default: return sizeof(BlockQ4_K);
         }
     }
@@ -62,6 +62,10 @@ inline void linear_chunk(const float* x, int64_t ldx, Weight w, int64_t ldw, flo
             return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ4_0x8*>(w.data), out, ldo, M, K, n0, n1);
         case Q4_K_R8:
             return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ4_Kx8*>(w.data), out, ldo, M, K, n0, n1);
+        case Q5_K_R8:
+            return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ5_Kx8*>(w.data), out, ldo, M, K, n0, n1);
+        case Q6_K_R8:
+            return quant_linear_chunk_r8(x, ldx, static_cast<const BlockQ6_Kx8*>(w.data), out, ldo, M, K, n0, n1);
     }
 }
 
