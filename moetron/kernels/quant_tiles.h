@@ -699,14 +699,17 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ6_Kx8
     float tmp[16];
     int64_t n = n0;
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    for (; n + 16 <= n1; n += 16) {  // two groups of 8 rows per 16-lane vector
+    using Wide = Lanes16;  // two groups of 8 rows per 16-lane vector
+#else
+    using Wide = Lanes8x2;  // two groups of 8 rows as two registers
+#endif
+    for (; n + 16 <= n1; n += 16) {
         const BlockQ6_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
         for (int64_t m = 0; m < M; ++m) {
-            q6_k_groups_row<Lanes16>(groups, xq + m * nb, nb, tmp);
+            q6_k_groups_row<Wide>(groups, xq + m * nb, nb, tmp);
             for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
         }
     }
-#endif
     for (; n < n1; n += 8) {
         const BlockQ6_Kx8* group[1] = {w + (n / 8) * nb};
         for (int64_t m = 0; m < M; ++m) {
