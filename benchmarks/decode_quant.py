@@ -2,9 +2,12 @@
 
     python -m benchmarks.decode_quant                         # ~230M-param Mixtral, ~6 min on 2 cores
     python -m benchmarks.decode_quant --formats q8_0,q4_0 --num-layers 2
+    python -m benchmarks.decode_quant --formats q4_k,llama_q4_k_m   # + a file llama.cpp quantized
 
 For each format (f32, q8_0, q4_0, q4_k) moetron's writer (moetron/convert/gguf_file.py) writes one
-GGUF of the same seeded weights; `moetron serve FILE.gguf`'s engine and llama.cpp
+GGUF of the same seeded weights; `llama_q4_k_m` (or llama_q8_0, llama_q4_0) is instead what
+llama.cpp's own quantizer (llama_model_quantize) makes of the f32 file: the mix of formats users
+download (for an 8-expert MoE's Q4_K_M: Q4_K, Q5_K, Q6_K and Q8_0). `moetron serve FILE.gguf`'s engine and llama.cpp
 (llama-cpp-python, fp32 KV cache like moetron's) decode from that file:
 
 (a) batch 1, greedy: decode tokens/s = (N - 1) / (t(N new) - t(1 new)), every system and format
@@ -34,6 +37,7 @@ from benchmarks.decode import add_model_args, agreement, llama_cpp_generate, mod
 from moetron.model.accounting import kv_bytes_per_token, param_counts
 
 FORMATS = ("f32", "q8_0", "q4_0", "q4_k")
+LLAMA_FTYPES = {"llama_q8_0": 7, "llama_q4_0": 2, "llama_q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,12 +70,32 @@ def build_files(
     tokenizer = train_bpe(texts[:300], cfg.vocab_size)
     torch.manual_seed(args.seed)
     model = Transformer.from_config(cfg).eval()
-    files = {fmt: write_gguf(model, tokenizer, workdir / f"model-{fmt}.gguf", fmt) for fmt in formats}
+    ours = [fmt for fmt in formats if fmt not in LLAMA_FTYPES]
+    if len(ours) < len(formats) and "f32" not in ours:
+        ours.append("f32")  # llama.cpp quantizes from it
+    files = {fmt: write_gguf(model, tokenizer, workdir / f"model-{fmt}.gguf", fmt) for fmt in ours}
+    for fmt in formats:
+        if fmt in LLAMA_FTYPES:
+            files[fmt] = llama_quantize(files["f32"], workdir / f"model-{fmt}.gguf", LLAMA_FTYPES[fmt])
+    files = {fmt: files[fmt] for fmt in formats}
     count = max(1, args.concurrent)
     prompts = [
         ids[: args.prompt_len] for ids in tokenizer.encode_batch(texts[300:]) if len(ids) >= args.prompt_len
     ]
     return files, prompts[:count]
+
+
+def llama_quantize(source: Path, target: Path, ftype: int) -> Path:
+    """`source` quantized by llama.cpp's own quantizer (its choice of format per tensor)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} (ftype {ftype})")
+    return target
 
 
 def bytes_per_weight(path: Path, cfg: object) -> float:
@@ -87,6 +111,8 @@ def main() -> None:
     print(machine_line())
     read_gbs = read_bandwidth_gbs()
     use_llama = not args.skip_llama_cpp and importlib.util.find_spec("llama_cpp") is not None
+    if any(fmt in LLAMA_FTYPES for fmt in formats) and importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit("llama_* formats are made by llama.cpp's quantizer: pip install -e '.[bench]'")
     counts = param_counts(cfg)
     print(
         f"model: Mixtral layout, {cfg.num_layers} layers, dim {cfg.dim}, {cfg.moe.num_experts} experts top-"
