@@ -80,51 +80,28 @@ inline float row_dot(const B* w, const BlockQ8_0* x, int64_t nb) {
 }
 
 // Q4_K: per super-block, sum_j scale_j * dot_j and sum_j min_j * (sums of x over sub-block j).
-inline float row_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) {
-    float out = 0.0f, out_min = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ4_K& wb = w[b];
-        const BlockQ8_K& xb = x[b];
-        __m256i sum = _mm256_setzero_si256();
-        int32_t sum_min = 0;
-        for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
-            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs + 32 * g));
-            int scale_lo, min_lo, scale_hi, min_hi;
-            q4_k_scale_min(2 * g, wb.scales, scale_lo, min_lo);
-            q4_k_scale_min(2 * g + 1, wb.scales, scale_hi, min_hi);
-            const __m256i p_lo = dot_lanes_us(_mm256_and_si256(packed, low), load_q8(xb.qs + 64 * g));
-            const __m256i p_hi = dot_lanes_us(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), load_q8(xb.qs + 64 * g + 32));
-            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(scale_lo)));
-            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(scale_hi)));
-            sum_min += min_lo * (xb.bsums[4 * g] + xb.bsums[4 * g + 1]) + min_hi * (xb.bsums[4 * g + 2] + xb.bsums[4 * g + 3]);
-        }
-        out = __builtin_fmaf(xb.d * fp16_to_fp32(wb.d), static_cast<float>(hsum_epi32(sum)), out);
-        out_min = __builtin_fmaf(xb.d * fp16_to_fp32(wb.dmin), static_cast<float>(sum_min), out_min);
-    }
-    return out - out_min;
-}
-
-// Q5_K: Q4_K's chains, each value's fifth bit (x16) or-ed in from qh before the products.
-inline float row_dot(const BlockQ5_K* w, const BlockQ8_K* x, int64_t nb) {
+// Q5_K: the same chains, each value's fifth bit (x16) or-ed in from qh before the products.
+template <typename B>  // BlockQ4_K or BlockQ5_K
+inline float k4_row_dot(const B* w, const BlockQ8_K* x, int64_t nb) {
     float out = 0.0f, out_min = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
     for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ5_K& wb = w[b];
+        const B& wb = w[b];
         const BlockQ8_K& xb = x[b];
-        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qh));
         __m256i sum = _mm256_setzero_si256();
         int32_t sum_min = 0;
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
             const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs + 32 * g));
-            // Bit s of each qh byte to bit 4 (16-bit shifts: the mask drops what crosses bytes).
-            const __m256i bit_lo = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g), one), 4);
-            const __m256i bit_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g + 1), one), 4);
+            __m256i q_lo = _mm256_and_si256(packed, low), q_hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            if constexpr (std::is_same_v<B, BlockQ5_K>) {
+                // Bit s of each qh byte to bit 4 (16-bit shifts: the mask drops what crosses bytes).
+                const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qh));
+                q_lo = _mm256_or_si256(q_lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g), one), 4));
+                q_hi = _mm256_or_si256(q_hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * g + 1), one), 4));
+            }
             int scale_lo, min_lo, scale_hi, min_hi;
             q4_k_scale_min(2 * g, wb.scales, scale_lo, min_lo);
             q4_k_scale_min(2 * g + 1, wb.scales, scale_hi, min_hi);
-            const __m256i q_lo = _mm256_or_si256(_mm256_and_si256(packed, low), bit_lo);
-            const __m256i q_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), bit_hi);
             const __m256i p_lo = dot_lanes_us(q_lo, load_q8(xb.qs + 64 * g));
             const __m256i p_hi = dot_lanes_us(q_hi, load_q8(xb.qs + 64 * g + 32));
             sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(scale_lo)));
@@ -136,6 +113,8 @@ inline float row_dot(const BlockQ5_K* w, const BlockQ8_K* x, int64_t nb) {
     }
     return out - out_min;
 }
+inline float row_dot(const BlockQ4_K* w, const BlockQ8_K* x, int64_t nb) { return k4_row_dot(w, x, nb); }
+inline float row_dot(const BlockQ5_K* w, const BlockQ8_K* x, int64_t nb) { return k4_row_dot(w, x, nb); }
 
 // Q6_K: a half of 128 values holds four groups of 32 (value 32k + l: low nibble of ql[l + 32 (k % 2)]
 // if k < 2 else its high nibble, bits 2k..2k+1 of qh[l]), each two sub-blocks of 16 with their own
@@ -663,60 +642,38 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
         for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = row_dot(w + n * nb, xq + m * nb, nb);
 }
 
-// The same for r8 rows (n0, n1 multiples of 8; w points at row 0).
-template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8>, int> = 0>
+// The same for r8 rows of the k-quants (n0, n1 multiples of 8; w points at row 0): 16 rows per pass
+// while they last (Lanes16, or AVX2's Lanes8x2), then 8.
+template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8> ||
+                                           std::is_same_v<G, BlockQ6_Kx8>,
+                                       int> = 0>
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
     const auto [xq, pair_sums] = quantize_rows<G>(x, ldx, M, K);
     const int64_t nb = K / 256;
-    float tmp[16];
     int64_t n = n0;
+    const auto rows_of = [&](auto lanes) {
+        using V = decltype(lanes);
+        constexpr int64_t width = 8 * V::GROUPS;
+        float tmp[16];
+        for (; n + width <= n1; n += width) {
+            const G* groups[V::GROUPS];
+            for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
+            for (int64_t m = 0; m < M; ++m) {
+                if constexpr (std::is_same_v<G, BlockQ6_Kx8>)
+                    q6_k_groups_row<V>(groups, xq + m * nb, nb, tmp);
+                else
+                    q4_k_groups_row<V>(groups, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
+                for (int r = 0; r < width; ++r) out[m * ldo + n + r] = tmp[r];
+            }
+        }
+    };
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    using Wide = Lanes16;  // two groups of 8 rows per 16-lane vector
+    rows_of(Lanes16{});  // two groups of 8 rows per 16-lane vector
 #else
-    using Wide = Lanes8x2;  // two groups of 8 rows as two registers
+    rows_of(Lanes8x2{});  // two groups of 8 rows as two registers
 #endif
-    for (; n + 16 <= n1; n += 16) {
-        const G* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
-        for (int64_t m = 0; m < M; ++m) {
-            q4_k_groups_row<Wide>(groups, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
-            for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
-        }
-    }
-    for (; n < n1; n += 8) {
-        const G* group[1] = {w + (n / 8) * nb};
-        for (int64_t m = 0; m < M; ++m) {
-            q4_k_groups_row<Lanes8>(group, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
-            for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
-        }
-    }
-}
-
-inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const BlockQ6_Kx8* w, float* out, int64_t ldo,
-                                  int64_t M, int64_t K, int64_t n0, int64_t n1) {
-    const BlockQ8_K* xq = quantize_rows<BlockQ6_Kx8>(x, ldx, M, K).blocks;
-    const int64_t nb = K / 256;
-    float tmp[16];
-    int64_t n = n0;
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    using Wide = Lanes16;  // two groups of 8 rows per 16-lane vector
-#else
-    using Wide = Lanes8x2;  // two groups of 8 rows as two registers
-#endif
-    for (; n + 16 <= n1; n += 16) {
-        const BlockQ6_Kx8* groups[2] = {w + (n / 8) * nb, w + (n / 8 + 1) * nb};
-        for (int64_t m = 0; m < M; ++m) {
-            q6_k_groups_row<Wide>(groups, xq + m * nb, nb, tmp);
-            for (int r = 0; r < 16; ++r) out[m * ldo + n + r] = tmp[r];
-        }
-    }
-    for (; n < n1; n += 8) {
-        const BlockQ6_Kx8* group[1] = {w + (n / 8) * nb};
-        for (int64_t m = 0; m < M; ++m) {
-            q6_k_groups_row<Lanes8>(group, xq + m * nb, nb, tmp);
-            for (int r = 0; r < 8; ++r) out[m * ldo + n + r] = tmp[r];
-        }
-    }
+    rows_of(Lanes8{});
 }
 
 // x rows in tiles of MR (then one at a time) against the row groups of one vector width.
