@@ -5,12 +5,13 @@
 // element is then one fixed sequence, whatever the layout, tile, chunk, row count, thread or ISA:
 //   out = 0; for each block b in order: out = fma(scale_b, float(isum_b), out)
 // where isum_b is the block's exact integer dot product (for the k-quants, its sub-block scales
-// applied in integers) and scale_b = d_w * d_x in fp32; Q4_K's min term is a second such chain,
-// subtracted at the end. Integer sums are exact, so how SIMD lanes split them never shows.
+// applied in integers) and scale_b = d_w * d_x in fp32; Q4_K's and Q5_K's min term is a second such
+// chain, subtracted at the end. Integer sums are exact, so how SIMD lanes split them never shows.
+// A matmul's x rows are quantized once per thread and reused by its chunks (quantize_activations).
 //
-// Two layouts of the same blocks: GGML's (rows one after another; any row count), and "r8" for
-// Q8_0 / Q4_0 / Q4_K / Q6_K (moetron/quant/interleave.py: each 8 rows' blocks interleaved, their scales together,
-// their values in 4-byte groups), where one 32-byte load holds 4 values of each of 8 rows. There
+// Two layouts of the same blocks: GGML's (rows one after another; any row count), and "r8" for every
+// format (moetron/quant/interleave.py: each 8 rows' blocks interleaved, their scales together, their
+// values in 4-byte groups), where one 32-byte load holds 4 values of each of 8 rows. There
 // the 8 rows are the 8 SIMD lanes, each running the chain above, so a decode step streams the
 // weights with a few instructions per 256 multiply-adds (the layout llama.cpp's CPU repack uses
 // for the same reason).
