@@ -55,6 +55,9 @@ class FakeEngine:
         self.blocks_used += 1
         return request_id
 
+    def _next_token(self, req: dict, i: int, sample: dict) -> int:
+        return self.script[(i + len(sample["ids"]) + len(req["prompt"])) % len(self.script)]
+
     def abort(self, request_id):
         if self.requests.pop(request_id, None) is not None:
             self.blocks_used -= 1
@@ -72,9 +75,10 @@ class FakeEngine:
             for i, s in enumerate(req["samples"]):
                 if s["finish"]:
                     continue
-                token = self.script[(i + len(s["ids"]) + len(req["prompt"])) % len(self.script)]
+                token = self._next_token(req, i, s)
                 s["ids"].append(token)
-                s["detok"].add(token)
+                if token != self.tokenizer.eos_id:
+                    s["detok"].add(token)
                 if s["logprobs"] is not None:
                     # runner-up: an ASCII letter, so its text differs from the chosen token's
                     other = ord("z") - 33 + 7 if token != ord("z") - 33 + 7 else ord("y") - 33 + 7

@@ -25,10 +25,9 @@ import pytest
 from conftest import API_KEY, HANG_GUARD_S, assert_openai_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_serve_http import FakeEngine
 
 from moetron.data.tokenizer import TOOLS_INSTRUCTIONS, TOOLS_PREAMBLE, Tokenizer
-from moetron.infer.detokenizer import IncrementalDetokenizer, StopChecker
-from moetron.infer.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from moetron.serve import protocol as P
 from moetron.serve import tool_calls
 from moetron.serve.tool_calls import Parsed, ParsedCall, ToolCallStream, parse
@@ -504,75 +503,25 @@ def test_random_walks_after_an_opened_call_are_valid_calls(tokenizer, ll_tokeniz
 # --- The server, on a scripted engine: parsing, streaming, errors.
 
 
-class ScriptedEngine:
+class ScriptedEngine(FakeEngine):
     """Answers every request with `reply`, one token per step, then EOS (finish "stop"), and keeps
     the prompt and sampling parameters of each request it was given."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, tokenizer.vocab_size, 4096
+        super().__init__(tokenizer, script=[])
+        self.max_model_len = 4096  # prompts carry the tools' schemas
         self.reply = ""
         self.received: list[tuple[str | None, object]] = []
-        self.requests: dict[str, dict] = {}
 
     def add_request(self, prompt_token_ids, params, request_id=None, prompt=None):
         self.received.append((prompt, params))
-        samples = [
-            {
-                "ids": [],
-                "detok": IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
-                "stop": StopChecker(params, self.tokenizer.eos_id),
-                "text": "",
-                "finish": None,
-            }
-            for _ in range(params.n)
-        ]
-        script = [*self.tokenizer.encode(self.reply, allow_special=False), self.tokenizer.eos_id]
-        self.requests[request_id] = {
-            "prompt": prompt_token_ids,
-            "text": prompt,
-            "samples": samples,
-            "script": script,
-        }
+        super().add_request(prompt_token_ids, params, request_id, prompt)
+        reply = self.tokenizer.encode(self.reply, allow_special=False)
+        self.requests[request_id]["script"] = [*reply, self.tokenizer.eos_id]
         return request_id
 
-    def abort(self, request_id):
-        self.requests.pop(request_id, None)
-
-    def has_unfinished_requests(self):
-        return bool(self.requests)
-
-    def step(self):
-        outputs = []
-        for rid, req in list(self.requests.items()):
-            for s in req["samples"]:
-                if s["finish"]:
-                    continue
-                token = req["script"][len(s["ids"])]
-                s["ids"].append(token)
-                if token != self.tokenizer.eos_id:
-                    s["detok"].add(token)
-                s["finish"], _, s["text"] = s["stop"].check(s["ids"], s["detok"].text)
-            done = all(s["finish"] for s in req["samples"])
-            outs = [
-                CompletionOutput(i, s["text"], list(s["ids"]), finish_reason=s["finish"])
-                for i, s in enumerate(req["samples"])
-            ]
-            outputs.append(
-                RequestOutput(
-                    rid,
-                    req["text"],
-                    req["prompt"],
-                    outs,
-                    finished=done,
-                    metrics=RequestMetrics(arrival_time=0.0),
-                )
-            )
-            if done:
-                self.abort(rid)
-        return outputs
-
-    def get_stats(self):
-        return EngineStats(0, len(self.requests), 0, 100, 0, 0, 0, 0, 0, [])
+    def _next_token(self, req: dict, i: int, sample: dict) -> int:
+        return req["script"][len(sample["ids"])]
 
 
 CALL_ID = re.compile(r"call_[0-9a-f]{24}")
