@@ -422,10 +422,10 @@ inline void q4_k_groups_row(const G* const* w, const BlockQ8_K* x, const int16_t
             // accumulator chains (low/high nibbles, even/odd t) so the multiply-adds' latency overlaps.
             I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
             for (int t = 0; t < 8; t += 2) {
-                I lo0 = V::band(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t)), low);
-                I lo1 = V::band(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1)), low);
-                I hi0 = V::band(V::shr16(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t)), 4), low);
-                I hi1 = V::band(V::shr16(V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1)), 4), low);
+                const I p0 = V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t));
+                const I p1 = V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1));
+                I lo0 = V::band(p0, low), lo1 = V::band(p1, low);
+                I hi0 = V::band(V::shr16(p0, 4), low), hi1 = V::band(V::shr16(p1, 4), low);
                 if constexpr (fifth_bit) {  // bits 2g and 2g + 1 of qh's group t to bit 4 (x16)
                     const I h0 = V::load(w, b, offsetof(G, qh) + 32 * t);
                     const I h1 = V::load(w, b, offsetof(G, qh) + 32 * (t + 1));
