@@ -18,17 +18,22 @@ pytestmark = pytest.mark.skipif(
 FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
 
 
-def _quantized_weight(fmt: str, rows: int, width: int, gen: torch.Generator) -> torch.Tensor:
+def _quantized_weight(
+    fmt: str, rows: int, width: int, gen: torch.Generator, d_range: tuple[float, float] = (0.001, 0.005)
+) -> torch.Tensor:
     """GGML blocks of `fmt` for a random weight. The k-quants are random blocks with sane fp16
-    scales (every bit pattern of their values and sub-block scales is a valid block): Q5_K and Q6_K are
-    read-only, and random Q4_K blocks reach scale and min patterns moetron's quantizer never makes."""
+    scales d in `d_range` (every bit pattern of their values and sub-block scales is a valid block):
+    Q5_K and Q6_K are read-only, and random Q4_K blocks reach scale and min patterns moetron's
+    quantizer never makes."""
     if fmt in ("q8_0", "q4_0"):
         return ggml_blocks.quantize(torch.randn(rows, width, generator=gen) * 0.05, fmt)
     data = torch.randint(0, 256, (rows, ggml_blocks.row_bytes(fmt, width)), dtype=torch.uint8, generator=gen)
     block = ggml_blocks.block_format(fmt).block_bytes
     blocks = data.view(-1, block)
     scales = (
-        (torch.rand(blocks.shape[0], 2, generator=gen) * 0.004 + 0.001).to(torch.float16).view(torch.uint8)
+        (torch.rand(blocks.shape[0], 2, generator=gen) * (d_range[1] - d_range[0]) + d_range[0])
+        .to(torch.float16)
+        .view(torch.uint8)
     )
     if fmt in ("q4_k", "q5_k"):  # d and dmin lead the block
         blocks[:, 0:4] = scales

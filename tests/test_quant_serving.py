@@ -1,6 +1,7 @@
-"""Serving a model quantized at load (engine.quantization = q8_0 | q4_0 | q4_k): a request's tokens
-and logprobs are bit-identical alone or batched in any order and chunking, with or without a prefix
-hit, on the fused layers and on the module path; the logits stay close to the float model's; widths
+"""Serving a model quantized at load (engine.quantization = q8_0 | q4_0 | q4_k), or holding the Q5_K /
+Q6_K weights of a llama.cpp Q4_K_M file: a request's tokens and logprobs are bit-identical alone or
+batched in any order and chunking, with or without a prefix hit, on the fused layers and on the
+module path; the logits stay close to the float model's; widths
 a format cannot hold fall back to a wider format, once reported; bad settings are refused."""
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ import random
 
 import pytest
 import torch
+from test_quant_kernels import _quantized_weight
 
 from moetron.config import ConfigError, EngineConfig, ModelConfig, MoEConfig
 from moetron.infer.engine import LLMEngine
 from moetron.infer.sampling_params import SamplingParams
 from moetron.kernels import cpu_kernels
 from moetron.model import Transformer
-from moetron.quant.quantize import QuantizedGroupedExperts, QuantizedLinear, quantize_model
+from moetron.quant.quantize import (
+    QuantizedGroupedExperts,
+    QuantizedLinear,
+    quantize_model,
+    set_quantized_weight,
+)
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason="quantized serving runs on moetron's CPU kernels (AVX2, a compiler)"
@@ -45,6 +52,30 @@ def quantized(request, model) -> tuple[str, Transformer]:
     copied = copy.deepcopy(model)
     quantize_model(copied, request.param)
     return request.param, copied
+
+
+@pytest.fixture(scope="module")
+def k_quant_mix(model) -> Transformer:
+    """q4_k, then each layer's query / output projections and experts' w1 / w3 replaced by random
+    Q5_K (layer 0) or Q6_K (layer 1) blocks, which moetron reads but does not write (small scales:
+    weights within ~0.1)."""
+    mixed = copy.deepcopy(model)
+    quantize_model(mixed, "q4_k")
+    gen = torch.Generator().manual_seed(6)
+    for layer, fmt in zip(mixed.layers, ("q5_k", "q6_k"), strict=True):
+        for module in (layer.attention.wq, layer.attention.wo):
+            rows, width = module.out_features, module.in_features
+            set_quantized_weight(
+                module, "weight", _quantized_weight(fmt, rows, width, gen, (1e-5, 5e-5)), fmt
+            )
+        experts = layer.ffn.experts
+        for name in ("w1", "w3"):
+            blocks = [
+                _quantized_weight(fmt, 96, CFG.dim, gen, (1e-5, 5e-5)) for _ in range(CFG.moe.num_experts)
+            ]
+            set_quantized_weight(experts, name, torch.stack(blocks), fmt)
+    assert mixed.layers[1].ffn.experts.weight_formats["w1"] == "q6_k_r8"  # interleaved: the r8 kernels
+    return mixed
 
 
 def requests() -> tuple[list[int], list[list[int]]]:
@@ -86,6 +117,22 @@ def test_solo_equals_batched_in_any_order_and_chunking(quantized, params) -> Non
             run(model, batch, params, max_num_batched_tokens=budget)[batch.index(target)]
         )
         assert got == solo, f"{fmt}: differs with budget {budget}"
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded-sampling"])
+def test_q5_k_and_q6_k_weights_solo_equals_batched(k_quant_mix, params) -> None:
+    target, others = requests()
+    solo = tokens_and_logprobs(run(k_quant_mix, [target], params, max_num_batched_tokens=256)[0])
+    rng = random.Random(2)
+    for budget in (16, 37):
+        batch = [target, *others]
+        rng.shuffle(batch)
+        got = tokens_and_logprobs(
+            run(k_quant_mix, batch, params, max_num_batched_tokens=budget)[batch.index(target)]
+        )
+        assert got == solo, f"differs with budget {budget}"
+    hit = run(k_quant_mix, [others[0], target], params, max_num_seqs=1)[1]  # a prefix hit
+    assert hit.num_cached_tokens == 32 and tokens_and_logprobs(hit) == solo
 
 
 def test_prefix_hit_and_module_path(quantized) -> None:
