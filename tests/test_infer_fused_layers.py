@@ -126,3 +126,80 @@ def test_paused_expert_stats_stay_untouched() -> None:
         while engine.has_unfinished_requests():
             engine.step()
     assert all(int(layer.tokens_per_expert.sum()) == 0 for layer in model.moe_layers())
+
+
+def _layer_by_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine steps each FusedBlock from Python and calls the norm's and head's modules."""
+    monkeypatch.setattr(fused_layers.FusedTransformer, "runs_whole_stack", lambda self, *args: False)
+    monkeypatch.setattr(fused_layers.FusedTransformer, "logits", Transformer.logits)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "q4_k"])
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "plain"])
+def test_whole_stack_call_gives_the_layer_by_layer_bits(weights: str, invariant: bool, monkeypatch) -> None:
+    """One kernel call for all layers (and one for the final norm and head) computes exactly what
+    the per-layer calls do: every token id, logprob and expert count, over prefill chunks and
+    decodes of several sequences; and it is the path an engine step takes."""
+    from moetron.quant.quantize import quantize_model
+
+    def build() -> Transformer:
+        torch.manual_seed(0)
+        model = Transformer.from_config(CFG).eval()
+        if weights == "bfloat16":
+            model = model.to(torch.bfloat16)
+        elif weights != "float32":
+            quantize_model(model, weights)
+        return model
+
+    lib = cpu_kernels.library()
+    calls = {"layers": 0, "logits": 0}
+    for name, key in (("moetron_decoder_layers", "layers"), ("moetron_logits", "logits")):
+        kernel = getattr(lib, name)
+
+        def counted(*args, _kernel=kernel, _key=key):
+            calls[_key] += 1
+            _kernel(*args)
+
+        monkeypatch.setattr(lib, name, counted)
+    stacked, stacked_counts = generate(build(), fused=True, invariant=invariant, dtype="float32")
+    assert calls["layers"] > 0 and calls["logits"] > 0
+    _layer_by_layer(monkeypatch)
+    calls.update(layers=0, logits=0)
+    layered, layered_counts = generate(build(), fused=True, invariant=invariant, dtype="float32")
+    assert calls == {"layers": 0, "logits": 0}
+    assert stacked == layered
+    for a, b in zip(stacked_counts, layered_counts, strict=True):
+        assert torch.equal(a, b) and int(a.sum()) > 0
+
+
+def test_whole_stack_follows_reloaded_weights(monkeypatch) -> None:
+    """A weight re-homed through .data between one engine's steps (new values at a new address) is
+    read from its new place, as the per-layer calls read it: the stack's cached addresses are
+    checked every step."""
+
+    def serve(engine: LLMEngine) -> list:
+        params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
+        request = engine.add_request([5, 9, 2, 7, 1], params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id == request:
+                    result = out.outputs[0]
+        return [result.token_ids, [{t: lp.logprob for t, lp in p.items()} for p in result.logprobs]]
+
+    def reload(model: Transformer) -> None:
+        for layer in model.layers:
+            for param in (layer.attention.wq.weight, layer.ffn.experts.w2):
+                param.data = param.data * 1.5
+
+    torch.manual_seed(0)
+    model = Transformer.from_config(CFG).eval()
+    reference = copy.deepcopy(model)
+    options = EngineConfig(num_kv_blocks=16, block_size=8, enable_prefix_caching=False)
+    engine = LLMEngine(model, None, options)
+    before = serve(engine)  # the stack's tables now hold these addresses
+    reload(model)
+    stacked = serve(engine)
+    _layer_by_layer(monkeypatch)
+    reload(reference)
+    layered = serve(LLMEngine(reference, None, options))
+    assert stacked == layered != before

@@ -28,13 +28,14 @@ import math
 import torch
 from torch import nn
 
+from moetron.infer.batch_invariant import SMALL_ROWS
 from moetron.infer.paged_attention import PagedAttention
 from moetron.infer.serving_kernels import ServingKernels, ServingModule
 from moetron.kernels import cpu_kernels
 from moetron.model.moe import MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding
-from moetron.model.transformer import Block, RMSNorm, Transformer
+from moetron.model.transformer import AttentionBackend, Block, RMSNorm, Transformer, causal_sdpa
 from moetron.quant.quantize import weight_format
 
 
@@ -61,15 +62,132 @@ def supports(model: Transformer) -> bool:
 def fused_kernels(model: Transformer, base: ServingKernels) -> ServingKernels:
     """`base` (the batch mode's kernels) with every layer fused; for a bf16 model the embedding,
     final norm and head widen its weights to fp32 (the fp32 model's norm and head are `base`'s)."""
-    classes = {**base.classes, Block: FusedBlock, RotaryEmbedding: TabledRotaryEmbedding}
+    classes = {
+        **base.classes,
+        Transformer: FusedTransformer,
+        Block: FusedBlock,
+        RotaryEmbedding: TabledRotaryEmbedding,
+    }
     if model.output.weight.dtype == torch.bfloat16:
         classes |= {Embedding: WideningEmbedding, RMSNorm: WidenedRMSNorm, Linear: WidenedLinear}
     return ServingKernels(f"{base.name}+fused", classes, prepare=_prepare)
 
 
 def _prepare(model: nn.Module, module: nn.Module) -> None:
-    if isinstance(module, FusedBlock | TabledRotaryEmbedding | WidenedRMSNorm):
+    if isinstance(module, FusedTransformer | FusedBlock | TabledRotaryEmbedding | WidenedRMSNorm):
         module.prepare()
+
+
+class FusedTransformer(ServingModule, Transformer):
+    """An engine step's decoder stack in one kernel call (moetron_decoder_layers) when every layer
+    is a FusedBlock: the embedding and RoPE rows in torch, then each layer's two blocks in C, the
+    same calls FusedBlock makes from Python (so the same bits) without a return to Python between
+    them. Anything else (sharded layers, the model called outside an engine step) runs layer by
+    layer."""
+
+    model_class = Transformer
+
+    def prepare(self) -> None:
+        # Gathered at the first step (the layers are swapped and prepared after this module).
+        self.fused_layers: tuple[FusedBlock, ...] | None = None
+        self.stack_key: tuple | None = None
+        self.stack_tables: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
+
+    def hidden_states(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        attention_backend: AttentionBackend = causal_sdpa,
+    ) -> torch.Tensor:
+        if not self.runs_whole_stack(input_ids_BT, positions_BT, attention_backend):
+            return super().hidden_states(input_ids_BT, positions_BT, attention_backend)
+        assert isinstance(attention_backend, PagedAttention) and positions_BT is not None
+        h_BTD = self.tok_embeddings(input_ids_BT)
+        if h_BTD.dtype != torch.float32 or not h_BTD.is_contiguous():
+            raise ValueError("the fused layers take contiguous float32 hidden states")
+        tables = attention_backend.kernel_tables
+        cos_Pd, sin_Pd = self.rope.tables(tables.max_position + 1)  # rows by position: the kernel picks
+        fields_LF, scalars_LS = self.layer_tables(attention_backend)
+        k_cache = attention_backend.k_caches[0]
+        num_tokens, dim = h_BTD.shape[1:]
+        cpu_kernels.library().moetron_decoder_layers(
+            h_BTD.data_ptr(), fields_LF.data_ptr(), scalars_LS.data_ptr(), len(self.layers), cos_Pd.data_ptr(),
+            sin_Pd.data_ptr(), cos_Pd.shape[1], attention_backend.slot_mapping_T.data_ptr(),
+            tables.tables_QB.data_ptr(), tables.tables_QB.shape[1], tables.seq_of_row_T.data_ptr(),
+            tables.pos_of_row_T.data_ptr(), num_tokens, dim, k_cache.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+        return h_BTD
+
+    def logits(self, h_xD: torch.Tensor) -> torch.Tensor:
+        """The final norm and the head in one kernel call for an engine step's few rows: the two
+        kernels the norm's and the head's modules call there (so the same bits). More rows, which
+        non-invariant mode hands to MKL, and calls outside the engine take the modules."""
+        if not (
+            self.fused_layers
+            and h_xD.dim() == 2
+            and 0 < h_xD.shape[0] <= SMALL_ROWS
+            and h_xD.dtype == torch.float32
+            and h_xD.stride(-1) == 1
+            and not h_xD.requires_grad
+        ):
+            return super().logits(h_xD)
+        norm, head = self.norm, self.output
+        norm_weight = getattr(norm, "weight_fp32", norm.weight)  # a bf16 model's widened copy
+        weight = head.weight
+        num_rows, dim = h_xD.shape
+        out_RV = torch.empty(num_rows, weight.shape[0], dtype=torch.float32)
+        cpu_kernels.library().moetron_logits(
+            h_xD.data_ptr(), h_xD.stride(0), norm_weight.data_ptr(), norm.eps, weight.data_ptr(),
+            _format_code(head, "weight"), out_RV.data_ptr(), num_rows, dim, weight.shape[0], torch.get_num_threads(),
+        )  # fmt: skip
+        return out_RV
+
+    def runs_whole_stack(
+        self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, attention_backend: object
+    ) -> bool:
+        """An engine step of one packed row whose every row goes to the kernels, every layer fused."""
+        if self.fused_layers is None:
+            layers = tuple(self.layers)
+            fused = isinstance(self.rope, TabledRotaryEmbedding) and all(
+                type(la) is FusedBlock for la in layers
+            )
+            self.fused_layers = layers if fused else ()
+        return (
+            bool(self.fused_layers)
+            and isinstance(attention_backend, PagedAttention)
+            and attention_backend.kernel_tables is not None
+            and attention_backend.kernel_rows_T is None
+            and positions_BT is not None
+            and input_ids_BT.dim() == 2
+            and input_ids_BT.shape[0] == 1
+        )
+
+    def layer_tables(self, attention_backend: PagedAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """moetron_decoder_layers' per-layer rows as tensors. Rebuilt only when an address they hold
+        changed (a weight re-homed through .data, another engine's caches, expert stats paused):
+        comparing those costs a few microseconds a step, building the rows ~25 per layer."""
+        layers = self.fused_layers
+        assert layers
+        key = (
+            id(attention_backend.k_caches),
+            id(attention_backend.v_caches),
+            *(tensor.data_ptr() for layer in layers for tensor in layer.stack_tensors),
+            *(layer.routed_layer.record_stats for layer in layers),
+        )
+        if key != self.stack_key:
+            lib = cpu_kernels.library()
+            fields: list[int] = []
+            scalars: list[float] = []
+            for layer in layers:
+                named, named_scalars = layer.stack_fields(attention_backend)
+                fields += [named[name] for name in lib.layer_fields]
+                scalars += [named_scalars[name] for name in lib.layer_scalars]
+            self.stack_tables = (
+                torch.tensor(fields, dtype=torch.int64).view(len(layers), -1),
+                torch.tensor(scalars, dtype=torch.float32).view(len(layers), -1),
+            )
+            self.stack_key = key
+        return self.stack_tables
 
 
 class FusedBlock(ServingModule, Block):
@@ -110,6 +228,10 @@ class FusedBlock(ServingModule, Block):
             moe.cfg.num_experts,
         )
         self.discarded_counts = torch.zeros(moe.cfg.num_experts, dtype=torch.int64)
+        self.stack_tensors = self.attention_tensors + self.routed_tensors
+        # The MoE layer again, outside nn.Module's registry (not a second submodule): its lookup as
+        # self.ffn costs ~1 us.
+        self.__dict__["routed_layer"] = moe
 
     def forward(
         self,
@@ -168,6 +290,29 @@ class FusedBlock(ServingModule, Block):
             k_cache.shape[1],
         )
 
+    def stack_fields(self, attention_backend: PagedAttention) -> tuple[dict[str, int], dict[str, float]]:
+        """This layer's row of moetron_decoder_layers' tables, by field name: what its two calls
+        below pass, less the step's shared arguments."""
+        attn_norm, wq, wk, wv, wo = (t.data_ptr() for t in self.attention_tensors)
+        ffn_norm, gate, bias, w1, w3, w2 = (t.data_ptr() for t in self.routed_tensors)
+        q_format, k_format, v_format, o_format = self.attention_formats
+        gate_format, w1_format, w3_format, w2_format = self.routed_formats
+        num_heads, num_kv_heads, head_dim, scale = self.attention_constants
+        top_k, normalize, hidden, num_experts = self.routed_constants
+        k_cache = attention_backend.k_caches[self.layer_id]
+        fields = dict(
+            attention_norm=attn_norm, wq=wq, wq_format=q_format, wk=wk, wk_format=k_format, wv=wv,
+            wv_format=v_format, wo=wo, wo_format=o_format, k_cache=k_cache.data_ptr(),
+            v_cache=attention_backend.v_caches[self.layer_id].data_ptr(),
+            cache_format=cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_norm=ffn_norm, gate=gate, gate_format=gate_format,
+            bias=bias, top_k=top_k, normalize=normalize, w1=w1, w1_format=w1_format, w3=w3, w3_format=w3_format,
+            w2=w2, w2_format=w2_format, counts=self.expert_counts().data_ptr(), hidden=hidden,
+            num_experts=num_experts,
+        )  # fmt: skip
+        scalars = dict(attention_eps=self.attention_norm.eps, ffn_eps=self.ffn_norm.eps, scale=scale)
+        return fields, scalars
+
     def moe_half(self, h_TD: torch.Tensor) -> None:
         num_tokens, dim = h_TD.shape
         top_k, normalize, hidden, num_experts = self.routed_constants
@@ -199,13 +344,17 @@ class TabledRotaryEmbedding(ServingModule, RotaryEmbedding):
     def prepare(self) -> None:
         self.cos_Pd = self.sin_Pd = torch.empty(0)
 
-    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions_N = positions_BT.flatten()
-        needed = int(positions_N.max()) + 1
-        if needed > self.cos_Pd.shape[0]:
-            size = max(needed, 2 * self.cos_Pd.shape[0], 256)
+    def tables(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [P, d] (fp32, contiguous) for positions 0..P-1 at least."""
+        if num_positions > self.cos_Pd.shape[0]:
+            size = max(num_positions, 2 * self.cos_Pd.shape[0], 256)
             cos_BPd, sin_BPd = super().forward(torch.arange(size)[None], torch.float32)
             self.cos_Pd, self.sin_Pd = cos_BPd[0].contiguous(), sin_BPd[0].contiguous()
+        return self.cos_Pd, self.sin_Pd
+
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions_N = positions_BT.flatten()
+        self.tables(int(positions_N.max()) + 1)
         shape = (*positions_BT.shape, -1)
         cos_BTd = self.cos_Pd.index_select(0, positions_N).view(shape)
         sin_BTd = self.sin_Pd.index_select(0, positions_N).view(shape)

@@ -60,6 +60,7 @@ class KernelTables:
     seq_of_row_T: torch.Tensor
     pos_of_row_T: torch.Tensor
     rows: list[int]
+    max_position: int  # the largest of pos_of_row_T
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int) -> KernelTables:
@@ -78,7 +79,7 @@ class KernelTables:
             rows.extend(range(s.start, s.start + s.num_new))
             seq_of_row.extend([i] * s.num_new)
             pos_of_row.extend(range(s.context_len - s.num_new, s.context_len))
-        return cls(tables_QB, torch.tensor(seq_of_row), torch.tensor(pos_of_row), rows)
+        return cls(tables_QB, torch.tensor(seq_of_row), torch.tensor(pos_of_row), rows, max(pos_of_row))
 
     def attend(
         self, q_THd: torch.Tensor, k_cache_NSGd: torch.Tensor, v_cache_NSGd: torch.Tensor

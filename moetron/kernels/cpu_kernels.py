@@ -51,7 +51,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 16  # 16: tensor parallelism's attention heads / output projection
+ABI_VERSION = 17  # 17: the whole decoder stack in one call (moetron_decoder_layers)
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -180,7 +180,12 @@ def _library(isa: str | None) -> SimpleNamespace | None:
         function = getattr(lib, name)
         function.restype, function.argtypes = None, [ARG_TYPES[c] for c in codes]
         functions[name] = function
-    return SimpleNamespace(**functions)
+    # The field names of moetron_decoder_layers' per-layer rows, in the library's order.
+    for name in ("moetron_layer_fields", "moetron_layer_scalars"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    layer_fields = tuple(lib.moetron_layer_fields().decode().split())
+    layer_scalars = tuple(lib.moetron_layer_scalars().decode().split())
+    return SimpleNamespace(**functions, layer_fields=layer_fields, layer_scalars=layer_scalars)
 
 
 def available() -> bool:

@@ -26,6 +26,9 @@
 
 using namespace moetron;
 
+extern "C" void moetron_linear(const float* x, int64_t ldx, const void* w, int format, int64_t ldw, float* out,
+                               int64_t ldo, int64_t M, int64_t K, int64_t N, int num_threads);  // linear_avx2.cpp
+
 namespace {
 
 struct Projection {
@@ -253,7 +256,80 @@ void moetron_moe_route(const float* h, const float* norm_w, float eps, const voi
 
 }  // extern "C"
 
+// A whole decoder stack in one call: for each layer, its attention block then its MoE block, as the
+// two calls above make them (so the same bits), without returning to Python between layers, whose
+// per-call cost is a tenth of a small model's decode step. Layer l's weights, caches and constants
+// are row l of `fields` (int64: addresses, format codes, sizes) and of `scalars` (float), in the
+// orders MOETRON_LAYER_FIELDS / MOETRON_LAYER_SCALARS give: cpu_kernels.py reads those names from
+// the library (moetron_layer_fields), so the order is written only here. The step's rows, slots,
+// block tables and positions are shared by every layer; RoPE's cos / sin come as the model's
+// tables by position [P, d] (fused_layers.py's TabledRotaryEmbedding), indexed here.
+#define MOETRON_LAYER_FIELDS(X)                                                                             \
+    X(attention_norm) X(wq) X(wq_format) X(wk) X(wk_format) X(wv) X(wv_format) X(wo) X(wo_format)          \
+    X(k_cache) X(v_cache) X(cache_format) X(num_heads) X(num_kv_heads) X(head_dim) X(ffn_norm) X(gate)      \
+    X(gate_format) X(bias) X(top_k) X(normalize) X(w1) X(w1_format) X(w3) X(w3_format) X(w2) X(w2_format) \
+    X(counts) X(hidden) X(num_experts)
+#define MOETRON_LAYER_SCALARS(X) X(attention_eps) X(ffn_eps) X(scale)
+#define MOETRON_ENUM(name) name,
+#define MOETRON_NAME(name) #name " "
+
+namespace field {
+enum : int { MOETRON_LAYER_FIELDS(MOETRON_ENUM) count };
+}
+namespace scalar {
+enum : int { MOETRON_LAYER_SCALARS(MOETRON_ENUM) count };
+}
+
+extern "C" {
+
+const char* moetron_layer_fields() { return MOETRON_LAYER_FIELDS(MOETRON_NAME); }
+const char* moetron_layer_scalars() { return MOETRON_LAYER_SCALARS(MOETRON_NAME); }
+
+void moetron_decoder_layers(float* h, const int64_t* fields, const float* scalars, int64_t num_layers,
+                            const float* cos_table, const float* sin_table, int64_t d, const int64_t* slots,
+                            const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_of_row,
+                            const int64_t* pos_of_row, int64_t T, int64_t D, int64_t S, int num_threads) {
+    // Each row's RoPE cos / sin [T, d]: its position's row of the model's tables [P, d].
+    std::unique_ptr<float[]> cos(new float[T * d]), sin(new float[T * d]);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < d; ++i) {
+            cos[t * d + i] = cos_table[pos_of_row[t] * d + i];
+            sin[t * d + i] = sin_table[pos_of_row[t] * d + i];
+        }
+    for (int64_t l = 0; l < num_layers; ++l) {
+        const int64_t* f = fields + l * field::count;
+        const float* s = scalars + l * scalar::count;
+        const auto address = [f](int i) { return reinterpret_cast<void*>(f[i]); };
+        const auto code = [f](int i) { return static_cast<int>(f[i]); };
+        moetron_attention_block(h, static_cast<const float*>(address(field::attention_norm)), s[scalar::attention_eps],
+                                address(field::wq), code(field::wq_format), address(field::wk), code(field::wk_format),
+                                address(field::wv), code(field::wv_format), address(field::wo), code(field::wo_format),
+                                cos.get(), sin.get(), address(field::k_cache), address(field::v_cache), code(field::cache_format),
+                                slots, block_tables, max_blocks, seq_of_row, pos_of_row, T, D, f[field::num_heads],
+                                f[field::num_kv_heads], f[field::head_dim], S, s[scalar::scale], num_threads);
+        moetron_moe_block(h, static_cast<const float*>(address(field::ffn_norm)), s[scalar::ffn_eps],
+                          address(field::gate), code(field::gate_format), static_cast<const float*>(address(field::bias)),
+                          f[field::top_k], code(field::normalize), address(field::w1), code(field::w1_format),
+                          address(field::w3), code(field::w3_format), address(field::w2), code(field::w2_format),
+                          static_cast<int64_t*>(address(field::counts)), T, D, f[field::hidden], f[field::num_experts],
+                          num_threads);
+    }
+}
+
+// The head: out [M, V] = w(rmsnorm(h)) for M rows of h (row stride ldh), as the final norm and the
+// output projection compute them one call apart (rms_norm_row, then moetron_linear's chunks).
+void moetron_logits(const float* h, int64_t ldh, const float* norm_w, float eps, const void* w, int format,
+                    float* out, int64_t M, int64_t D, int64_t V, int num_threads) {
+    std::unique_ptr<float[]> xn(new float[M * D]);
+    for (int64_t m = 0; m < M; ++m) rms_norm_row(h + m * ldh, norm_w, xn.get() + m * D, D, eps);
+    moetron_linear(xn.get(), D, w, format, D, out, V, M, D, V, num_threads);
+}
+
+}  // extern "C"
+
+MOETRON_EXPORT(moetron_logits);
 MOETRON_EXPORT(moetron_attention_block);
+MOETRON_EXPORT(moetron_decoder_layers);
 MOETRON_EXPORT(moetron_moe_block);
 MOETRON_EXPORT(moetron_moe_route);
 MOETRON_EXPORT(moetron_attention_heads);
