@@ -25,6 +25,7 @@ M query rows of one kv head (queries × r), N blocks, S block size, X key tiles,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,7 +49,14 @@ class SeqSlice:
     start: int  # its first row among the T packed tokens
     num_new: int  # n
     context_len: int  # c: cached tokens after this step's writes
-    block_table: torch.Tensor  # int64 [num blocks held]
+    block_ids: list[int]  # the cache blocks it holds, in order
+    device: torch.device
+
+    @functools.cached_property
+    def block_table(self) -> torch.Tensor:
+        """block_ids as int64 [num blocks held] on the step's device, made on first use: the
+        kernel's tables are built from the list, and only the other paths read this."""
+        return torch.tensor(self.block_ids, dtype=torch.long, device=self.device)
 
 
 @dataclass
@@ -64,22 +72,21 @@ class KernelTables:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int) -> KernelTables:
-        width = max(s.block_table.numel() for s in seqs)
-        tables_QB = torch.zeros(len(seqs), width, dtype=torch.long)
+        width = max(len(s.block_ids) for s in seqs)
+        tables: list[list[int]] = []
         rows: list[int] = []
         seq_of_row: list[int] = []
         pos_of_row: list[int] = []
         for i, s in enumerate(seqs):
             # The kernel reads the block table up to each row's position: it must be covered.
-            if s.context_len > s.block_table.numel() * block_size:
-                raise ValueError(
-                    f"a sequence of {s.context_len} tokens holds only {s.block_table.numel()} blocks"
-                )
-            tables_QB[i, : s.block_table.numel()] = s.block_table
+            if s.context_len > len(s.block_ids) * block_size:
+                raise ValueError(f"a sequence of {s.context_len} tokens holds only {len(s.block_ids)} blocks")
+            tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
             rows.extend(range(s.start, s.start + s.num_new))
             seq_of_row.extend([i] * s.num_new)
             pos_of_row.extend(range(s.context_len - s.num_new, s.context_len))
-        return cls(tables_QB, torch.tensor(seq_of_row), torch.tensor(pos_of_row), rows, max(pos_of_row))
+        seq_of_row_T, pos_of_row_T = torch.tensor([seq_of_row, pos_of_row])  # one call: two rows
+        return cls(torch.tensor(tables), seq_of_row_T, pos_of_row_T, rows, max(pos_of_row))
 
     def attend(
         self, q_THd: torch.Tensor, k_cache_NSGd: torch.Tensor, v_cache_NSGd: torch.Tensor

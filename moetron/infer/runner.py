@@ -148,7 +148,8 @@ class ModelRunner:
                     start=item.first_row,
                     num_new=num_new,
                     context_len=first + num_new,
-                    block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
+                    block_ids=seq.block_table,
+                    device=self.device,
                 )
             )
             token_ids.extend(seq.scheduled_token_ids(first, num_new))  # + draft tokens
