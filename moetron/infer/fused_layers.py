@@ -1,14 +1,19 @@
-"""The engine's fused decoder path: each layer as two kernel calls (moetron/kernels/layer_avx2.cpp).
+"""The engine's fused decoder path: a step's whole decoder stack as one kernel call, each layer two
+C functions (moetron/kernels/layer_avx2.cpp).
 
 For fp32 models on an AVX2 CPU whose layers are all routed-expert MoE layers without shared
 experts (the Mixtral/GPT-4 shape), a decode step of a small model would otherwise spend more time
 in Python dispatch (~40 kernel and ~300 tensor-op calls) than in streaming its weights. So the
 runner installs, on top of the serving kernels (serving_kernels.py), a `FusedBlock` class for each
-decoder layer: `Transformer.hidden_states` still runs the step, layer by layer, with the engine's
-paged-attention backend, and each layer is two kernel calls that read that backend's caches and
-tables for the layer's index. The numbers are those of the separate serving kernels, so the path is
-batch-invariant too; anything it does not cover (dense or shared-expert layers, other dtypes, no
-kernels) takes the module path.
+decoder layer (its attention half and MoE half, each one C function reading the engine's paged
+caches and tables for the layer's index) and a `FusedTransformer` for the model, whose
+`hidden_states` hands every layer's arguments to C in one call (moetron_decoder_layers) and whose
+`logits` runs the final norm and the head in another: a decode step is then two kernel calls and
+a few torch ops (the embedding rows, the sampler). Returning to Python between layers cost 13% of
+a 4-bit decode step of benchmarks/decode.py's model. The numbers are those of the separate serving
+kernels, so the path is batch-invariant too; anything it does not cover (dense or shared-expert
+layers, other dtypes, no kernels, sharded layers: those run FusedBlock by FusedBlock) takes the
+module path.
 
 A model quantized for serving (moetron/quant/quantize.py: GGML Q8_0 / Q4_0 / Q4_K blocks) runs here
 too: each weight's format code goes with its address, and the kernels quantize each activation row
