@@ -174,8 +174,8 @@ class FusedTransformer(ServingModule, Transformer):
         layers = self.fused_layers
         assert layers
         key = (
-            id(attention_backend.k_caches),
-            id(attention_backend.v_caches),
+            *(cache.data_ptr() for cache in attention_backend.k_caches),
+            *(cache.data_ptr() for cache in attention_backend.v_caches),
             *(tensor.data_ptr() for layer in layers for tensor in layer.stack_tensors),
             *(layer.routed_layer.record_stats for layer in layers),
         )
