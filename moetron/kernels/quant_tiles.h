@@ -159,37 +159,6 @@ inline __m256i broadcast4(const int8_t* x) {
     return _mm256_set1_epi32(v);
 }
 
-// The 8 rows' exact block dot products with MR x rows, lane r = row r.
-template <int MR>
-inline void group_isums(const BlockQ8_0x8& w, const BlockQ8_0* const* x, int64_t b, __m256i* isum) {
-    for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {
-        const __m256i values = load_q8(w.qs + 32 * g);
-        const __m256i magnitudes = _mm256_sign_epi8(values, values);
-        for (int i = 0; i < MR; ++i) {
-            const __m256i xs = _mm256_sign_epi8(broadcast4(x[i][b].qs + 4 * g), values);
-            isum[i] = _mm256_add_epi32(isum[i], dot_lanes_us(magnitudes, xs));
-        }
-    }
-}
-
-// Q8_0: out[i][r] for MR x rows and the 8 rows of a group: the chain per lane.
-template <int MR, typename G>
-inline void group_tile(const G* w, const BlockQ8_0* const* x, int64_t nb, float* const* out) {
-    __m256 acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        __m256i isum[MR];
-        group_isums<MR>(w[b], x, b, isum);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].d)));
-        for (int i = 0; i < MR; ++i) {
-            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(fp16_to_fp32(x[i][b].d)));
-            acc[i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[i]), acc[i]);
-        }
-    }
-    for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out[i], acc[i]);
-}
-
 // Vectors of 8 (Lanes8) or, in the AVX-512 build, 16 (Lanes16) int32/fp32 lanes: lane 8g + r is row r
 // of row group g. The kernels below are written once over these; every lane runs the same chain,
 // so both widths give the same bits (a wider vector only serves two groups of 8 rows at once).
@@ -233,6 +202,22 @@ struct Lanes8 {
     static I pairs_acc(I acc, I u, I s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
     static I add_pairs(I a, I b) { return _mm256_add_epi16(a, b); }
     static I widen(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+#endif
+    // Q8_0's signed weights w times x, added to int32 lanes: `q8_weights` prepares w once for every
+    // x row, `q8_acc` adds one row's products, `q8_total` finishes a block given the x block's sum.
+    // Without VNNI, the sign trick (|w| times x with w's sign: maddubs's pairs fit int16); with it,
+    // dpbusd on w + 128 (unsigned) and 128 * sum(x) taken off at the end. The same integers.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    static I q8_weights(I w) { return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))); }
+    static I q8_acc(I acc, I prepared, I, I x) { return _mm256_dpbusd_epi32(acc, prepared, x); }
+    static I q8_total(I acc, int32_t x_sum) { return _mm256_add_epi32(acc, _mm256_set1_epi32(-128 * x_sum)); }
+#else
+    static I q8_weights(I w) { return _mm256_sign_epi8(w, w); }
+    static I q8_acc(I acc, I prepared, I w, I x) {
+        return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(prepared, _mm256_sign_epi8(x, w)),
+                                                       _mm256_set1_epi16(1)));
+    }
+    static I q8_total(I acc, int32_t) { return acc; }
 #endif
     // Each lane's 4 bytes replaced by its bytes (b0, b1, b2, b3); ZERO gives 0 (pshufb, whose
     // indices are relative to the 16-byte lane: each 4-byte lane adds its own offset).
@@ -310,6 +295,11 @@ struct Lanes8x2 {
     static I pairs_acc(I acc, I u, I s) { return {Lanes8::pairs_acc(acc.a, u.a, s.a), Lanes8::pairs_acc(acc.b, u.b, s.b)}; }
     static I add_pairs(I x, I y) { return {Lanes8::add_pairs(x.a, y.a), Lanes8::add_pairs(x.b, y.b)}; }
     static I widen(I x) { return {Lanes8::widen(x.a), Lanes8::widen(x.b)}; }
+    static I q8_weights(I w) { return {Lanes8::q8_weights(w.a), Lanes8::q8_weights(w.b)}; }
+    static I q8_acc(I acc, I prepared, I w, I x) {
+        return {Lanes8::q8_acc(acc.a, prepared.a, w.a, x.a), Lanes8::q8_acc(acc.b, prepared.b, w.b, x.b)};
+    }
+    static I q8_total(I acc, int32_t x_sum) { return {Lanes8::q8_total(acc.a, x_sum), Lanes8::q8_total(acc.b, x_sum)}; }
     static I pick(I x, uint32_t bytes) { return {Lanes8::pick(x.a, bytes), Lanes8::pick(x.b, bytes)}; }
     static I madd16(I x, I y) { return {Lanes8::madd16(x.a, y.a), Lanes8::madd16(x.b, y.b)}; }
     static constexpr int SUMS_Q6 = Lanes8::SUMS_Q6;
@@ -366,6 +356,9 @@ struct Lanes16 {
     static I pairs_acc(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
     static I add_pairs(I a, I b) { return _mm512_add_epi32(a, b); }
     static I widen(I a) { return a; }
+    static I q8_weights(I w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
+    static I q8_acc(I acc, I prepared, I, I x) { return _mm512_dpbusd_epi32(acc, prepared, x); }
+    static I q8_total(I acc, int32_t x_sum) { return _mm512_add_epi32(acc, _mm512_set1_epi32(-128 * x_sum)); }
     static I pick(I a, uint32_t bytes) {
         const I lane_offsets = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
         return _mm512_shuffle_epi8(a, _mm512_add_epi8(_mm512_set1_epi32(static_cast<int>(bytes)), lane_offsets));
@@ -514,9 +507,34 @@ inline void q6_k_groups_row(const BlockQ6_Kx8* const* w, const BlockQ8_K* x, int
     V::store(out, acc);
 }
 
+// Q8_0, rows as lanes (V::GROUPS groups of 8), MR x rows: each block's exact integer dot product
+// (V::q8_acc over its 8 four-byte groups), then out = fma(d_w * d_x, float(isum), out), lane for lane.
+template <typename V, int MR>
+inline void q8_0_groups_tile(const BlockQ8_0x8* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums,
+                             int64_t nb, float* const* out) {
+    using I = typename V::I;
+    using F = typename V::F;
+    F acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
+    for (int64_t b = 0; b < nb; ++b) {
+        I isum[MR];
+        for (int i = 0; i < MR; ++i) isum[i] = V::zero();
+        for (int g = 0; g < 8; ++g) {
+            const I values = V::load(w, b, offsetof(BlockQ8_0x8, qs) + 32 * g);
+            const I prepared = V::q8_weights(values);
+            for (int i = 0; i < MR; ++i) isum[i] = V::q8_acc(isum[i], prepared, values, V::broadcast(x[i][b].qs + 4 * g));
+        }
+        const F dw = V::halves(w, b, offsetof(BlockQ8_0x8, d));
+        for (int i = 0; i < MR; ++i)
+            acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(V::q8_total(isum[i], x_sums[i][b])),
+                            acc[i]);
+    }
+    for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
+}
+
 // Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: unsigned nibbles (0..15) times x, minus
 // 8 * (the x block's sum, x_sums: exact, computed once per x row): the same integers as the signed
-// values (q - 8) would give, without the sign trick; then group_tile's chain, lane for lane.
+// values (q - 8) would give, without the sign trick; then q8_0_groups_tile's chain, lane for lane.
 template <typename V, int MR>
 inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums,
                              int64_t nb, float* const* out) {
@@ -703,41 +721,36 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float
     const auto [xq, sums] = quantize_rows<G>(x, ldx, M, K);
     const int64_t nb = K / 32;
     int64_t n = n0;
-    if constexpr (std::is_same_v<G, BlockQ4_0x8>) {
-        // Rows in groups of 8 * V::GROUPS (the AVX-512 build: 16 per vector while they last).
-        const auto groups_of = [&](auto lanes) {
-            using V = decltype(lanes);
-            constexpr int64_t width = 8 * V::GROUPS;
-            for (; n + width <= n1; n += width) {
-                const G* groups[V::GROUPS];
-                for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
-                row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
-                    const int32_t* xsums[MR];
-                    for (int i = 0; i < MR; ++i) xsums[i] = sums + (xs[i] - xq);
-                    if (rows == MR)
-                        q4_0_groups_tile<V, MR>(groups, xs, xsums, nb, outs);
+    // Rows in groups of 8 * V::GROUPS (the AVX-512 build: 16 per vector while they last).
+    const auto groups_of = [&](auto lanes) {
+        using V = decltype(lanes);
+        constexpr int64_t width = 8 * V::GROUPS;
+        for (; n + width <= n1; n += width) {
+            const G* groups[V::GROUPS];
+            for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
+            row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
+                const int32_t* xsums[MR];
+                for (int i = 0; i < MR; ++i) xsums[i] = sums + (xs[i] - xq);
+                const auto tile = [&](auto mr, const BlockQ8_0* const* x_rows, const int32_t* const* x_row_sums,
+                                      float* const* out_rows) {
+                    if constexpr (std::is_same_v<G, BlockQ4_0x8>)
+                        q4_0_groups_tile<V, decltype(mr)::value>(groups, x_rows, x_row_sums, nb, out_rows);
                     else
-                        for (int64_t i = 0; i < rows; ++i) q4_0_groups_tile<V, 1>(groups, xs + i, xsums + i, nb, outs + i);
-                });
-            }
-        };
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        groups_of(Lanes16{});
-#else
-        if (M < MR) groups_of(Lanes8x2{});  // one x row at a time: registers to spare for two groups
-#endif
-        groups_of(Lanes8{});
-    } else {
-        for (; n < n1; n += 8) {
-            const G* wg = w + (n / 8) * nb;
-            row_tiles<MR>(xq, M, nb, 8, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
+                        q8_0_groups_tile<V, decltype(mr)::value>(groups, x_rows, x_row_sums, nb, out_rows);
+                };
                 if (rows == MR)
-                    group_tile<MR>(wg, xs, nb, outs);
+                    tile(std::integral_constant<int, MR>{}, xs, xsums, outs);
                 else
-                    for (int64_t i = 0; i < rows; ++i) group_tile<1>(wg, xs + i, nb, outs + i);
+                    for (int64_t i = 0; i < rows; ++i) tile(std::integral_constant<int, 1>{}, xs + i, xsums + i, outs + i);
             });
         }
-    }
+    };
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    groups_of(Lanes16{});
+#else
+    if (M < MR) groups_of(Lanes8x2{});  // one x row at a time: registers to spare for two groups
+#endif
+    groups_of(Lanes8{});
 }
 
 }  // namespace moetron
