@@ -389,16 +389,16 @@ inline typename V::I bit_to_4(typename V::I v, int s) {
     return s <= 4 ? V::shl16(v, 4 - s) : V::shr16(v, s - 4);
 }
 
-template <typename V, typename G>  // G: BlockQ4_Kx8, or BlockQ5_Kx8 (the same with a fifth bit per value)
-inline void q4_k_groups_row(const G* const* w, const BlockQ8_K* x, const int16_t* x_pair_sums, int64_t nb,
-                            float* out) {
+template <typename V, int MR, typename G>  // G: BlockQ4_Kx8, or BlockQ5_Kx8 (the same with a fifth bit per value)
+inline void q4_k_groups_tile(const G* const* w, const BlockQ8_K* const* x, const int16_t* const* x_pair_sums,
+                             int64_t nb, float* const* out) {
     using I = typename V::I;
     using F = typename V::F;
     constexpr bool fifth_bit = std::is_same_v<G, BlockQ5_Kx8>;
     const I low = V::bytes(0x0F), six_bits = V::bytes(0x3F), top_two = V::bytes(0x30), bit4 = V::bytes(0x10);
-    F acc = V::fzero(), acc_min = V::fzero();
+    F acc[MR], acc_min[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = acc_min[i] = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ8_K& xb = x[b];
         // The 6-bit scales and mins (q4_k_scale_min's bit layout), unpacked as bytes for all lanes
         // at once: bytes 0-3 of a lane hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the
         // same for the mins, bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7
@@ -409,11 +409,14 @@ inline void q4_k_groups_row(const G* const* w, const BlockQ8_K* x, const int16_t
         const I scales_lo = V::band(a, six_bits), mins_lo = V::band(m, six_bits);
         const I scales_hi = V::bor(V::band(c, low), V::band(V::shr16(a, 2), top_two));
         const I mins_hi = V::bor(V::band(V::shr16(c, 4), low), V::band(V::shr16(m, 2), top_two));
-        I isum = V::zero(), msum = V::zero();
+        I isum[MR], msum[MR];
+        for (int i = 0; i < MR; ++i) isum[i] = msum[i] = V::zero();
         for (int g = 0; g < 4; ++g) {  // 64 values: sub-blocks 2g (low nibbles) and 2g + 1 (high)
-            // Each sub-block's 32 products as 8 pair sums (exact as int16 too: V::pairs); four
-            // accumulator chains (low/high nibbles, even/odd t) so the multiply-adds' latency overlaps.
-            I dot_lo = V::zero(), dot_hi = dot_lo, dot_lo1 = dot_lo, dot_hi1 = dot_lo;
+            // Each sub-block's 32 products as 8 pair sums (exact as int16 too: V::pairs); per x row
+            // four accumulator chains (low/high nibbles, even/odd t) so the multiply-adds' latency
+            // overlaps. Each weight vector is unpacked once for the MR rows.
+            I dot_lo[MR], dot_hi[MR], dot_lo1[MR], dot_hi1[MR];
+            for (int i = 0; i < MR; ++i) dot_lo[i] = dot_hi[i] = dot_lo1[i] = dot_hi1[i] = V::zero();
             for (int t = 0; t < 8; t += 2) {
                 const I p0 = V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t));
                 const I p1 = V::load(w, b, offsetof(G, qs) + 32 * (8 * g + t + 1));
@@ -427,31 +430,40 @@ inline void q4_k_groups_row(const G* const* w, const BlockQ8_K* x, const int16_t
                     hi0 = V::bor(hi0, V::band(bit_to_4<V>(h0, 2 * g + 1), bit4));
                     hi1 = V::bor(hi1, V::band(bit_to_4<V>(h1, 2 * g + 1), bit4));
                 }
-                dot_lo = V::pairs_acc(dot_lo, lo0, V::broadcast(xb.qs + 64 * g + 4 * t));
-                dot_hi = V::pairs_acc(dot_hi, hi0, V::broadcast(xb.qs + 64 * g + 32 + 4 * t));
-                dot_lo1 = V::pairs_acc(dot_lo1, lo1, V::broadcast(xb.qs + 64 * g + 4 * t + 4));
-                dot_hi1 = V::pairs_acc(dot_hi1, hi1, V::broadcast(xb.qs + 64 * g + 36 + 4 * t));
+                for (int i = 0; i < MR; ++i) {
+                    const int8_t* xq = x[i][b].qs + 64 * g + 4 * t;
+                    dot_lo[i] = V::pairs_acc(dot_lo[i], lo0, V::broadcast(xq));
+                    dot_hi[i] = V::pairs_acc(dot_hi[i], hi0, V::broadcast(xq + 32));
+                    dot_lo1[i] = V::pairs_acc(dot_lo1[i], lo1, V::broadcast(xq + 4));
+                    dot_hi1[i] = V::pairs_acc(dot_hi1[i], hi1, V::broadcast(xq + 36));
+                }
             }
             const I& scales = g < 2 ? scales_lo : scales_hi;
             const I& mins = g < 2 ? mins_lo : mins_hi;
             const int k = 2 * g % 4;  // sub-block 2g's byte
             const I scale_lo = V::pick(scales, V::scale_bytes(k)), scale_hi = V::pick(scales, V::scale_bytes(k + 1));
-            if (fifth_bit && V::SUMS_Q6 == 2) {  // int16 pair sums of 5-bit values: 4 at most (<= 4 * 2 * 31 * 128)
-                isum = V::add(isum, V::add(V::scaled(dot_lo, scale_lo), V::scaled(dot_lo1, scale_lo)));
-                isum = V::add(isum, V::add(V::scaled(dot_hi, scale_hi), V::scaled(dot_hi1, scale_hi)));
-            } else {
-                isum = V::add(isum, V::scaled(V::add_pairs(dot_lo, dot_lo1), scale_lo));
-                isum = V::add(isum, V::scaled(V::add_pairs(dot_hi, dot_hi1), scale_hi));
-            }
             // min_2g * sum_2g + min_2g+1 * sum_2g+1 in one madd: the mins as int16 pairs (bytes k, k + 1).
             const I min_pair = V::pick(mins, 0x80008000u | (k + 1) << 16 | k);
-            msum = V::add(msum, V::madd16(min_pair, V::broadcast(reinterpret_cast<const int8_t*>(x_pair_sums + 8 * b + 2 * g))));
+            for (int i = 0; i < MR; ++i) {
+                if (fifth_bit && V::SUMS_Q6 == 2) {  // int16 pair sums of 5-bit values: 4 at most (<= 4 * 2 * 31 * 128)
+                    isum[i] = V::add(isum[i], V::add(V::scaled(dot_lo[i], scale_lo), V::scaled(dot_lo1[i], scale_lo)));
+                    isum[i] = V::add(isum[i], V::add(V::scaled(dot_hi[i], scale_hi), V::scaled(dot_hi1[i], scale_hi)));
+                } else {
+                    isum[i] = V::add(isum[i], V::scaled(V::add_pairs(dot_lo[i], dot_lo1[i]), scale_lo));
+                    isum[i] = V::add(isum[i], V::scaled(V::add_pairs(dot_hi[i], dot_hi1[i]), scale_hi));
+                }
+                const int8_t* sums = reinterpret_cast<const int8_t*>(x_pair_sums[i] + 8 * b + 2 * g);
+                msum[i] = V::add(msum[i], V::madd16(min_pair, V::broadcast(sums)));
+            }
         }
-        const F dx = V::splat(xb.d);
-        acc = V::fma(V::fmul(dx, V::halves(w, b, offsetof(G, d))), V::floats(isum), acc);
-        acc_min = V::fma(V::fmul(dx, V::halves(w, b, offsetof(G, dmin))), V::floats(msum), acc_min);
+        const F dw = V::halves(w, b, offsetof(G, d)), dmin = V::halves(w, b, offsetof(G, dmin));
+        for (int i = 0; i < MR; ++i) {
+            const F dx = V::splat(x[i][b].d);
+            acc[i] = V::fma(V::fmul(dx, dw), V::floats(isum[i]), acc[i]);
+            acc_min[i] = V::fma(V::fmul(dx, dmin), V::floats(msum[i]), acc_min[i]);
+        }
     }
-    V::store(out, V::fsub(acc, acc_min));
+    for (int i = 0; i < MR; ++i) V::store(out[i], V::fsub(acc[i], acc_min[i]));
 }
 
 // Q6_K, rows as lanes, one x row: per block the lanes of sum_s scale_s * dot_s (16 sub-blocks of 16,
@@ -661,48 +673,14 @@ inline void quant_linear_chunk(const float* x, int64_t ldx, const B* w, float* o
         for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = row_dot(w + n * nb, xq + m * nb, nb);
 }
 
-// The same for r8 rows of the k-quants (n0, n1 multiples of 8; w points at row 0): 16 rows per pass
-// while they last (Lanes16, or AVX2's Lanes8x2), then 8.
-template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8> ||
-                                           std::is_same_v<G, BlockQ6_Kx8>,
-                                       int> = 0>
-inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
-                                  int64_t K, int64_t n0, int64_t n1) {
-    const auto [xq, pair_sums] = quantize_rows<G>(x, ldx, M, K);
-    const int64_t nb = K / 256;
-    int64_t n = n0;
-    const auto rows_of = [&](auto lanes) {
-        using V = decltype(lanes);
-        constexpr int64_t width = 8 * V::GROUPS;
-        float tmp[16];
-        for (; n + width <= n1; n += width) {
-            const G* groups[V::GROUPS];
-            for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
-            for (int64_t m = 0; m < M; ++m) {
-                if constexpr (std::is_same_v<G, BlockQ6_Kx8>)
-                    q6_k_groups_row<V>(groups, xq + m * nb, nb, tmp);
-                else
-                    q4_k_groups_row<V>(groups, xq + m * nb, pair_sums + 8 * m * nb, nb, tmp);
-                for (int r = 0; r < width; ++r) out[m * ldo + n + r] = tmp[r];
-            }
-        }
-    };
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    rows_of(Lanes16{});  // two groups of 8 rows per 16-lane vector
-#else
-    rows_of(Lanes8x2{});  // two groups of 8 rows as two registers
-#endif
-    rows_of(Lanes8{});
-}
-
-// x rows in tiles of MR (then one at a time) against the row groups of one vector width.
-template <int MR, typename Tile>
-inline void row_tiles(const BlockQ8_0* xq, int64_t M, int64_t nb, int lanes, float* out, int64_t ldo, int64_t n,
-                      Tile tile) {
+// x rows (X: their Q8_0 or Q8_K blocks) in tiles of MR (then one at a time) against the row groups
+// of one vector width.
+template <int MR, typename X, typename Tile>
+inline void row_tiles(const X* xq, int64_t M, int64_t nb, int lanes, float* out, int64_t ldo, int64_t n, Tile tile) {
     float tmp[MR][16];
     for (int64_t m = 0; m < M; m += MR) {
         const int64_t rows = M - m < MR ? M - m : MR;
-        const BlockQ8_0* xs[MR];
+        const X* xs[MR];
         float* outs[MR];
         for (int i = 0; i < MR; ++i) {
             xs[i] = xq + (m + (i < rows ? i : 0)) * nb;
@@ -712,6 +690,50 @@ inline void row_tiles(const BlockQ8_0* xq, int64_t M, int64_t nb, int lanes, flo
         for (int i = 0; i < rows; ++i)
             for (int r = 0; r < lanes; ++r) out[(m + i) * ldo + n + r] = tmp[i][r];
     }
+}
+
+// The same for r8 rows of the k-quants (n0, n1 multiples of 8; w points at row 0): 16 rows per pass
+// while they last (Lanes16, or AVX2's Lanes8x2 below MR x rows), then 8; Q4_K and Q5_K x rows MR at
+// a time (each weight vector unpacked once for them), Q6_K one at a time.
+template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8> ||
+                                           std::is_same_v<G, BlockQ6_Kx8>,
+                                       int> = 0>
+inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
+                                  int64_t K, int64_t n0, int64_t n1) {
+    constexpr int MR = 2;
+    const auto [xq, pair_sums] = quantize_rows<G>(x, ldx, M, K);
+    const int64_t nb = K / 256;
+    int64_t n = n0;
+    const auto rows_of = [&](auto lanes) {
+        using V = decltype(lanes);
+        constexpr int64_t width = 8 * V::GROUPS;
+        for (; n + width <= n1; n += width) {
+            const G* groups[V::GROUPS];
+            for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
+            row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_K* const* xs, float* const* outs, int64_t rows) {
+                const auto tile = [&](auto mr, const BlockQ8_K* const* x_rows, float* const* out_rows) {
+                    constexpr int R = decltype(mr)::value;
+                    if constexpr (std::is_same_v<G, BlockQ6_Kx8>) {
+                        for (int i = 0; i < R; ++i) q6_k_groups_row<V>(groups, x_rows[i], nb, out_rows[i]);
+                    } else {
+                        const int16_t* sums[R];
+                        for (int i = 0; i < R; ++i) sums[i] = pair_sums + 8 * (x_rows[i] - xq);
+                        q4_k_groups_tile<V, R>(groups, x_rows, sums, nb, out_rows);
+                    }
+                };
+                if (rows == MR)
+                    tile(std::integral_constant<int, MR>{}, xs, outs);
+                else
+                    for (int64_t i = 0; i < rows; ++i) tile(std::integral_constant<int, 1>{}, xs + i, outs + i);
+            });
+        }
+    };
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    rows_of(Lanes16{});  // two groups of 8 rows per 16-lane vector
+#else
+    if (M < MR) rows_of(Lanes8x2{});  // two groups of 8 rows as two registers
+#endif
+    rows_of(Lanes8{});
 }
 
 template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ8_0x8> || std::is_same_v<G, BlockQ4_0x8>, int> = 0>
