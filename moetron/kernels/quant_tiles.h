@@ -466,28 +466,30 @@ inline void q4_k_groups_tile(const G* const* w, const BlockQ8_K* const* x, const
     for (int i = 0; i < MR; ++i) V::store(out[i], V::fsub(acc[i], acc_min[i]));
 }
 
-// Q6_K, rows as lanes, one x row: per block the lanes of sum_s scale_s * dot_s (16 sub-blocks of 16,
+// Q6_K, rows as lanes, MR x rows: per block the lanes of sum_s scale_s * dot_s (16 sub-blocks of 16,
 // signed scales) and of sum_s scale_s * (x sums over sub-block s), exact integers as in row_dot,
 // then its one chain: out = fma(d_x * d_w, float(isum - 32 * msum), out). The 6-bit values enter
 // unsigned (q + 32); V::SUMS_Q6 groups' pair sums are added before each scaling (int16 without VNNI).
-template <typename V>
-inline void q6_k_groups_row(const BlockQ6_Kx8* const* w, const BlockQ8_K* x, int64_t nb, float* out) {
+template <typename V, int MR>
+inline void q6_k_groups_tile(const BlockQ6_Kx8* const* w, const BlockQ8_K* const* x, int64_t nb, float* const* out) {
     using I = typename V::I;
     using F = typename V::F;
-    const I low = V::bytes(0x0F);
-    F acc = V::fzero();
+    const I low = V::bytes(0x0F), top_two = V::bytes(0x30);
+    F acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
-        const BlockQ8_K& xb = x[b];
         I scales[4];  // lane r, byte j of scales[c]: the row's scale 4c + j
         for (int c = 0; c < 4; ++c) scales[c] = V::load(w, b, offsetof(BlockQ6_Kx8, scales) + 32 * c);
-        I isum = V::zero(), msum = V::zero();
-        for (int s = 0; s < 16; s += 2)
-            msum = V::add(msum, V::madd16(V::signed_pair(scales[s / 4], s % 4, s % 4 + 1),
-                                          V::broadcast(reinterpret_cast<const int8_t*>(xb.bsums + s))));
-        const I top_two = V::bytes(0x30);
+        I isum[MR], msum[MR];
+        for (int i = 0; i < MR; ++i) isum[i] = msum[i] = V::zero();
+        for (int s = 0; s < 16; s += 2) {
+            const I scale_pair = V::signed_pair(scales[s / 4], s % 4, s % 4 + 1);
+            for (int i = 0; i < MR; ++i)
+                msum[i] = V::add(msum[i], V::madd16(scale_pair, V::broadcast(reinterpret_cast<const int8_t*>(x[i][b].bsums + s))));
+        }
         for (int h = 0; h < 2; ++h) {  // 128 values: 4 runs of 32 (k), each two sub-blocks of 16
             for (int half = 0; half < 2; ++half) {  // values 16 half .. 16 half + 15 of each run
-                I scale[4], dots[4];
+                I scale[4], dots[MR][4];
                 for (int k = 0; k < 4; ++k) {
                     const int sub = 8 * h + 2 * k + half;  // the 16-value sub-block
                     scale[k] = V::signed_scale(scales[sub / 4], sub % 4);
@@ -505,18 +507,22 @@ inline void q6_k_groups_row(const BlockQ6_Kx8* const* w, const BlockQ8_K* x, int
                         V::bor(V::band(V::shr16(a, 4), low), V::band(hi, top_two)),
                         V::bor(V::band(V::shr16(c, 4), low), V::band(V::shr16(hi, 2), top_two)),
                     };
-                    for (int k = 0; k < 4; ++k) {
-                        const I p = V::pairs(values[k], V::broadcast(xb.qs + 128 * h + 32 * k + 4 * g));
-                        dots[k] = u % V::SUMS_Q6 == 0 ? p : V::add_pairs(dots[k], p);
-                        if (u % V::SUMS_Q6 == V::SUMS_Q6 - 1) isum = V::add(isum, V::scaled(dots[k], scale[k]));
-                    }
+                    for (int i = 0; i < MR; ++i)
+                        for (int k = 0; k < 4; ++k) {
+                            const I p = V::pairs(values[k], V::broadcast(x[i][b].qs + 128 * h + 32 * k + 4 * g));
+                            dots[i][k] = u % V::SUMS_Q6 == 0 ? p : V::add_pairs(dots[i][k], p);
+                            if (u % V::SUMS_Q6 == V::SUMS_Q6 - 1) isum[i] = V::add(isum[i], V::scaled(dots[i][k], scale[k]));
+                        }
                 }
             }
         }
-        const F scale = V::fmul(V::splat(xb.d), V::halves(w, b, offsetof(BlockQ6_Kx8, d)));
-        acc = V::fma(scale, V::floats(V::add(isum, V::mul(msum, V::ints(-32)))), acc);
+        const F dw = V::halves(w, b, offsetof(BlockQ6_Kx8, d));
+        for (int i = 0; i < MR; ++i) {
+            const F scale = V::fmul(V::splat(x[i][b].d), dw);
+            acc[i] = V::fma(scale, V::floats(V::add(isum[i], V::mul(msum[i], V::ints(-32)))), acc[i]);
+        }
     }
-    V::store(out, acc);
+    for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
 }
 
 // Q8_0, rows as lanes (V::GROUPS groups of 8), MR x rows: each block's exact integer dot product
@@ -693,8 +699,8 @@ inline void row_tiles(const X* xq, int64_t M, int64_t nb, int lanes, float* out,
 }
 
 // The same for r8 rows of the k-quants (n0, n1 multiples of 8; w points at row 0): 16 rows per pass
-// while they last (Lanes16, or AVX2's Lanes8x2 below MR x rows), then 8; Q4_K and Q5_K x rows MR at
-// a time (each weight vector unpacked once for them), Q6_K one at a time.
+// while they last (Lanes16, or AVX2's Lanes8x2 below MR x rows), then 8; x rows MR at a time, each
+// weight vector unpacked once for them.
 template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8> ||
                                            std::is_same_v<G, BlockQ6_Kx8>,
                                        int> = 0>
@@ -714,7 +720,7 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float
                 const auto tile = [&](auto mr, const BlockQ8_K* const* x_rows, float* const* out_rows) {
                     constexpr int R = decltype(mr)::value;
                     if constexpr (std::is_same_v<G, BlockQ6_Kx8>) {
-                        for (int i = 0; i < R; ++i) q6_k_groups_row<V>(groups, x_rows[i], nb, out_rows[i]);
+                        q6_k_groups_tile<V, R>(groups, x_rows, nb, out_rows);
                     } else {
                         const int16_t* sums[R];
                         for (int i = 0; i < R; ++i) sums[i] = pair_sums + 8 * (x_rows[i] - xq);
