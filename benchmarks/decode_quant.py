@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--concurrent", type=int, default=32)
+    p.add_argument("--concurrent", type=int, default=32, help="(b)'s requests; 0 skips (b)")
     p.add_argument("--concurrent-new-tokens", type=int, default=16)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--repeats", type=int, default=5)
@@ -132,7 +132,7 @@ def main() -> None:
                 n_ctx = args.prompt_len + max(args.new_tokens, args.concurrent_new_tokens) + 8
                 systems[f"llama.cpp {fmt}"] = llama_cpp_generate(path, n_ctx, threads)
         rates, rows = batch_one(systems, prompts[0], args)
-        concurrent_rows = concurrent(systems, prompts, args, formats)
+        concurrent_rows = concurrent(systems, prompts, args, formats) if args.concurrent else []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     read_gbs = max(read_gbs, read_bandwidth_gbs())
@@ -153,10 +153,11 @@ def main() -> None:
     print(
         f"bound: {read_gbs:.1f} GB/s read bandwidth / (active weight bytes at the format + {kv / 1e6:.1f} MB KV)"
     )
-    print(
-        f"\n(b) moetron engine, {args.concurrent} requests x {args.concurrent_new_tokens} new tokens at once"
-    )
-    print_table(["format", "total tok/s", "n"], concurrent_rows)
+    if concurrent_rows:  # --concurrent 0 skips it
+        print(
+            f"\n(b) moetron engine, {args.concurrent} requests x {args.concurrent_new_tokens} new tokens at once"
+        )
+        print_table(["format", "total tok/s", "n"], concurrent_rows)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

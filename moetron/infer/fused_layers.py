@@ -169,7 +169,7 @@ class FusedTransformer(ServingModule, Transformer):
 
     def layer_tables(self, attention_backend: PagedAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """moetron_decoder_layers' per-layer rows as tensors. Rebuilt only when an address they hold
-        changed (a weight re-homed through .data, another engine's caches, expert stats paused):
+        changed (a weight re-homed through .data, other caches, expert stats paused or replaced):
         comparing those costs a few microseconds a step, building the rows ~25 per layer."""
         layers = self.fused_layers
         assert layers
@@ -177,7 +177,7 @@ class FusedTransformer(ServingModule, Transformer):
             *(cache.data_ptr() for cache in attention_backend.k_caches),
             *(cache.data_ptr() for cache in attention_backend.v_caches),
             *(tensor.data_ptr() for layer in layers for tensor in layer.stack_tensors),
-            *(layer.routed_layer.record_stats for layer in layers),
+            *(layer.expert_counts().data_ptr() for layer in layers),
         )
         if key != self.stack_key:
             lib = cpu_kernels.library()
@@ -331,7 +331,7 @@ class FusedBlock(ServingModule, Block):
 
     def expert_counts(self) -> torch.Tensor:
         """Where this step's (token, expert) choices are counted: the layer's tokens_per_expert."""
-        moe = self.ffn
+        moe = self.routed_layer
         return moe.tokens_per_expert if moe.record_stats else self.discarded_counts
 
 
