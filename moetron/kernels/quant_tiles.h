@@ -525,56 +525,54 @@ inline void q6_k_groups_tile(const BlockQ6_Kx8* const* w, const BlockQ8_K* const
     for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
 }
 
-// Q8_0, rows as lanes (V::GROUPS groups of 8), MR x rows: each block's exact integer dot product
-// (V::q8_acc over its 8 four-byte groups), then out = fma(d_w * d_x, float(isum), out), lane for lane.
+// The exact integer dot products of block b of the 8 * V::GROUPS rows (lanes) with MR x rows.
+// Q8_0: V::q8_acc over the block's 8 four-byte groups.
 template <typename V, int MR>
-inline void q8_0_groups_tile(const BlockQ8_0x8* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums,
-                             int64_t nb, float* const* out) {
+inline void block_isums(const BlockQ8_0x8* const* w, int64_t b, const BlockQ8_0* const* x,
+                        const int32_t* const* x_sums, typename V::I* isum) {
     using I = typename V::I;
-    using F = typename V::F;
-    F acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
-    for (int64_t b = 0; b < nb; ++b) {
-        I isum[MR];
-        for (int i = 0; i < MR; ++i) isum[i] = V::zero();
-        for (int g = 0; g < 8; ++g) {
-            const I values = V::load(w, b, offsetof(BlockQ8_0x8, qs) + 32 * g);
-            const I prepared = V::q8_weights(values);
-            for (int i = 0; i < MR; ++i) isum[i] = V::q8_acc(isum[i], prepared, values, V::broadcast(x[i][b].qs + 4 * g));
-        }
-        const F dw = V::halves(w, b, offsetof(BlockQ8_0x8, d));
-        for (int i = 0; i < MR; ++i)
-            acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(V::q8_total(isum[i], x_sums[i][b])),
-                            acc[i]);
+    for (int i = 0; i < MR; ++i) isum[i] = V::zero();
+    for (int g = 0; g < 8; ++g) {
+        const I values = V::load(w, b, offsetof(BlockQ8_0x8, qs) + 32 * g);
+        const I prepared = V::q8_weights(values);
+        for (int i = 0; i < MR; ++i) isum[i] = V::q8_acc(isum[i], prepared, values, V::broadcast(x[i][b].qs + 4 * g));
     }
-    for (int i = 0; i < MR; ++i) V::store(out[i], acc[i]);
+    for (int i = 0; i < MR; ++i) isum[i] = V::q8_total(isum[i], x_sums[i][b]);
 }
 
-// Q4_0, rows as lanes (V::GROUPS groups of 8), MR x rows: unsigned nibbles (0..15) times x, minus
-// 8 * (the x block's sum, x_sums: exact, computed once per x row): the same integers as the signed
-// values (q - 8) would give, without the sign trick; then q8_0_groups_tile's chain, lane for lane.
+// Q4_0: unsigned nibbles (0..15) times x, minus 8 * (the x block's sum, x_sums: exact, computed once
+// per x row): the same integers as the signed values (q - 8) would give, without the sign trick.
 template <typename V, int MR>
-inline void q4_0_groups_tile(const BlockQ4_0x8* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums,
-                             int64_t nb, float* const* out) {
+inline void block_isums(const BlockQ4_0x8* const* w, int64_t b, const BlockQ8_0* const* x,
+                        const int32_t* const* x_sums, typename V::I* isum) {
+    using I = typename V::I;
+    const I low = V::bytes(0x0F);
+    I sums[MR];  // 8 pair sums per x row: exact as int16 too (V::pairs)
+    for (int g = 0; g < 4; ++g) {
+        const I packed = V::load(w, b, offsetof(BlockQ4_0x8, qs) + 32 * g);
+        const I lo = V::band(packed, low), hi = V::band(V::shr16(packed, 4), low);
+        for (int i = 0; i < MR; ++i) {
+            const I both = V::add_pairs(V::pairs(lo, V::broadcast(x[i][b].qs + 4 * g)),
+                                        V::pairs(hi, V::broadcast(x[i][b].qs + 16 + 4 * g)));
+            sums[i] = g == 0 ? both : V::add_pairs(sums[i], both);
+        }
+    }
+    for (int i = 0; i < MR; ++i) isum[i] = V::add(V::ints(-8 * x_sums[i][b]), V::widen(sums[i]));
+}
+
+// Q8_0 / Q4_0 (G), rows as lanes (V::GROUPS groups of 8), MR x rows: each block's exact integer dot
+// product, then out = fma(d_w * d_x, float(isum), out), lane for lane.
+template <typename V, int MR, typename G>
+inline void q_0_groups_tile(const G* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums, int64_t nb,
+                            float* const* out) {
     using I = typename V::I;
     using F = typename V::F;
-    const I low = V::bytes(0x0F);
     F acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = V::fzero();
     for (int64_t b = 0; b < nb; ++b) {
-        I sums[MR];  // 8 pair sums per x row: exact as int16 too (V::pairs)
-        for (int g = 0; g < 4; ++g) {
-            const I packed = V::load(w, b, offsetof(BlockQ4_0x8, qs) + 32 * g);
-            const I lo = V::band(packed, low), hi = V::band(V::shr16(packed, 4), low);
-            for (int i = 0; i < MR; ++i) {
-                const I both = V::add_pairs(V::pairs(lo, V::broadcast(x[i][b].qs + 4 * g)),
-                                            V::pairs(hi, V::broadcast(x[i][b].qs + 16 + 4 * g)));
-                sums[i] = g == 0 ? both : V::add_pairs(sums[i], both);
-            }
-        }
         I isum[MR];
-        for (int i = 0; i < MR; ++i) isum[i] = V::add(V::ints(-8 * x_sums[i][b]), V::widen(sums[i]));
-        const F dw = V::halves(w, b, offsetof(BlockQ4_0x8, d));
+        block_isums<V, MR>(w, b, x, x_sums, isum);
+        const F dw = V::halves(w, b, offsetof(G, d));
         for (int i = 0; i < MR; ++i)
             acc[i] = V::fma(V::fmul(dw, V::splat(fp16_to_fp32(x[i][b].d))), V::floats(isum[i]), acc[i]);
     }
@@ -759,17 +757,10 @@ inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float
             row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
                 const int32_t* xsums[MR];
                 for (int i = 0; i < MR; ++i) xsums[i] = sums + (xs[i] - xq);
-                const auto tile = [&](auto mr, const BlockQ8_0* const* x_rows, const int32_t* const* x_row_sums,
-                                      float* const* out_rows) {
-                    if constexpr (std::is_same_v<G, BlockQ4_0x8>)
-                        q4_0_groups_tile<V, decltype(mr)::value>(groups, x_rows, x_row_sums, nb, out_rows);
-                    else
-                        q8_0_groups_tile<V, decltype(mr)::value>(groups, x_rows, x_row_sums, nb, out_rows);
-                };
                 if (rows == MR)
-                    tile(std::integral_constant<int, MR>{}, xs, xsums, outs);
+                    q_0_groups_tile<V, MR>(groups, xs, xsums, nb, outs);
                 else
-                    for (int64_t i = 0; i < rows; ++i) tile(std::integral_constant<int, 1>{}, xs + i, xsums + i, outs + i);
+                    for (int64_t i = 0; i < rows; ++i) q_0_groups_tile<V, 1>(groups, xs + i, xsums + i, nb, outs + i);
             });
         }
     };
