@@ -5,6 +5,8 @@ whatever a row is batched with, and bit-identical across every instruction-set b
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,6 +193,7 @@ def test_every_instruction_set_build_gives_the_same_bits(monkeypatch: pytest.Mon
     isas = cpu_kernels.supported_isas()
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(5, 512, generator=gen)
+    many = torch.randn(70, 512, generator=gen)
     dense = torch.randn(67, 512, generator=gen)
     weights = {"f32": dense, "bf16": dense.bfloat16()}
     weights |= {fmt: _quantized_weight(fmt, 67, 512, gen) for fmt in FORMATS}
@@ -215,8 +218,29 @@ def test_every_instruction_set_build_gives_the_same_bits(monkeypatch: pytest.Mon
         outputs += [
             cpu_kernels.quantized_linear(x[:rows], weights[fmt], fmt) for fmt in r8 for rows in (1, 3)
         ]
+        # More x rows than the streaming path takes: register tiles over x (AVX-512: two fp32/bf16
+        # weight rows per 16-lane vector; the quantized formats' row tiles), against one row alone.
+        outputs += [
+            cpu_kernels.linear_f32(many, w)
+            if fmt in ("f32", "bf16")
+            else cpu_kernels.quantized_linear(many, w, fmt)
+            for fmt, w in weights.items()
+        ]
         results[isa] = outputs
-    names = [*weights, "moe", *(f"{fmt} x{rows}" for fmt in r8 for rows in (1, 3))]
+        for fmt, w in weights.items():
+            matmul = (
+                cpu_kernels.linear_f32
+                if fmt in ("f32", "bf16")
+                else partial(cpu_kernels.quantized_linear, fmt=fmt)
+            )
+            alone = torch.cat([matmul(many[i : i + 1], w) for i in (0, 33, 69)])
+            assert torch.equal(alone, matmul(many, w)[[0, 33, 69]]), (isa, fmt)
+    names = [
+        *weights,
+        "moe",
+        *(f"{fmt} x{rows}" for fmt in r8 for rows in (1, 3)),
+        *(f"{fmt} x70" for fmt in weights),
+    ]
     first = results[isas[0]]
     for isa in isas[1:]:
         for fmt, ours, theirs in zip(names, results[isa], first, strict=True):
