@@ -68,13 +68,17 @@ inline __m512 load_w_pair(const bf16* a, const bf16* b) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(both), 16));
 }
 
-template <int MR, int NP, typename W>
+template <int MR, int NP, bool PREFETCH = false, typename W>
 inline void tile_pairs(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t K) {
+    constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
     __m512 acc[MR][NP];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
     const int64_t K8 = K & ~int64_t(7);
     for (int64_t k = 0; k < K8; k += 8) {
+        if (PREFETCH && (k & (LINE - 1)) == 0)  // as tile's: the next tile's rows, into L2
+            for (int j = 0; j < 2 * NP; ++j)
+                _mm_prefetch(reinterpret_cast<const char*>(w + (j + 2 * NP) * ldw + k), _MM_HINT_T1);
         __m512 wv[NP];
         for (int j = 0; j < NP; ++j) wv[j] = load_w_pair(w + 2 * j * ldw + k, w + (2 * j + 1) * ldw + k);
         for (int i = 0; i < MR; ++i) {
@@ -146,6 +150,20 @@ inline void weight_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, fl
     for (; m < M; ++m) tile<1, NR, true>(x + m * ldx, ldx, w + n * ldw, ldw, out + m * ldo + n, ldo, K);
 }
 
+#if defined(__AVX512F__)
+// weight_tile with tile_pairs: rows [0, M) of x against the 2 * NP weight rows at n.
+template <int NP, typename W>
+inline void weight_tile_pairs(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
+                              int64_t M, int64_t K, int64_t n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        tile_pairs<4, NP, true>(x + m * ldx, ldx, w + n * ldw, ldw, out + m * ldo + n, ldo, K);
+    for (; m + 2 <= M; m += 2)
+        tile_pairs<2, NP, true>(x + m * ldx, ldx, w + n * ldw, ldw, out + m * ldo + n, ldo, K);
+    for (; m < M; ++m) tile_pairs<1, NP, true>(x + m * ldx, ldx, w + n * ldw, ldw, out + m * ldo + n, ldo, K);
+}
+#endif
+
 // out[0:M, n0:n1] = x[0:M] @ w[n0:n1].T.
 template <typename W>
 inline void linear_chunk(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
@@ -156,6 +174,9 @@ inline void linear_chunk(const float* x, int64_t ldx, const W* w, int64_t ldw, f
     }
     if (M <= STREAMING_ROWS) {
         int64_t n = n0;
+#if defined(__AVX512F__)
+        for (; n + 4 <= n1; n += 4) weight_tile_pairs<2>(x, ldx, w, ldw, out, ldo, M, K, n);
+#endif
         for (; n + 3 <= n1; n += 3) weight_tile<3>(x, ldx, w, ldw, out, ldo, M, K, n);
         for (; n < n1; ++n) weight_tile<1>(x, ldx, w, ldw, out, ldo, M, K, n);
         return;
