@@ -104,33 +104,32 @@ def tokens_and_logprobs(out) -> tuple[list[int], list[dict[int, float]]]:
     return completion.token_ids, [{t: lp.logprob for t, lp in p.items()} for p in completion.logprobs]
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded-sampling"])
-def test_solo_equals_batched_in_any_order_and_chunking(quantized, params) -> None:
-    fmt, model = quantized
+def assert_solo_equals_batched(model, params, seed: int, label: str) -> tuple:
+    """The target request alone, then shuffled among the others under chunk budgets 16 and 37: the
+    same tokens and logprobs every time. Returns the solo result."""
     target, others = requests()
     solo = tokens_and_logprobs(run(model, [target], params, max_num_batched_tokens=256)[0])
-    rng = random.Random(1)
+    rng = random.Random(seed)
     for budget in (16, 37):
         batch = [target, *others]
         rng.shuffle(batch)
         got = tokens_and_logprobs(
             run(model, batch, params, max_num_batched_tokens=budget)[batch.index(target)]
         )
-        assert got == solo, f"{fmt}: differs with budget {budget}"
+        assert got == solo, f"{label}differs with budget {budget}"
+    return solo
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded-sampling"])
+def test_solo_equals_batched_in_any_order_and_chunking(quantized, params) -> None:
+    fmt, model = quantized
+    assert_solo_equals_batched(model, params, seed=1, label=f"{fmt}: ")
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded-sampling"])
 def test_q5_k_and_q6_k_weights_solo_equals_batched(k_quant_mix, params) -> None:
+    solo = assert_solo_equals_batched(k_quant_mix, params, seed=2, label="")
     target, others = requests()
-    solo = tokens_and_logprobs(run(k_quant_mix, [target], params, max_num_batched_tokens=256)[0])
-    rng = random.Random(2)
-    for budget in (16, 37):
-        batch = [target, *others]
-        rng.shuffle(batch)
-        got = tokens_and_logprobs(
-            run(k_quant_mix, batch, params, max_num_batched_tokens=budget)[batch.index(target)]
-        )
-        assert got == solo, f"differs with budget {budget}"
     hit = run(k_quant_mix, [others[0], target], params, max_num_seqs=1)[1]  # a prefix hit
     assert hit.num_cached_tokens == 32 and tokens_and_logprobs(hit) == solo
 

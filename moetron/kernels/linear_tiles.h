@@ -10,6 +10,15 @@
 
 namespace moetron {
 
+// One output from its 8-lane accumulator: the fixed tree over the lanes, then the K mod 8 tail in
+// order. Every tile ends each output here, so their bits agree by construction.
+template <typename W>
+inline float finish_dot(__m256 acc, const float* x, const W* w, int64_t K8, int64_t K) {
+    float s = hsum(acc);
+    for (int64_t k = K8; k < K; ++k) s = __builtin_fmaf(x[k], w_at(w + k), s);
+    return s;
+}
+
 // out[i, j] for i < MR rows of x and j < NR rows of w, all with the same per-element arithmetic.
 // PREFETCH: ask for the next NR weight rows' lines into L2 while this tile computes.
 // W: float or bf16 weights (simd_avx2.h), the same arithmetic on the same values.
@@ -46,17 +55,13 @@ inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* ou
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) {
-            float s = hsum(acc[i][j]);
-            for (int64_t k = K8; k < K; ++k) s = __builtin_fmaf(x[i * ldx + k], w_at(w + j * ldw + k), s);
-            out[i * ldo + j] = s;
-        }
+        for (int j = 0; j < NR; ++j) out[i * ldo + j] = finish_dot(acc[i][j], x + i * ldx, w + j * ldw, K8, K);
 }
 
 #if defined(__AVX512F__)
 // The AVX-512 build's tile: two weight rows per 16-lane vector, lanes 0-7 the 8-lane accumulator of
 // row 2j and lanes 8-15 that of row 2j + 1, each lane running tile's chain (the same FMAs on the
-// same operands, k = l mod 8), then the same tree and tail per row: the same bits as tile, from half
+// same operands, k = l mod 8), then finish_dot per row: the same bits as tile, from half
 // the FMA instructions. x's 8 floats are broadcast to both halves.
 inline __m512 load_w_pair(const float* a, const float* b) {
     const __m512d lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a)));
@@ -91,10 +96,7 @@ inline void tile_pairs(const float* x, int64_t ldx, const W* w, int64_t ldw, flo
             for (int half = 0; half < 2; ++half) {
                 const __m512d both = _mm512_castps_pd(acc[i][j]);
                 const __m256 lanes = _mm256_castpd_ps(half ? _mm512_extractf64x4_pd(both, 1) : _mm512_castpd512_pd256(both));
-                const W* row = w + (2 * j + half) * ldw;
-                float s = hsum(lanes);
-                for (int64_t k = K8; k < K; ++k) s = __builtin_fmaf(x[i * ldx + k], w_at(row + k), s);
-                out[i * ldo + 2 * j + half] = s;
+                out[i * ldo + 2 * j + half] = finish_dot(lanes, x + i * ldx, w + (2 * j + half) * ldw, K8, K);
             }
 }
 #endif

@@ -696,76 +696,51 @@ inline void row_tiles(const X* xq, int64_t M, int64_t nb, int lanes, float* out,
     }
 }
 
-// The same for r8 rows of the k-quants (n0, n1 multiples of 8; w points at row 0): 16 rows per pass
-// while they last (Lanes16, or AVX2's Lanes8x2 below MR x rows), then 8; x rows MR at a time, each
-// weight vector unpacked once for them.
-template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ4_Kx8> || std::is_same_v<G, BlockQ5_Kx8> ||
-                                           std::is_same_v<G, BlockQ6_Kx8>,
-                                       int> = 0>
-inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
-                                  int64_t K, int64_t n0, int64_t n1) {
-    constexpr int MR = 2;
-    const auto [xq, pair_sums] = quantize_rows<G>(x, ldx, M, K);
-    const int64_t nb = K / 256;
-    int64_t n = n0;
-    const auto rows_of = [&](auto lanes) {
-        using V = decltype(lanes);
-        constexpr int64_t width = 8 * V::GROUPS;
-        for (; n + width <= n1; n += width) {
-            const G* groups[V::GROUPS];
-            for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
-            row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_K* const* xs, float* const* outs, int64_t rows) {
-                const auto tile = [&](auto mr, const BlockQ8_K* const* x_rows, float* const* out_rows) {
-                    constexpr int R = decltype(mr)::value;
-                    if constexpr (std::is_same_v<G, BlockQ6_Kx8>) {
-                        q6_k_groups_tile<V, R>(groups, x_rows, nb, out_rows);
-                    } else {
-                        const int16_t* sums[R];
-                        for (int i = 0; i < R; ++i) sums[i] = pair_sums + 8 * (x_rows[i] - xq);
-                        q4_k_groups_tile<V, R>(groups, x_rows, sums, nb, out_rows);
-                    }
-                };
-                if (rows == MR)
-                    tile(std::integral_constant<int, MR>{}, xs, outs);
-                else
-                    for (int64_t i = 0; i < rows; ++i) tile(std::integral_constant<int, 1>{}, xs + i, outs + i);
-            });
-        }
-    };
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    rows_of(Lanes16{});  // two groups of 8 rows per 16-lane vector
-#else
-    if (M < MR) rows_of(Lanes8x2{});  // two groups of 8 rows as two registers
-#endif
-    rows_of(Lanes8{});
+// One tile of MR x rows against V::GROUPS row groups, by format: x_sums are each x row's sums
+// (ActivationBlock's), which Q6_K does not need.
+template <typename V, int MR, typename G>
+inline void groups_tile(const G* const* w, const BlockQ8_0* const* x, const int32_t* const* x_sums, int64_t nb,
+                        float* const* out) {
+    q_0_groups_tile<V, MR>(w, x, x_sums, nb, out);  // Q8_0, Q4_0
+}
+template <typename V, int MR, typename G>
+inline void groups_tile(const G* const* w, const BlockQ8_K* const* x, const int16_t* const* x_sums, int64_t nb,
+                        float* const* out) {
+    if constexpr (std::is_same_v<G, BlockQ6_Kx8>)
+        q6_k_groups_tile<V, MR>(w, x, nb, out);
+    else
+        q4_k_groups_tile<V, MR>(w, x, x_sums, nb, out);  // Q4_K, Q5_K
 }
 
-template <typename G, std::enable_if_t<std::is_same_v<G, BlockQ8_0x8> || std::is_same_v<G, BlockQ4_0x8>, int> = 0>
+// The same for r8 rows (n0, n1 multiples of 8; w points at row 0): 16 rows per pass while they last
+// (Lanes16, or AVX2's Lanes8x2 below MR x rows), then 8; x rows MR at a time, each weight vector
+// loaded (and unpacked) once for them. The k-quants' tiles hold more registers per x row: 2 rows.
+template <typename G>
 inline void quant_linear_chunk_r8(const float* x, int64_t ldx, const G* w, float* out, int64_t ldo, int64_t M,
                                   int64_t K, int64_t n0, int64_t n1) {
-    constexpr int MR = 4;
+    using A = ActivationBlock<G>;
+    constexpr int MR = std::is_same_v<A, Q8_0Activations> ? 4 : 2;
     const auto [xq, sums] = quantize_rows<G>(x, ldx, M, K);
-    const int64_t nb = K / 32;
+    const int64_t nb = K / A::size;
     int64_t n = n0;
-    // Rows in groups of 8 * V::GROUPS (the AVX-512 build: 16 per vector while they last).
     const auto groups_of = [&](auto lanes) {
         using V = decltype(lanes);
         constexpr int64_t width = 8 * V::GROUPS;
         for (; n + width <= n1; n += width) {
             const G* groups[V::GROUPS];
             for (int k = 0; k < V::GROUPS; ++k) groups[k] = w + (n / 8 + k) * nb;
-            row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const BlockQ8_0* const* xs, float* const* outs, int64_t rows) {
-                const int32_t* xsums[MR];
-                for (int i = 0; i < MR; ++i) xsums[i] = sums + (xs[i] - xq);
+            row_tiles<MR>(xq, M, nb, width, out, ldo, n, [&](const typename A::type* const* xs, float* const* outs, int64_t rows) {
+                const typename A::sum* xsums[MR];
+                for (int i = 0; i < MR; ++i) xsums[i] = sums + A::sums_per_block * (xs[i] - xq);
                 if (rows == MR)
-                    q_0_groups_tile<V, MR>(groups, xs, xsums, nb, outs);
+                    groups_tile<V, MR>(groups, xs, xsums, nb, outs);
                 else
-                    for (int64_t i = 0; i < rows; ++i) q_0_groups_tile<V, 1>(groups, xs + i, xsums + i, nb, outs + i);
+                    for (int64_t i = 0; i < rows; ++i) groups_tile<V, 1>(groups, xs + i, xsums + i, nb, outs + i);
             });
         }
     };
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    groups_of(Lanes16{});
+    groups_of(Lanes16{});  // two groups of 8 rows per 16-lane vector
 #else
     if (M < MR) groups_of(Lanes8x2{});  // one x row at a time: registers to spare for two groups
 #endif
