@@ -451,7 +451,7 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         formats[fmt] = formats.get(fmt, 0) + 1
     if tensors:
         raise GGUFError(f"{path}: tensors moetron does not know: {sorted(tensors)[:5]}")
-    quantized = [f for f in formats if f in ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")]
+    quantized = [f for f in formats if f in READABLE.values()]  # the block formats (floats map to None)
     if quantized:  # the dominant quantized type: the engine then does not quantize again
         model.__dict__["quantization"] = max(quantized, key=lambda f: formats[f])
     model.name_or_path = path.stem

@@ -304,12 +304,11 @@ class FusedBlock(ServingModule, Block):
         gate_format, w1_format, w3_format, w2_format = self.routed_formats
         num_heads, num_kv_heads, head_dim, scale = self.attention_constants
         top_k, normalize, hidden, num_experts = self.routed_constants
-        k_cache = attention_backend.k_caches[self.layer_id]
+        k_cache, v_cache, cache_format = self.paged_cache_arguments(attention_backend)[:3]
         fields = dict(
             attention_norm=attn_norm, wq=wq, wq_format=q_format, wk=wk, wk_format=k_format, wv=wv,
-            wv_format=v_format, wo=wo, wo_format=o_format, k_cache=k_cache.data_ptr(),
-            v_cache=attention_backend.v_caches[self.layer_id].data_ptr(),
-            cache_format=cpu_kernels.FORMAT_CODES[cpu_kernels.DTYPE_FORMATS[k_cache.dtype]], num_heads=num_heads,
+            wv_format=v_format, wo=wo, wo_format=o_format, k_cache=k_cache, v_cache=v_cache,
+            cache_format=cache_format, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_norm=ffn_norm, gate=gate, gate_format=gate_format,
             bias=bias, top_k=top_k, normalize=normalize, w1=w1, w1_format=w1_format, w3=w3, w3_format=w3_format,
             w2=w2, w2_format=w2_format, counts=self.expert_counts().data_ptr(), hidden=hidden,
