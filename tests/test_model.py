@@ -729,3 +729,83 @@ def test_grouped_swiglu_node_matches_the_per_expert_loop() -> None:
     for name, g, e in zip(["x", "w1", "w2", "w3"], grads, expected, strict=True):
         torch.testing.assert_close(g, e.float(), **FP32, msg=lambda m, name=name: f"{name}: {m}")
     assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "bf16_autocast"])
+def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(autocast: bool) -> None:
+    """In bf16 (weights, or fp32 master weights under CPU autocast) the node takes over where the
+    CPU multiplies bf16 natively, padding each expert's rows to a cached size; the per-expert loop
+    (reached by passing a matmul of our own) is the reference, and gradients reach fp32 masters as
+    fp32. Elsewhere the node must leave bf16 to the loop."""
+    from moetron.hardware import native_bf16_matmul
+
+    torch.manual_seed(0)
+    num_experts, hidden, dim = 4, 32, 16
+    sizes = torch.tensor([37, 0, 70, 5])  # 37 and 70 are padded (to 38 and 72), 5 is not
+    master = torch.float32 if autocast else torch.bfloat16
+    x_ND = torch.randn(int(sizes.sum()), dim).to(master).requires_grad_()
+    weights = [
+        (torch.randn(num_experts, *shape) * 0.3).to(master).requires_grad_()
+        for shape in ((hidden, dim), (dim, hidden), (hidden, dim))
+    ]
+    upstream = torch.randn(int(sizes.sum()), dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = grouped_swiglu(x_ND, sizes, *weights)
+        y_loop = grouped_swiglu(x_ND, sizes, *weights, matmul=lambda x, w: F.linear(x, w))
+    node_nodes = {"GroupedSwiGLUBackward", "IndexSelectBackward0"}
+    assert (type(y.grad_fn).__name__ in node_nodes) == native_bf16_matmul("cpu")
+    assert y.dtype == y_loop.dtype == torch.bfloat16
+    grads = torch.autograd.grad((y.float() * upstream).sum(), [x_ND, *weights])
+    expected = torch.autograd.grad((y_loop.float() * upstream).sum(), [x_ND, *weights])
+    bf16 = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y.float(), y_loop.float(), **bf16)
+    for name, g, e in zip(["x", "w1", "w2", "w3"], grads, expected, strict=True):
+        assert g.dtype == master, name
+        torch.testing.assert_close(g.float(), e.float(), **bf16, msg=lambda m, name=name: f"{name}: {m}")
+    assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing
+
+
+def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:
+    from moetron.model.grouped_swiglu_cpu import bucket_rows
+
+    buckets = [bucket_rows(rows) for rows in range(1, 8193)]
+    assert all(rows <= b <= rows * 17 / 16 for rows, b in zip(range(1, 8193), buckets, strict=True))
+    assert all(b == rows for rows, b in zip(range(1, 33), buckets, strict=False))
+    assert len(set(buckets)) <= 32 + 16 * 8  # exact below 32, then 16 sizes per octave
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_fused_lm_loss_matches_cross_entropy_of_the_logits(autocast: bool) -> None:
+    """The model's loss with targets (the output projection fused with the cross-entropy, never
+    materialising fp32 logits) against F.cross_entropy of its logits: the value and the gradient
+    of every parameter, with ignored positions and a scaled loss (as gradient accumulation scales
+    it). fp32 agrees to rounding; under bf16 autocast both round the logits' gradient to bf16."""
+    cfg = tiny()
+    model = Transformer.from_config(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 9))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[1, :4] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = model(ids, targets_BT=targets)
+        reference = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    assert fused.dtype == torch.float32 and fused.dim() == 0
+    assert type(fused.grad_fn).__name__ == "_LinearCrossEntropyBackward"
+    grads = torch.autograd.grad(fused / 3, params)
+    expected = torch.autograd.grad(reference / 3, params)
+    tol = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused, reference, **({"rtol": 1e-3, "atol": 1e-3} if autocast else FP32))
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_lm_loss_with_every_position_ignored_is_zero_with_zero_gradient() -> None:
+    from moetron.model.loss import linear_cross_entropy
+
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.eq(0).all() and w.grad.eq(0).all()

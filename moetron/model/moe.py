@@ -99,9 +99,9 @@ def grouped_swiglu(
     if (
         matmul is linear
         and activation is F.silu
-        and grouped_swiglu_cpu.supports(x_ND, w1_EID, w2_EDI, w3_EID)
+        and grouped_swiglu_cpu.compute_dtype(x_ND, w1_EID, w2_EDI, w3_EID) is not None
     ):
-        return grouped_swiglu_cpu.GroupedSwiGLU.apply(
+        return grouped_swiglu_cpu.grouped_swiglu(
             x_ND, num_tokens_per_expert_E.tolist(), w1_EID, w2_EDI, w3_EID
         )
     # One host sync for the split sizes, then each expert's whole SwiGLU on its slice.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig
+from moetron.model.loss import linear_cross_entropy
 from moetron.model.moe import FeedForward, MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding, apply_rope
@@ -124,14 +125,19 @@ class Transformer(nn.Module):
         input_ids_BT: torch.Tensor,
         positions_BT: torch.Tensor | None = None,
         attention_backend: AttentionBackend = causal_sdpa,
+        targets_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids_BT: int [B, T] → float32 logits [B, T, V]. Positions default to 0..T-1.
+        With `targets_BT` (ids, -100 where a position counts for nothing): the mean cross-entropy
+        instead, an fp32 scalar, computed without materialising the logits (`lm_loss`).
 
         A pipeline stage (moetron/parallel/pipeline.py) is this model with parts removed: without
         `tok_embeddings` it takes hidden states [B, T, D] instead of ids, without `output` it
         returns hidden states [B, T, D]."""
         h_BTD = self.hidden_states(input_ids_BT, positions_BT, attention_backend)
-        return h_BTD if self.output is None else self.logits(h_BTD)
+        if self.output is None:
+            return h_BTD
+        return self.logits(h_BTD) if targets_BT is None else self.lm_loss(h_BTD, targets_BT)
 
     def hidden_states(
         self,
@@ -158,6 +164,15 @@ class Transformer(nn.Module):
     def logits(self, h_xD: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., D] → float32 logits [..., V]."""
         return self.output(self.norm(h_xD)).float()
+
+    def lm_loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of `h_BTD` against `targets_BT`, fused with the output
+        projection (model/loss.py) where its weight is a plain tensor; a sharded one (tensor
+        parallelism's DTensor) takes the logits and `F.cross_entropy`."""
+        weight = self.output.weight
+        if type(self.output) is Linear and type(weight) in (torch.Tensor, nn.Parameter):
+            return linear_cross_entropy(self.norm(h_BTD).flatten(0, 1), weight, targets_BT.flatten())
+        return F.cross_entropy(self.logits(h_BTD).flatten(0, 1), targets_BT.flatten())
 
     def init_weights(self) -> None:
         """Init for training from scratch: N(0, init_std) (the embeddings: embedding_init_std),

@@ -50,7 +50,7 @@ class TrainResult:
 
 
 def lm_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    return cross_entropy(model(inputs_BT), targets_BT)
+    return model(inputs_BT, targets_BT=targets_BT)
 
 
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
