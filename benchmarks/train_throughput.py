@@ -5,8 +5,10 @@
 
 Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes it, and
 `moetron.from_pretrained` loads the directory, so the comparison also exercises the converter.
-One step = zero grads, forward, the same fp32 cross-entropy on both sides, backward, global
-grad-norm clipping at 1.0 and an AdamW step: ours is the trainer's (`train.optim.build_optimizer`),
+One step = zero grads, forward and loss as each library's training computes it (moetron:
+`model(ids, targets_BT=...)`, the trainer's loss, fused with the output projection; transformers:
+`model(input_ids, labels=...).loss`, its Trainer's; the same next-token cross-entropy in fp32 over
+the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step: ours is the trainer's (`train.optim.build_optimizer`),
 transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
 process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
 setting is process-wide, so transformers' step gets it too. Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
@@ -22,7 +24,6 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import moetron
@@ -101,20 +102,29 @@ def load_twins(directory: str, dtype: torch.dtype, hf_impl: str | None) -> tuple
     return ours.train(), hf_model.train()
 
 
-def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+def next_token_targets(ids_BT: torch.Tensor) -> torch.Tensor:
+    """What position t predicts: ids[t + 1], and nothing (-100) at the last position; transformers'
+    `labels=ids` shifts the same way inside its loss."""
+    targets_BT = torch.roll(ids_BT, -1, dims=1)
+    targets_BT[:, -1] = -100
+    return targets_BT
+
+
+def ours_loss(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    targets = next_token_targets(ids)
+    return lambda: model(ids, targets_BT=targets)
+
+
+def hf_loss(hf_model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: hf_model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def train_step(
-    model: nn.Module,
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    ids: torch.Tensor,
-    targets: torch.Tensor,
+    model: nn.Module, loss_of: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
 ) -> Callable[[], float]:
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(logits_of(ids), targets)
+        loss = loss_of()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -138,14 +148,14 @@ def logits_diff(ours: nn.Module, hf_model: nn.Module, ids: torch.Tensor) -> floa
 
 
 def working_hf_step(
-    hf_model: nn.Module, impls: list[str], ids: torch.Tensor, targets: torch.Tensor, tag: str
+    hf_model: nn.Module, impls: list[str], ids: torch.Tensor, tag: str
 ) -> tuple[str, Callable[[], float], float]:
     """The first experts implementation in `impls` whose forward+backward runs, with its step
     and loss. Each failure is printed with its reason."""
     for impl in impls:
         hf_model.set_experts_implementation(impl)
         optimizer = torch.optim.AdamW(hf_model.parameters(), lr=LR, fused=True)
-        step = train_step(hf_model, hf_logits(hf_model), optimizer, ids, targets)
+        step = train_step(hf_model, hf_loss(hf_model, ids), optimizer)
         try:
             return impl, step, step()
         except RuntimeError as e:  # e.g. a CPU grouped_mm backward that cannot run
@@ -183,7 +193,6 @@ def main() -> None:
         "router aux losses off on both sides"
     )
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    targets = torch.roll(ids, -1, dims=1)
 
     rows, summary = [], []
     with tempfile.TemporaryDirectory(prefix="moetron-bench-") as directory:
@@ -199,11 +208,11 @@ def main() -> None:
                         f"fp32 logits differ by {diff:.1e} > {FP32_TOLERANCE}: not the same model"
                     )
             optimizer = build_optimizer(ours, TrainConfig(lr=LR, weight_decay=0.0))
-            ours_step = train_step(ours, ours, optimizer, ids, targets)
-            ours_loss = ours_step()
-            impl, hf_step, hf_loss = working_hf_step(hf_model, impls, ids, targets, dtype_name)
+            ours_step = train_step(ours, ours_loss(ours, ids), optimizer)
+            ours_loss_value = ours_step()
+            impl, hf_step, hf_loss_value = working_hf_step(hf_model, impls, ids, dtype_name)
             print(
-                f"  [{dtype_name}] loss ours {ours_loss:.5f} HF {hf_loss:.5f}; transformers experts: {impl!r}"
+                f"  [{dtype_name}] loss ours {ours_loss_value:.5f} HF {hf_loss_value:.5f}; transformers experts: {impl!r}"
             )
             if impl != first_choice:
                 print(f"  [{dtype_name}] NOTE: {first_choice!r} could not train, fell back to {impl!r}")

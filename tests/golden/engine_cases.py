@@ -123,7 +123,16 @@ def collect() -> dict[str, Any]:
 
 
 def capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+    """PyTorch's CPU path, and the vendor where it is not Intel: the non-batch-invariant cases run
+    MKL's matmuls, whose kernels (and so the last bits) differ between Intel and AMD CPUs of one ISA."""
+    vendor = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap if vendor in ("", "GenuineIntel") else f"{cap}@{vendor}"
 
 
 def main() -> None:
