@@ -56,13 +56,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h_ND.shape[0], rows):
             block = slice(start, start + rows)
             logits_bV = grad_NV[block].float()
-            lse_b1 = logits_bV.logsumexp(dim=1, keepdim=True)
+            max_b1 = logits_bV.amax(dim=1, keepdim=True)
             target_logit_b1 = logits_bV.gather(1, safe_targets_N1[block])
-            losses_N[block] = (lse_b1 - target_logit_b1).squeeze(1)
+            # One exp per logit (logsumexp, then softmax, would take two): e = exp(l - max),
+            # lse = max + log Σe, softmax = e / Σe.
+            exp_bV = logits_bV.sub_(max_b1).exp_()
+            sum_b1 = exp_bV.sum(dim=1, keepdim=True)
+            losses_N[block] = (max_b1 + sum_b1.log() - target_logit_b1).squeeze(1)
             # d loss / d logits = (softmax - one-hot) / count on counted rows, 0 on the others.
-            probs_bV = logits_bV.sub_(lse_b1).exp_()
-            probs_bV.scatter_add_(1, safe_targets_N1[block], torch.full_like(target_logit_b1, -1.0))
-            probs_bV.mul_(counted_N[block].unsqueeze(1) / count)
+            probs_bV = exp_bV.mul_(counted_N[block].unsqueeze(1) / (count * sum_b1))
+            one_hot_b1 = -(counted_N[block].unsqueeze(1) / count).float()
+            probs_bV.scatter_add_(1, safe_targets_N1[block], one_hot_b1)
             grad_NV[block] = probs_bV
         ctx.save_for_backward(h_ND, weight_VD, grad_NV)
         return losses_N.masked_fill(~counted_N, 0.0).sum() / count
