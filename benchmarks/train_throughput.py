@@ -8,8 +8,8 @@ Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes
 One step = zero grads, forward and loss as each library's training computes it (moetron:
 `model(ids, targets_BT=...)`, the trainer's loss, fused with the output projection; transformers:
 `model(input_ids, labels=...).loss`, its Trainer's; the same next-token cross-entropy in fp32 over
-the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step: ours is the trainer's (`train.optim.build_optimizer`),
-transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
+the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step: ours is the
+trainer's (`train.optim.build_optimizer`), transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
 process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
 setting is process-wide, so transformers' step gets it too. Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
 set to 0 (the losses are still computed, just not weighted in) and transformers runs with

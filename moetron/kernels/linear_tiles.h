@@ -19,22 +19,28 @@ inline float finish_dot(__m256 acc, const float* x, const W* w, int64_t K8, int6
     return s;
 }
 
+// The next tile's ROWS weight rows (the ROWS after this tile's), from column k, into L2: once per
+// cache line of weights. With a few rows of x, compute could hide the weights' DRAM latency but
+// the hardware prefetcher does not run far enough ahead. Prefetches never fault past the end.
+template <int ROWS, typename W>
+inline void prefetch_next_rows(const W* w, int64_t ldw, int64_t k) {
+    constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
+    if ((k & (LINE - 1)) == 0)
+        for (int j = 0; j < ROWS; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + ROWS) * ldw + k), _MM_HINT_T1);
+}
+
 // out[i, j] for i < MR rows of x and j < NR rows of w, all with the same per-element arithmetic.
 // PREFETCH: ask for the next NR weight rows' lines into L2 while this tile computes.
 // W: float or bf16 weights (simd_avx2.h), the same arithmetic on the same values.
 template <int MR, int NR, bool PREFETCH = false, typename W>
 inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
                  int64_t K) {
-    constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
     const int64_t K8 = K & ~int64_t(7);
     for (int64_t k = 0; k < K8; k += 8) {
-        // With a few rows of x, compute could hide the weights' DRAM latency but the hardware
-        // prefetcher does not run far enough ahead. Prefetches never fault past the end.
-        if (PREFETCH && (k & (LINE - 1)) == 0)
-            for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + NR) * ldw + k), _MM_HINT_T1);
+        if constexpr (PREFETCH) prefetch_next_rows<NR>(w, ldw, k);
         if constexpr (MR <= 2 && sizeof(W) == 2) {
             // bf16: x held, one weight vector widened at a time (MR * NR + MR + 1 registers; the
             // order below spilled an accumulator of the 1x8 tile to the stack). For fp32 weights
@@ -75,15 +81,12 @@ inline __m512 load_w_pair(const bf16* a, const bf16* b) {
 
 template <int MR, int NP, bool PREFETCH = false, typename W>
 inline void tile_pairs(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t K) {
-    constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
     __m512 acc[MR][NP];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
     const int64_t K8 = K & ~int64_t(7);
     for (int64_t k = 0; k < K8; k += 8) {
-        if (PREFETCH && (k & (LINE - 1)) == 0)  // as tile's: the next tile's rows, into L2
-            for (int j = 0; j < 2 * NP; ++j)
-                _mm_prefetch(reinterpret_cast<const char*>(w + (j + 2 * NP) * ldw + k), _MM_HINT_T1);
+        if constexpr (PREFETCH) prefetch_next_rows<2 * NP>(w, ldw, k);
         __m512 wv[NP];
         for (int j = 0; j < NP; ++j) wv[j] = load_w_pair(w + 2 * j * ldw + k, w + (2 * j + 1) * ldw + k);
         for (int i = 0; i < MR; ++i) {

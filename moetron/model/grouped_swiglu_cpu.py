@@ -74,13 +74,12 @@ def bucket_rows(rows: int) -> int:
 
 
 def _rows_in_padded(sizes: list[int], padded: list[int], device: torch.device) -> torch.Tensor:
-    """Where each of the sum(sizes) expert-sorted rows sits once every expert's block is padded."""
-    starts = torch.tensor([0, *padded[:-1]], device=device).cumsum(0)
-    counts = torch.tensor(sizes, device=device)
-    offsets = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(
-        counts.cumsum(0) - counts, counts
-    )
-    return torch.repeat_interleave(starts, counts) + offsets
+    """Where each of the sum(sizes) expert-sorted rows sits once every expert's block is padded:
+    its own index, moved by the padding of the experts before its own."""
+    counts_E = torch.tensor(sizes, device=device)
+    padding_E = torch.tensor(padded, device=device) - counts_E
+    shift_E = padding_E.cumsum(0) - padding_E
+    return torch.arange(sum(sizes), device=device) + torch.repeat_interleave(shift_E, counts_E)
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -127,11 +126,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         dx_ND = torch.empty_like(x_ND)
         dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
         idle = sorted(set(range(w1_EID.shape[0])) - {expert for expert, _ in spans})
-        for dw in (
-            dw1_EID,
-            dw2_EDI,
-            dw3_EID,
-        ):  # an expert without tokens gets a zero gradient, as in the loop
+        for dw in (dw1_EID, dw2_EDI, dw3_EID):  # an expert without tokens: a zero gradient, as in the loop
             dw[idle] = 0
         for expert, rows in spans:
             x, dh1, dh3 = x_ND[rows], dh1_NI[rows], dh3_NI[rows]

@@ -64,9 +64,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sum_b1 = exp_bV.sum(dim=1, keepdim=True)
             losses_N[block] = (max_b1 + sum_b1.log() - target_logit_b1).squeeze(1)
             # d loss / d logits = (softmax - one-hot) / count on counted rows, 0 on the others.
-            probs_bV = exp_bV.mul_(counted_N[block].unsqueeze(1) / (count * sum_b1))
-            one_hot_b1 = -(counted_N[block].unsqueeze(1) / count).float()
-            probs_bV.scatter_add_(1, safe_targets_N1[block], one_hot_b1)
+            row_weight_b1 = counted_N[block].unsqueeze(1) / count
+            probs_bV = exp_bV.mul_(row_weight_b1 / sum_b1)
+            probs_bV.scatter_add_(1, safe_targets_N1[block], -row_weight_b1)
             grad_NV[block] = probs_bV
         ctx.save_for_backward(h_ND, weight_VD, grad_NV)
         return losses_N.masked_fill(~counted_N, 0.0).sum() / count
