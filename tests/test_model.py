@@ -731,17 +731,39 @@ def test_grouped_swiglu_node_matches_the_per_expert_loop() -> None:
     assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing
 
 
+def _autograd_node_names(tensor: torch.Tensor) -> set[str]:
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "bf16_autocast"])
-def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(autocast: bool) -> None:
-    """In bf16 (weights, or fp32 master weights under CPU autocast) the node takes over where the
-    CPU multiplies bf16 natively, padding each expert's rows to a cached size; the per-expert loop
-    (reached by passing a matmul of our own) is the reference, and gradients reach fp32 masters as
-    fp32. Elsewhere the node must leave bf16 to the loop."""
+@pytest.mark.parametrize(
+    "sizes, node",
+    [
+        # balanced enough for one batched matmul (4 x 40 padded rows for 115), an idle expert
+        ([37, 0, 40, 38], "BatchedSwiGLUBackward"),
+        # too unbalanced (4 x 72 for 112): each expert padded to its own bucket (37 -> 38, 70 -> 72)
+        ([37, 0, 70, 5], "GroupedSwiGLUBackward"),
+    ],
+    ids=["batched", "per_expert"],
+)
+def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(
+    autocast: bool, sizes: list[int], node: str
+) -> None:
+    """In bf16 (weights, or fp32 master weights under CPU autocast) the nodes take over where the
+    CPU multiplies bf16 natively, padding rows to cached sizes; the per-expert loop (reached by
+    passing a matmul of our own) is the reference, and gradients reach fp32 masters as fp32.
+    Elsewhere the nodes must leave bf16 to the loop."""
     from moetron.hardware import native_bf16_matmul
 
     torch.manual_seed(0)
     num_experts, hidden, dim = 4, 32, 16
-    sizes = torch.tensor([37, 0, 70, 5])  # 37 and 70 are padded (to 38 and 72), 5 is not
+    sizes = torch.tensor(sizes)
     master = torch.float32 if autocast else torch.bfloat16
     x_ND = torch.randn(int(sizes.sum()), dim).to(master).requires_grad_()
     weights = [
@@ -752,8 +774,7 @@ def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(autocast: bool)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = grouped_swiglu(x_ND, sizes, *weights)
         y_loop = grouped_swiglu(x_ND, sizes, *weights, matmul=lambda x, w: F.linear(x, w))
-    node_nodes = {"GroupedSwiGLUBackward", "IndexSelectBackward0"}
-    assert (type(y.grad_fn).__name__ in node_nodes) == native_bf16_matmul("cpu")
+    assert (node in _autograd_node_names(y)) == native_bf16_matmul("cpu")
     assert y.dtype == y_loop.dtype == torch.bfloat16
     grads = torch.autograd.grad((y.float() * upstream).sum(), [x_ND, *weights])
     expected = torch.autograd.grad((y_loop.float() * upstream).sum(), [x_ND, *weights])
