@@ -327,6 +327,43 @@ def test_capacity_random_routing_matches_reference(capacity_factor: float) -> No
     assert layer.tokens_per_expert.sum().item() == len(kept)
 
 
+def test_moe_gradients_with_dropped_pairs_match_reference() -> None:
+    """Dispatch and combine move rows with gather gradients (row_moves.py): under a capacity every
+    gradient (input, router, experts) against autograd through the per-token loop of kept pairs."""
+    layer = _moe_layer(capacity_factor=0.75, aux_loss_weight=0.0, z_loss_weight=0.0).train()
+    x_TD = torch.randn(40, 16, requires_grad=True)
+    upstream = torch.randn(40, 16)
+    params = [x_TD, layer.router.gate.weight, layer.experts.w1, layer.experts.w2, layer.experts.w3]
+    grads = torch.autograd.grad((layer(x_TD[None])[0] * upstream).sum(), params)
+    _, experts = _reference_routing(layer, x_TD.detach())
+    kept = _gshard_kept(experts, capacity=math.ceil(0.75 * 40 * 2 / 4))
+    assert len(kept) < 80  # pairs were dropped
+    expected = torch.autograd.grad((_reference_moe(layer, x_TD, kept) * upstream).sum(), params)
+    for name, g, e in zip(["x", "gate", "w1", "w2", "w3"], grads, expected, strict=True):
+        torch.testing.assert_close(g, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_move_rows_and_its_gradient_are_gathers_with_holes() -> None:
+    from moetron.model.row_moves import inverse_map, move_rows
+
+    x_ND = torch.randn(5, 3, requires_grad=True)
+    rows_N = torch.tensor([6, 0, 2, 3, 7])  # five rows into eight, three zero rows
+    source_M = inverse_map(rows_N, 8)
+    assert source_M.tolist() == [1, 5, 2, 3, 5, 5, 0, 4]
+    out = move_rows(x_ND, source_M, rows_N, kept=5)
+    expected = torch.zeros(8, 3).index_copy(0, rows_N, x_ND.detach())
+    assert torch.equal(out, expected)
+    upstream = torch.randn(8, 3)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x_ND)
+    assert torch.equal(grad, upstream[rows_N])
+    # and back: the rows at rows_N out of eight (the other three dropped)
+    y = torch.randn(8, 3, requires_grad=True)
+    back = move_rows(y, rows_N, source_M, kept=5)
+    assert torch.equal(back, y.detach()[rows_N])
+    (grad_y,) = torch.autograd.grad((back * upstream[:5]).sum(), y)
+    assert torch.equal(grad_y, torch.zeros(8, 3).index_copy(0, rows_N, upstream[:5]))
+
+
 def test_generous_capacity_is_dropless() -> None:
     layer = _moe_layer(capacity_factor=100.0).train()
     x_TD = torch.randn(10, 16)

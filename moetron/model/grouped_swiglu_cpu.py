@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moetron.hardware import native_bf16_matmul
+from moetron.model.row_moves import inverse_map, move_rows
 
 
 def compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
@@ -66,16 +67,23 @@ def grouped_swiglu(
             # one of a few sizes, so the heap stops growing (per-step sizes kept faulting in
             # thousands of fresh pages a step).
             slots_N = _slots_in_batch(sizes, rows, x_ND.device)
-            x_SD = x_ND.new_zeros(num_experts * rows, x_ND.shape[1]).index_copy(0, slots_N, x_ND)
+            x_SD, row_of_slot_S = _pad_rows(x_ND, slots_N, num_experts * rows)
             y_ERD = BatchedSwiGLU.apply(x_SD.view(num_experts, rows, -1), w1_EID, w2_EDI, w3_EID)
-            return y_ERD.flatten(0, 1).index_select(0, slots_N)
+            return move_rows(y_ERD.flatten(0, 1), slots_N, row_of_slot_S, kept=len(slots_N))
         # Badly balanced routing: each expert padded to its own bucket instead.
         padded = [bucket_rows(size) for size in sizes]
         if padded == sizes:
             return GroupedSwiGLU.apply(x_ND, sizes, w1_EID, w2_EDI, w3_EID)
         rows_N = _rows_in_padded(sizes, padded, x_ND.device)
-        x_PD = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, rows_N, x_ND)
-        return GroupedSwiGLU.apply(x_PD, padded, w1_EID, w2_EDI, w3_EID).index_select(0, rows_N)
+        x_PD, row_of_padded_P = _pad_rows(x_ND, rows_N, sum(padded))
+        y_PD = GroupedSwiGLU.apply(x_PD, padded, w1_EID, w2_EDI, w3_EID)
+        return move_rows(y_PD, rows_N, row_of_padded_P, kept=len(rows_N))
+
+
+def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_ND's rows placed at rows_N of num_rows zero rows, and the map back (row_moves)."""
+    source_R = inverse_map(rows_N, num_rows)
+    return move_rows(x_ND, source_R, rows_N, kept=len(rows_N)), source_R
 
 
 # The batched path's padded rows may be at most this multiple of the routed rows: beyond it the

@@ -18,6 +18,7 @@ from torch import nn
 from moetron.config import ModelConfig, MoEConfig
 from moetron.model import grouped_swiglu_cpu
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
+from moetron.model.row_moves import gather_rows, inverse_map, move_rows
 
 
 class FeedForward(nn.Module):
@@ -158,36 +159,24 @@ class _AttachRouterLoss(torch.autograd.Function):
         return grad_out, torch.full_like(router_loss, ctx.scale), None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """x[perm] for a permutation of the rows; the gradient is grad[inverse] (a gather)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
 class _DispatchRows(torch.autograd.Function):
-    """Token rows x_TD copied to the T*K (token, k) pairs in expert order (pair p = order_N[n] is
-    token p // K); the gradient gathers each token's K rows back (inverse permutation) and sums them."""
+    """Token rows x_TD copied to the kept (token, k) pairs pairs_N (flat pair indices t * K + k, in
+    expert order; all T * K pairs when dropless). The gradient moves each pair's row back to its pair
+    slot (slot_P: the pair's kept row, or N if dropped) and sums each token's K slots: gathers only."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
+        ctx, x_TD: torch.Tensor, pairs_N: torch.Tensor, slot_P: torch.Tensor, top_k: int
     ) -> torch.Tensor:
-        ctx.save_for_backward(inverse_N)
+        ctx.save_for_backward(slot_P)
         ctx.top_k = top_k
-        return x_TD.index_select(0, order_N // top_k)
+        return x_TD.index_select(0, pairs_N // top_k)
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        (inverse_N,) = ctx.saved_tensors
-        return grad_ND.index_select(0, inverse_N).unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
+        (slot_P,) = ctx.saved_tensors
+        grad_PD = gather_rows(grad_ND.contiguous(), slot_P, has_holes=grad_ND.shape[0] < slot_P.shape[0])
+        return grad_PD.unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
@@ -268,10 +257,8 @@ class MoELayer(nn.Module):
         if self.record_stats:
             with torch.no_grad():
                 self.tokens_per_expert += num_tokens_per_expert_E
-        if order_N.numel() == expert_ids_TK.numel() and type(x_TD) is torch.Tensor:
-            # Dropless: order_N is a permutation of the T*K pairs (a plain-tensor fast path; DTensor
-            # inputs and capacity drops take the general one below).
-            return self._permuted_experts(x_TD, weights_TK, order_N, num_tokens_per_expert_E)
+        if type(x_TD) is torch.Tensor:  # DTensor inputs take the general path below
+            return self._moved_experts(x_TD, weights_TK, order_N, num_tokens_per_expert_E)
         token_ids_N = order_N // self.cfg.top_k
         y_ND = self.experts(x_TD[token_ids_N], num_tokens_per_expert_E)
         y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
@@ -279,22 +266,22 @@ class MoELayer(nn.Module):
         # in the stream's dtype (as Mixtral does).
         return torch.zeros_like(x_TD).index_add_(0, token_ids_N, y_ND.to(x_TD.dtype))
 
-    def _permuted_experts(
+    def _moved_experts(
         self,
         x_TD: torch.Tensor,
         weights_TK: torch.Tensor,
-        order_N: torch.Tensor,
+        pairs_N: torch.Tensor,
         num_tokens_per_expert_E: torch.Tensor,
     ) -> torch.Tensor:
-        """routed_experts when every pair is kept: dispatch and combine as row permutations, whose
-        gradients are the inverse permutations (gathers), not index_add's scatter-adds. Combining
-        the K rows of a token with sum(1) equals index_add_'s adds for K <= 2 (a + b == b + a)."""
+        """routed_experts on plain tensors: dispatch and combine as row moves whose gradients are
+        gathers too (row_moves.py), not indexing's and index_add_'s scatter-adds. A dropped pair
+        gets a zero row. Combining a token's K rows with sum(1) equals index_add_'s adds for
+        K <= 2 (a + b == b + a)."""
         num_tokens, top_k = weights_TK.shape
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        y_ND = self.experts(_DispatchRows.apply(x_TD, order_N, inverse_N, top_k), num_tokens_per_expert_E)
-        y_TKD = _PermuteRows.apply(y_ND.to(x_TD.dtype), inverse_N, order_N).unflatten(0, (num_tokens, top_k))
-        return (y_TKD * weights_TK.unsqueeze(-1).to(x_TD.dtype)).sum(1)
+        slot_P = inverse_map(pairs_N, num_tokens * top_k)
+        y_ND = self.experts(_DispatchRows.apply(x_TD, pairs_N, slot_P, top_k), num_tokens_per_expert_E)
+        y_PD = move_rows(y_ND.to(x_TD.dtype), slot_P, pairs_N, kept=pairs_N.shape[0])
+        return (y_PD.unflatten(0, (num_tokens, top_k)) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).sum(1)
 
     def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat (token, k) indices sorted by expert, and kept assignments per expert.

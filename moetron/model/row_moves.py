@@ -1,0 +1,51 @@
+"""Moving rows between layouts (tokens, routed pairs, padded expert batches) as gathers, forward and
+backward.
+
+A move is injective: each source row lands in at most one destination row, and destination rows
+without a source are zero (padding, dropped pairs). Its gradient is the same move backwards, so it
+is a gather too. Autograd's backward of index_select is a scatter-add (index_add_), and a forward
+index_copy_ is a scatter: on CPU both run several times slower than index_select (measured for
+8192 x 128 rows: ~300 us against 40-65 us).
+
+Maps are given both ways: src_M[i] is the source row of destination row i (or len(x): a zero row),
+dst_N[j] the destination row of source row j (or len(out): dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(x_ND: torch.Tensor, index_M: torch.Tensor, has_holes: bool) -> torch.Tensor:
+    """x_ND[index_M], where an index equal to len(x_ND) reads a zero row (only if `has_holes`)."""
+    if has_holes:  # one appended zero row, read by every hole: a copy of x, cheaper than masking
+        x_ND = torch.cat([x_ND, x_ND.new_zeros(1, *x_ND.shape[1:])])
+    return x_ND.index_select(0, index_M)
+
+
+class MoveRows(torch.autograd.Function):
+    """out_MD = x_ND moved by src_M (see the module doc); `kept` rows move, the rest are holes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_ND: torch.Tensor, src_M: torch.Tensor, dst_N: torch.Tensor, kept: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(dst_N)
+        ctx.dropped = kept < x_ND.shape[0]
+        return gather_rows(x_ND, src_M, has_holes=kept < src_M.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (dst_N,) = ctx.saved_tensors
+        return gather_rows(grad_MD.contiguous(), dst_N, has_holes=ctx.dropped), None, None, None
+
+
+def move_rows(x_ND: torch.Tensor, src_M: torch.Tensor, dst_N: torch.Tensor, kept: int) -> torch.Tensor:
+    return MoveRows.apply(x_ND, src_M, dst_N, kept)
+
+
+def inverse_map(index_K: torch.Tensor, size: int) -> torch.Tensor:
+    """The map back of an injective index_K into range(size): out[index_K[k]] = k, and K (a hole)
+    where nothing maps."""
+    inverse = torch.full((size,), index_K.shape[0], dtype=index_K.dtype, device=index_K.device)
+    return inverse.index_put_((index_K,), torch.arange(index_K.shape[0], device=index_K.device))
