@@ -4,6 +4,7 @@ active parameters, each trained for the same wall-clock time on this machine.
     python -m benchmarks.moe_vs_dense                     # configs/demo.toml vs configs/demo_dense.toml
     python -m benchmarks.moe_vs_dense --minutes 3         # a shorter race
     python -m benchmarks.moe_vs_dense --as-shipped        # each config's own step count, as the demo runs
+    python -m benchmarks.moe_vs_dense --train.batch_size=32   # a setting for both runs
 
 Protocol: both configs are first timed for a few steps each, interleaved (MoE, dense, MoE, dense),
 to size each run so its training steps take `--minutes` (each config keeps its schedule's shape:
@@ -73,8 +74,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--as-shipped", action="store_true", help="run each config's own steps, no resizing")
     p.add_argument("--out", default="runs/moe_vs_dense")
-    p.add_argument("overrides", nargs="*", help="--section.key=value settings for both runs")
-    return p.parse_args()
+    # --section.key=value settings for both runs (e.g. --train.batch_size=32), as `moetron train` takes them
+    args, args.overrides = p.parse_known_args()
+    if bad := [o for o in args.overrides if not (o.startswith("--") and "." in o.split("=")[0])]:
+        p.error(f"not a --section.key=value setting: {' '.join(bad)}")
+    return args
 
 
 def train(run: Run, out_dir: Path, settings: list[str]) -> list[dict]:
