@@ -350,7 +350,7 @@ def test_move_rows_and_its_gradient_are_gathers_with_holes() -> None:
     rows_N = torch.tensor([6, 0, 2, 3, 7])  # five rows into eight, three zero rows
     source_M = inverse_map(rows_N, 8)
     assert source_M.tolist() == [1, 5, 2, 3, 5, 5, 0, 4]
-    out = move_rows(x_ND, source_M, rows_N, kept=5)
+    out = move_rows(x_ND, source_M, rows_N)
     expected = torch.zeros(8, 3).index_copy(0, rows_N, x_ND.detach())
     assert torch.equal(out, expected)
     upstream = torch.randn(8, 3)
@@ -358,7 +358,7 @@ def test_move_rows_and_its_gradient_are_gathers_with_holes() -> None:
     assert torch.equal(grad, upstream[rows_N])
     # and back: the rows at rows_N out of eight (the other three dropped)
     y = torch.randn(8, 3, requires_grad=True)
-    back = move_rows(y, rows_N, source_M, kept=5)
+    back = move_rows(y, rows_N, source_M)
     assert torch.equal(back, y.detach()[rows_N])
     (grad_y,) = torch.autograd.grad((back * upstream[:5]).sum(), y)
     assert torch.equal(grad_y, torch.zeros(8, 3).index_copy(0, rows_N, upstream[:5]))

@@ -66,10 +66,10 @@ def grouped_swiglu(
             # (1.0 vs 1.2 ms for 16 x [~560, 128] x [128, 256] as 16 calls), and every buffer has
             # one of a few sizes, so the heap stops growing (per-step sizes kept faulting in
             # thousands of fresh pages a step).
-            slots_N = _slots_in_batch(sizes, rows, x_ND.device)
+            slots_N = _rows_in_padded(sizes, [rows] * num_experts, x_ND.device)
             x_SD, row_of_slot_S = _pad_rows(x_ND, slots_N, num_experts * rows)
             y_ERD = BatchedSwiGLU.apply(x_SD.view(num_experts, rows, -1), w1_EID, w2_EDI, w3_EID)
-            return move_rows(y_ERD.flatten(0, 1), slots_N, row_of_slot_S, kept=len(slots_N))
+            return move_rows(y_ERD.flatten(0, 1), slots_N, row_of_slot_S)
         # Badly balanced routing: each expert padded to its own bucket instead.
         padded = [bucket_rows(size) for size in sizes]
         if padded == sizes:
@@ -77,13 +77,13 @@ def grouped_swiglu(
         rows_N = _rows_in_padded(sizes, padded, x_ND.device)
         x_PD, row_of_padded_P = _pad_rows(x_ND, rows_N, sum(padded))
         y_PD = GroupedSwiGLU.apply(x_PD, padded, w1_EID, w2_EDI, w3_EID)
-        return move_rows(y_PD, rows_N, row_of_padded_P, kept=len(rows_N))
+        return move_rows(y_PD, rows_N, row_of_padded_P)
 
 
 def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x_ND's rows placed at rows_N of num_rows zero rows, and the map back (row_moves)."""
     source_R = inverse_map(rows_N, num_rows)
-    return move_rows(x_ND, source_R, rows_N, kept=len(rows_N)), source_R
+    return move_rows(x_ND, source_R, rows_N), source_R
 
 
 # The batched path's padded rows may be at most this multiple of the routed rows: beyond it the
@@ -106,14 +106,6 @@ def _rows_in_padded(sizes: list[int], padded: list[int], device: torch.device) -
     return torch.arange(sum(sizes), device=device) + torch.repeat_interleave(shift_E, counts_E)
 
 
-def _slots_in_batch(sizes: list[int], rows: int, device: torch.device) -> torch.Tensor:
-    """Where each of the sum(sizes) expert-sorted rows sits in the [E * rows] batch: expert e's
-    rows start at e * rows."""
-    counts_E = torch.tensor(sizes, device=device)
-    shift_E = torch.arange(len(sizes), device=device) * rows - (counts_E.cumsum(0) - counts_E)
-    return torch.arange(sum(sizes), device=device) + torch.repeat_interleave(shift_E, counts_E)
-
-
 class BatchedSwiGLU(torch.autograd.Function):
     """y[e] = (silu(x[e] w1[e]^T) * (x[e] w3[e]^T)) w2[e]^T for experts padded to equal rows
     x_ERD: each product one batched matmul over all experts. Saves x and the two pre-activations,
@@ -131,11 +123,8 @@ class BatchedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_ERD: torch.Tensor):  # type: ignore[override]
         x_ERD, h1_ERI, h3_ERI, w1_EID, w2_EDI, w3_EID = ctx.saved_tensors
-        dg_ERI = torch.bmm(dy_ERD, w2_EDI)
-        silu_ERI = F.silu(h1_ERI)
-        dw2_EDI = torch.bmm(dy_ERD.transpose(1, 2), silu_ERI * h3_ERI)
-        dh3_ERI = dg_ERI.mul(silu_ERI)
-        dh1_ERI = torch.ops.aten.silu_backward(dg_ERI.mul_(h3_ERI), h1_ERI)
+        g_ERI, dh1_ERI, dh3_ERI = _swiglu_backward(torch.bmm(dy_ERD, w2_EDI), h1_ERI, h3_ERI)
+        dw2_EDI = torch.bmm(dy_ERD.transpose(1, 2), g_ERI)
         dw1_EID = torch.bmm(dh1_ERI.transpose(1, 2), x_ERD)
         dw3_EID = torch.bmm(dh3_ERI.transpose(1, 2), x_ERD)
         dx_ERD = torch.bmm(dh1_ERI, w1_EID).baddbmm_(dh3_ERI, w3_EID)
@@ -179,10 +168,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         dg_NI = torch.empty_like(h1_NI)
         for expert, rows in spans:
             torch.mm(dy_ND[rows], w2_EDI[expert], out=dg_NI[rows])
-        silu_NI = F.silu(h1_NI)
-        g_NI = silu_NI * h3_NI
-        dh3_NI = dg_NI.mul(silu_NI)
-        dh1_NI = torch.ops.aten.silu_backward(dg_NI.mul_(h3_NI), h1_NI)
+        g_NI, dh1_NI, dh3_NI = _swiglu_backward(dg_NI, h1_NI, h3_NI)
         dx_ND = torch.empty_like(x_ND)
         dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
         idle = sorted(set(range(w1_EID.shape[0])) - {expert for expert, _ in spans})
@@ -197,6 +183,15 @@ class GroupedSwiGLU(torch.autograd.Function):
             torch.mm(dh1, w1_EID[expert], out=dx)
             dx.addmm_(dh3, w3_EID[expert])
         return dx_ND, None, dw1_EID, dw2_EDI, dw3_EID
+
+
+def _swiglu_backward(
+    dg: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For g = silu(h1) * h3 and its gradient dg (overwritten): (g, dh1, dh3)."""
+    silu = F.silu(h1)
+    dh3 = dg.mul(silu)
+    return silu.mul_(h3), torch.ops.aten.silu_backward(dg.mul_(h3), h1), dh3
 
 
 def _expert_spans(sizes: list[int]) -> list[tuple[int, slice]]:

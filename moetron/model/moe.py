@@ -175,7 +175,7 @@ class _DispatchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (slot_P,) = ctx.saved_tensors
-        grad_PD = gather_rows(grad_ND.contiguous(), slot_P, has_holes=grad_ND.shape[0] < slot_P.shape[0])
+        grad_PD = gather_rows(grad_ND, slot_P, has_holes=grad_ND.shape[0] < slot_P.shape[0])
         return grad_PD.unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
 
 
@@ -280,7 +280,7 @@ class MoELayer(nn.Module):
         num_tokens, top_k = weights_TK.shape
         slot_P = inverse_map(pairs_N, num_tokens * top_k)
         y_ND = self.experts(_DispatchRows.apply(x_TD, pairs_N, slot_P, top_k), num_tokens_per_expert_E)
-        y_PD = move_rows(y_ND.to(x_TD.dtype), slot_P, pairs_N, kept=pairs_N.shape[0])
+        y_PD = move_rows(y_ND.to(x_TD.dtype), slot_P, pairs_N)
         return (y_PD.unflatten(0, (num_tokens, top_k)) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).sum(1)
 
     def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
