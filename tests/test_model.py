@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -821,6 +822,48 @@ def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(
         assert g.dtype == master, name
         torch.testing.assert_close(g.float(), e.float(), **bf16, msg=lambda m, name=name: f"{name}: {m}")
     assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("skew", [0.0, 0.4], ids=["balanced", "skewed"])
+def test_routed_experts_node_equals_the_composed_path_bit_for_bit(
+    autocast: bool, capacity_factor: float | None, skew: float
+) -> None:
+    """The CPU training node for dispatch + experts + combine (routed_swiglu_cpu) against the same
+    layer through autograd's composed ops (row moves, the experts' node, the weighted sum): the
+    output and every gradient (input, router, the three expert stacks) are the same bits, with
+    padding rows (both buffer layouts in bf16: a biased router skews the loads) and dropped pairs."""
+    from moetron.hardware import native_bf16_matmul
+    from moetron.model import routed_swiglu_cpu
+
+    layer = _moe_layer(num_experts=8, capacity_factor=capacity_factor).train()
+    with torch.no_grad():
+        layer.router.expert_bias[:2] = skew  # experts 0 and 1 take most tokens
+    x_BTD = torch.randn(3, 40, 16, requires_grad=True)
+    upstream = torch.randn(3, 40, 16)
+    params = [x_BTD, *layer.parameters()]
+
+    def output_and_grads(fused: bool) -> tuple[list[torch.Tensor], set[str]]:
+        with mock.patch.object(
+            routed_swiglu_cpu, "supports", routed_swiglu_cpu.supports if fused else _never
+        ):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = layer(x_BTD)
+            grads = torch.autograd.grad((out.float() * upstream).sum(), params)
+        return [out.detach(), *grads], _autograd_node_names(out)
+
+    fused, fused_nodes = output_and_grads(fused=True)
+    composed, composed_nodes = output_and_grads(fused=False)
+    ran = "RoutedSwiGLUBackward" in fused_nodes
+    assert ran == (not autocast or native_bf16_matmul("cpu")) and "RoutedSwiGLUBackward" not in composed_nodes
+    names = ["out", "x", *(name for name, _ in layer.named_parameters())]
+    for name, a, b in zip(names, fused, composed, strict=True):
+        assert torch.equal(a, b), name
+
+
+def _never(*args: object) -> bool:
+    return False
 
 
 def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
-from moetron.model import grouped_swiglu_cpu
+from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
 from moetron.model.row_moves import gather_rows, inverse_map, move_rows
 
@@ -277,6 +277,12 @@ class MoELayer(nn.Module):
         gathers too (row_moves.py), not indexing's and index_add_'s scatter-adds. A dropped pair
         gets a zero row. Combining a token's K rows with sum(1) equals index_add_'s adds for
         K <= 2 (a + b == b + a)."""
+        experts = self.experts
+        weights = (experts.w1, experts.w2, experts.w3)
+        if type(experts) is GroupedExperts and routed_swiglu_cpu.supports(x_TD, *weights):
+            # CPU training: the whole of it one node (experts subclassed by EP or LoRA keep theirs)
+            sizes = num_tokens_per_expert_E.tolist()
+            return routed_swiglu_cpu.routed_swiglu(x_TD, weights_TK, pairs_N, sizes, *weights)
         num_tokens, top_k = weights_TK.shape
         slot_P = inverse_map(pairs_N, num_tokens * top_k)
         y_ND = self.experts(_DispatchRows.apply(x_TD, pairs_N, slot_P, top_k), num_tokens_per_expert_E)

@@ -1,0 +1,125 @@
+"""A MoE layer's routed experts (dispatch, the experts' SwiGLU, the weighted combine) as one autograd
+node, for CPU training on plain tensors (fp32, or bf16 where the CPU multiplies bf16 natively).
+
+Legend: T tokens, K experts per token, P = T * K (token, k) pairs, N kept pairs in expert order,
+S rows of the experts' buffer (N plus padding: grouped_swiglu_cpu.expert_rows), D model width,
+E experts.
+
+Composed from autograd ops, the same math moved each token's row four times each way (tokens to
+pairs, pairs to padded rows and back, back to pairs), cast it between fp32 and bf16 at every
+hop, and recorded ~25 nodes a layer. Here the two maps between pairs and buffer rows are built
+once, and each direction is one gather:
+
+  forward   x_TD --cast--> gather to S rows --experts--> y_SD --gather to P pairs, cast--> Σ_k w·y
+  backward  dout_TD · w --cast--> gather to S rows --experts'--> dx_SD --gather to P, cast--> Σ_k
+
+The values equal the composed path's bit for bit: casts commute with gathers, and every product
+and sum is the same one in the same order (tests/test_model.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moetron.model.grouped_swiglu_cpu import (
+    compute_dtype,
+    expert_rows,
+    rows_in_padded,
+    swiglu_backward,
+    swiglu_forward,
+)
+from moetron.model.row_moves import gather_rows
+
+
+def supports(x_TD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor) -> bool:
+    return compute_dtype(x_TD, w1_EID, w2_EDI, w3_EID) is not None
+
+
+def routed_swiglu(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    pairs_N: torch.Tensor,
+    sizes: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_k weights_TK[t, k] · expert(pair t*K+k)(x_TD[t]) → [T, D] in x's dtype. pairs_N: the kept
+    flat pair indices in expert order; sizes: kept pairs per expert (their sum is N). Check
+    `supports` first. The weights are cast to the compute dtype by autograd ops, so fp32 masters
+    get fp32 gradients, as under autocast."""
+    dtype = compute_dtype(x_TD, w1_EID, w2_EDI, w3_EID)
+    assert dtype is not None, "routed_swiglu: check supports first"
+    padded, batched = expert_rows(sizes, dtype)
+    num_pairs, num_rows = weights_TK.numel(), sum(padded)
+    slot_N = rows_in_padded(sizes, padded, x_TD.device)
+    # pair of each buffer row (num_pairs: a padding row) and buffer row of each pair (num_rows: dropped)
+    pair_S = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=x_TD.device).index_put_(
+        (slot_N,), pairs_N
+    )
+    slot_P = torch.full((num_pairs,), num_rows, dtype=torch.int64, device=x_TD.device).index_put_(
+        (pairs_N,), slot_N
+    )
+    w1_EID, w2_EDI, w3_EID = (w.to(dtype) for w in (w1_EID, w2_EDI, w3_EID))
+    with torch.autocast("cpu", enabled=False):
+        return RoutedSwiGLU.apply(
+            x_TD, weights_TK, pair_S, slot_P, Layout(padded, batched, num_rows > len(pairs_N), len(pairs_N) < num_pairs),
+            w1_EID, w2_EDI, w3_EID,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    padded: list[int]  # each expert's block of buffer rows (grouped_swiglu_cpu.expert_rows)
+    batched: bool  # all blocks one size: batched matmuls
+    has_padding: bool  # buffer rows that hold no pair
+    has_drops: bool  # pairs that hold no buffer row (over an expert's capacity)
+
+
+class RoutedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        pair_S: torch.Tensor,
+        slot_P: torch.Tensor,
+        layout: Layout,
+        w1_EID: torch.Tensor,
+        w2_EDI: torch.Tensor,
+        w3_EID: torch.Tensor,
+    ) -> torch.Tensor:
+        # a padding row reads pair P, whose token P // K = T is gather_rows' zero row
+        x_SD = gather_rows(x_TD.to(w1_EID.dtype), pair_S // weights_TK.shape[1], layout.has_padding)
+        y_SD, h1, h3 = swiglu_forward(x_SD, layout.padded, layout.batched, w1_EID, w2_EDI, w3_EID)
+        ctx.layout, ctx.x_dtype = layout, x_TD.dtype
+        ctx.save_for_backward(weights_TK, pair_S, slot_P, y_SD, x_SD, h1, h3, w1_EID, w2_EDI, w3_EID)
+        return _combine(y_SD, slot_P, weights_TK, x_TD.dtype, layout.has_drops)
+
+    @staticmethod
+    def backward(ctx, dout_TD: torch.Tensor):  # type: ignore[override]
+        weights_TK, pair_S, slot_P, y_SD, *saved = ctx.saved_tensors
+        num_tokens, top_k = weights_TK.shape
+        layout, x_dtype, dtype = ctx.layout, ctx.x_dtype, y_SD.dtype
+        dout_TKD = dout_TD.unsqueeze(1).expand(num_tokens, top_k, -1)
+        dweights_TK = None
+        if ctx.needs_input_grad[1]:
+            y_TKD = gather_rows(y_SD, slot_P, layout.has_drops).to(x_dtype).unflatten(0, (num_tokens, top_k))
+            dweights_TK = (dout_TKD * y_TKD).sum(-1)
+        dy_PD = (dout_TKD * weights_TK.unsqueeze(-1).to(x_dtype)).flatten(0, 1).to(dtype)
+        dy_SD = gather_rows(dy_PD, pair_S, layout.has_padding)
+        dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.padded, layout.batched, tuple(saved))
+        dx_PD = gather_rows(dx_SD, slot_P, layout.has_drops).to(x_dtype)
+        dx_TD = dx_PD.unflatten(0, (num_tokens, top_k)).sum(1)
+        return dx_TD, dweights_TK, None, None, None, dw1_EID, dw2_EDI, dw3_EID
+
+
+def _combine(
+    y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, has_drops: bool
+) -> torch.Tensor:
+    """Σ_k weights_TK[t, k] · y of pair (t, k), in `dtype` (a dropped pair's row is zero)."""
+    num_tokens, top_k = weights_TK.shape
+    y_TKD = gather_rows(y_SD, slot_P, has_drops).to(dtype).unflatten(0, (num_tokens, top_k))
+    return (y_TKD * weights_TK.unsqueeze(-1).to(dtype)).sum(1)
