@@ -5,7 +5,8 @@
   * attention_avx2.cpp: causal attention of packed query rows over the paged KV cache;
   * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
   * norm_avx2.cpp: RMSNorm rows;
-  * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each.
+  * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
+  * moe_rows_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients).
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -44,6 +45,7 @@ SOURCES = (
     "moe_avx2.cpp",
     "norm_avx2.cpp",
     "layer_avx2.cpp",
+    "moe_rows_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -51,7 +53,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 17  # 17: the whole decoder stack in one call (moetron_decoder_layers)
+ABI_VERSION = 18  # 18: the MoE training row moves (moe_rows_avx2.cpp)
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -404,3 +406,53 @@ def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
             x_MD.data_ptr(), x_MD.stride(0), weight.data_ptr(), out_MD.data_ptr(), x_MD.shape[0], dim, eps
         )
     return out_MD.reshape(x.shape)
+
+
+# MoE training's row moves (moe_rows_avx2.cpp; model/routed_swiglu_cpu.py): fp32 token rows, an
+# fp32 or bf16 buffer of S expert rows, int64 maps pair_S [S] (P: padding) and slot_P [P] (S: dropped).
+
+
+def moe_dispatch_rows(
+    x_TD: torch.Tensor, pair_S: torch.Tensor, top_k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[S, D] in `dtype`: row s is x_TD[pair_S[s] // top_k] (rounded as torch rounds), zero for padding."""
+    num_tokens, dim = x_TD.shape
+    out_SD = torch.empty(pair_S.shape[0], dim, dtype=dtype)
+    library().moetron_moe_dispatch_rows(
+        x_TD.data_ptr(), pair_S.data_ptr(), pair_S.shape[0], top_k, num_tokens, dim, out_SD.data_ptr(),
+        int(dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    return out_SD
+
+
+def moe_gather_sum_rows(
+    rows_SD: torch.Tensor, slot_P: torch.Tensor, scale_TK: torch.Tensor | None, top_k: int
+) -> torch.Tensor:
+    """[T, D] fp32: Σ_k scale_TK[t, k] · rows_SD[slot_P[t*K + k]] (a dropped pair adds nothing; no
+    scale: a plain sum), each product rounded before it is added, k in order: torch's bits."""
+    num_pairs, dim = slot_P.shape[0], rows_SD.shape[1]
+    out_TD = torch.empty(num_pairs // top_k, dim, dtype=torch.float32)
+    library().moetron_moe_gather_sum_rows(
+        rows_SD.data_ptr(), int(rows_SD.dtype == torch.bfloat16), rows_SD.shape[0], slot_P.data_ptr(),
+        None if scale_TK is None else scale_TK.data_ptr(), num_pairs // top_k, top_k, dim, out_TD.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out_TD
+
+
+def moe_combine_backward(
+    dout_TD: torch.Tensor, weights_TK: torch.Tensor, y_SD: torch.Tensor, slot_P: torch.Tensor, pair_S: torch.Tensor,
+    weights_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The gradients of out_TD = Σ_k weights_TK · y_SD[slot of (t, k)]: dy_SD (y's dtype: dout · w
+    rounded, zero on padding rows) and, if `weights_grad`, dweights_TK = <dout[t], y[slot]> (fp32,
+    summed in the kernel's fixed order)."""
+    num_tokens, top_k = weights_TK.shape
+    dy_SD = torch.empty_like(y_SD)
+    dweights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32) if weights_grad else None
+    library().moetron_moe_combine_backward(
+        dout_TD.data_ptr(), weights_TK.data_ptr(), y_SD.data_ptr(), int(y_SD.dtype == torch.bfloat16),
+        slot_P.data_ptr(), pair_S.data_ptr(), y_SD.shape[0], num_tokens, top_k, y_SD.shape[1], dy_SD.data_ptr(),
+        None if dweights_TK is None else dweights_TK.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dy_SD, dweights_TK

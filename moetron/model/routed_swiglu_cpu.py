@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moetron.kernels import cpu_kernels
 from moetron.model.grouped_swiglu_cpu import (
     compute_dtype,
     expert_rows,
@@ -91,35 +92,115 @@ class RoutedSwiGLU(torch.autograd.Function):
         w2_EDI: torch.Tensor,
         w3_EID: torch.Tensor,
     ) -> torch.Tensor:
-        # a padding row reads pair P, whose token P // K = T is gather_rows' zero row
-        x_SD = gather_rows(x_TD.to(w1_EID.dtype), pair_S // weights_TK.shape[1], layout.has_padding)
+        moves = _KernelMoves if _KernelMoves.take(x_TD, weights_TK) else _TorchMoves
+        x_SD = moves.dispatch(x_TD, pair_S, weights_TK.shape[1], w1_EID.dtype, layout)
         y_SD, h1, h3 = swiglu_forward(x_SD, layout.padded, layout.batched, w1_EID, w2_EDI, w3_EID)
-        ctx.layout, ctx.x_dtype = layout, x_TD.dtype
+        ctx.layout, ctx.moves, ctx.x_dtype = layout, moves, x_TD.dtype
         ctx.save_for_backward(weights_TK, pair_S, slot_P, y_SD, x_SD, h1, h3, w1_EID, w2_EDI, w3_EID)
-        return _combine(y_SD, slot_P, weights_TK, x_TD.dtype, layout.has_drops)
+        return moves.combine(y_SD, slot_P, weights_TK, x_TD.dtype, layout)
 
     @staticmethod
     def backward(ctx, dout_TD: torch.Tensor):  # type: ignore[override]
         weights_TK, pair_S, slot_P, y_SD, *saved = ctx.saved_tensors
-        num_tokens, top_k = weights_TK.shape
-        layout, x_dtype, dtype = ctx.layout, ctx.x_dtype, y_SD.dtype
-        dout_TKD = dout_TD.unsqueeze(1).expand(num_tokens, top_k, -1)
-        dweights_TK = None
-        if ctx.needs_input_grad[1]:
-            y_TKD = gather_rows(y_SD, slot_P, layout.has_drops).to(x_dtype).unflatten(0, (num_tokens, top_k))
-            dweights_TK = (dout_TKD * y_TKD).sum(-1)
-        dy_PD = (dout_TKD * weights_TK.unsqueeze(-1).to(x_dtype)).flatten(0, 1).to(dtype)
-        dy_SD = gather_rows(dy_PD, pair_S, layout.has_padding)
+        layout, moves = ctx.layout, ctx.moves
+        dy_SD, dweights_TK = moves.combine_backward(
+            dout_TD.contiguous(), weights_TK, y_SD, pair_S, slot_P, ctx.needs_input_grad[1], layout
+        )
         dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.padded, layout.batched, tuple(saved))
-        dx_PD = gather_rows(dx_SD, slot_P, layout.has_drops).to(x_dtype)
-        dx_TD = dx_PD.unflatten(0, (num_tokens, top_k)).sum(1)
+        dx_TD = moves.dispatch_backward(dx_SD, slot_P, weights_TK.shape[1], ctx.x_dtype, layout)
         return dx_TD, dweights_TK, None, None, None, dw1_EID, dw2_EDI, dw3_EID
 
 
-def _combine(
-    y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, has_drops: bool
+class _TorchMoves:
+    """The four moves as torch ops (any dtypes)."""
+
+    @staticmethod
+    def dispatch(
+        x_TD: torch.Tensor, pair_S: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        # a padding row reads pair P, whose token P // K = T is gather_rows' zero row
+        return gather_rows(x_TD.to(dtype), pair_S // top_k, layout.has_padding)
+
+    @staticmethod
+    def combine(
+        y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        """Σ_k weights_TK[t, k] · y of pair (t, k), in `dtype` (a dropped pair's row is zero)."""
+        y_TKD = _pair_rows(y_SD, slot_P, weights_TK.shape, dtype, layout)
+        return (y_TKD * weights_TK.unsqueeze(-1).to(dtype)).sum(1)
+
+    @staticmethod
+    def combine_backward(
+        dout_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        y_SD: torch.Tensor,
+        pair_S: torch.Tensor,
+        slot_P: torch.Tensor,
+        weights_grad: bool,
+        layout: Layout,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dout_TKD = dout_TD.unsqueeze(1).expand(*weights_TK.shape, -1)
+        dweights_TK = None
+        if weights_grad:
+            dweights_TK = (dout_TKD * _pair_rows(y_SD, slot_P, weights_TK.shape, dout_TD.dtype, layout)).sum(
+                -1
+            )
+        dy_PD = (dout_TKD * weights_TK.unsqueeze(-1).to(dout_TD.dtype)).flatten(0, 1).to(y_SD.dtype)
+        return gather_rows(dy_PD, pair_S, layout.has_padding), dweights_TK
+
+    @staticmethod
+    def dispatch_backward(
+        dx_SD: torch.Tensor, slot_P: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        return _pair_rows(dx_SD, slot_P, (-1, top_k), dtype, layout).sum(1)
+
+
+def _pair_rows(
+    rows_SD: torch.Tensor, slot_P: torch.Tensor, shape_TK: tuple[int, int], dtype: torch.dtype, layout: Layout
 ) -> torch.Tensor:
-    """Σ_k weights_TK[t, k] · y of pair (t, k), in `dtype` (a dropped pair's row is zero)."""
-    num_tokens, top_k = weights_TK.shape
-    y_TKD = gather_rows(y_SD, slot_P, has_drops).to(dtype).unflatten(0, (num_tokens, top_k))
-    return (y_TKD * weights_TK.unsqueeze(-1).to(dtype)).sum(1)
+    """Each pair's buffer row (zero if dropped) in `dtype`, [T, K, D]."""
+    return gather_rows(rows_SD, slot_P, layout.has_drops).to(dtype).unflatten(0, shape_TK)
+
+
+class _KernelMoves:
+    """The four moves as one pass each (kernels/moe_rows_avx2.cpp), for fp32 token rows: torch's bits,
+    but for the router weights' gradient, a dot product summed in the kernel's own order."""
+
+    @staticmethod
+    def take(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+        return (
+            x_TD.dtype == weights_TK.dtype == torch.float32
+            and x_TD.is_contiguous()
+            and weights_TK.is_contiguous()
+            and cpu_kernels.available()
+        )
+
+    @staticmethod
+    def dispatch(
+        x_TD: torch.Tensor, pair_S: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        return cpu_kernels.moe_dispatch_rows(x_TD, pair_S, top_k, dtype)
+
+    @staticmethod
+    def combine(
+        y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        return cpu_kernels.moe_gather_sum_rows(y_SD, slot_P, weights_TK, weights_TK.shape[1])
+
+    @staticmethod
+    def combine_backward(
+        dout_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        y_SD: torch.Tensor,
+        pair_S: torch.Tensor,
+        slot_P: torch.Tensor,
+        weights_grad: bool,
+        layout: Layout,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return cpu_kernels.moe_combine_backward(dout_TD, weights_TK, y_SD, slot_P, pair_S, weights_grad)
+
+    @staticmethod
+    def dispatch_backward(
+        dx_SD: torch.Tensor, slot_P: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
+    ) -> torch.Tensor:
+        return cpu_kernels.moe_gather_sum_rows(dx_SD, slot_P, None, top_k)

@@ -1,0 +1,175 @@
+// A MoE layer's row moves for CPU training (model/routed_swiglu_cpu.py): dispatch of token rows to
+// the experts' buffer, the weighted combine back, and the two backward moves, each one pass that
+// gathers, converts and weighs at once. torch needed 3-5 whole-tensor ops for each (a zero row
+// appended, index_select, dtype casts, a product with the weights, a sum over the K choices).
+//
+// The arithmetic is torch's, operation for operation, so the results are its bits: widening bf16 is
+// exact, products are rounded to fp32 before they are added (no FMA: -ffp-contract=off), sums over
+// a token's K choices run k = 0, 1, ... from 0, and rounding to bf16 is torch's (to_bf16). Only
+// the router weights' gradient (a dot product over D) sums in its own fixed order.
+//
+// Legend: T tokens, K choices per token, P = T * K pairs (t * K + k), S buffer rows, D width.
+// pair_S[s]: the pair buffer row s holds, or P for a padding row (zero). slot_P[p]: the buffer row
+// of pair p, or S if the pair was dropped (it contributes nothing).
+#include <stdint.h>
+
+#include "export.h"
+#include "simd_avx2.h"
+
+using namespace moetron;
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) { return load_w(p); }
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// torch's fp32 -> bf16 (to_bf16) on 8 lanes: round to nearest even, NaN to the quiet NaN 0x7FC0.
+inline void store8(bf16* p, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    // 8 x 32-bit lanes holding 16-bit values -> 8 x 16 bits (packus saturates nothing here)
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float at(const float* p) { return *p; }
+inline float at(const bf16* p) { return w_at(p); }
+inline void put(float* p, float v) { *p = v; }
+inline void put(bf16* p, float v) { *p = to_bf16(v); }
+
+// out = x (converted), or zeros for a null x.
+template <typename In, typename Out>
+inline void copy_row(const In* x, Out* out, int64_t D) {
+    int64_t d = 0;
+    if (x == nullptr) {
+        for (; d + 8 <= D; d += 8) store8(out + d, _mm256_setzero_ps());
+        for (; d < D; ++d) put(out + d, 0.0f);
+        return;
+    }
+    for (; d + 8 <= D; d += 8) store8(out + d, load8(x + d));
+    for (; d < D; ++d) put(out + d, at(x + d));
+}
+
+template <typename Out>
+void dispatch(const float* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T, int64_t D, Out* out_SD,
+              int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t t = pair_S[s] / K;
+        copy_row(t < T ? x_TD + t * D : static_cast<const float*>(nullptr), out_SD + s * D, D);
+    }
+}
+
+// out[t] = sum_k scale_k * rows[slot_P[t*K + k]] in fp32, each product rounded before it is added.
+// scale_TK null: every scale is 1 (no products).
+template <typename In>
+void gather_sum(const In* rows_SD, int64_t S, const int64_t* slot_P, const float* scale_TK, int64_t T,
+                int64_t K, int64_t D, float* out_TD, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        float* out = out_TD + t * D;
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t s = slot_P[t * K + k];
+                if (s >= S) continue;  // dropped: torch adds a zero row's product, +0
+                __m256 v = load8(rows_SD + s * D + d);
+                if (scale_TK) v = _mm256_mul_ps(v, _mm256_set1_ps(scale_TK[t * K + k]));
+                acc = _mm256_add_ps(acc, v);
+            }
+            _mm256_storeu_ps(out + d, acc);
+        }
+        for (; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t s = slot_P[t * K + k];
+                if (s >= S) continue;
+                float v = at(rows_SD + s * D + d);
+                if (scale_TK) v = v * scale_TK[t * K + k];
+                acc = acc + v;
+            }
+            out[d] = acc;
+        }
+    }
+}
+
+// dy_SD[s] = dout[t] * w[t, k] rounded to Out, for the pair (t, k) row s holds (zeros for padding);
+// dw_TK[t, k] = sum_d dout[t, d] * y[slot of (t, k), d] (0 for a dropped pair), fixed order.
+template <typename Out>
+void combine_backward(const float* dout_TD, const float* w_TK, const Out* y_SD, const int64_t* slot_P,
+                      const int64_t* pair_S, int64_t S, int64_t T, int64_t K, int64_t D, Out* dy_SD, float* dw_TK,
+                      int num_threads) {
+    const int64_t P = T * K;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t s = 0; s < S; ++s) {
+            const int64_t p = pair_S[s];
+            Out* dy = dy_SD + s * D;
+            if (p >= P) {
+                copy_row(static_cast<const float*>(nullptr), dy, D);
+                continue;
+            }
+            const float* dout = dout_TD + (p / K) * D;
+            const __m256 w = _mm256_set1_ps(w_TK[p]);
+            int64_t d = 0;
+            for (; d + 8 <= D; d += 8) store8(dy + d, _mm256_mul_ps(_mm256_loadu_ps(dout + d), w));
+            for (; d < D; ++d) put(dy + d, dout[d] * w_TK[p]);
+        }
+        if (dw_TK) {
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < P; ++p) {
+                const int64_t s = slot_P[p];
+                dw_TK[p] = s < S ? dot(dout_TD + (p / K) * D, y_SD + s * D, D) : 0.0f;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out_SD (fp32, or bf16 if out_bf16) = the token row of each buffer row's pair, zero for padding.
+void moetron_moe_dispatch_rows(const float* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T,
+                               int64_t D, void* out_SD, int out_bf16, int num_threads) {
+    if (out_bf16)
+        dispatch(x_TD, pair_S, S, K, T, D, static_cast<bf16*>(out_SD), num_threads);
+    else
+        dispatch(x_TD, pair_S, S, K, T, D, static_cast<float*>(out_SD), num_threads);
+}
+
+// out_TD (fp32) = sum_k scale_TK[t, k] * rows_SD[slot of (t, k)]; rows fp32 or bf16; scale_TK may
+// be null (a plain sum: the gradient of the dispatch).
+void moetron_moe_gather_sum_rows(const void* rows_SD, int rows_bf16, int64_t S, const int64_t* slot_P,
+                                 const float* scale_TK, int64_t T, int64_t K, int64_t D, float* out_TD,
+                                 int num_threads) {
+    if (rows_bf16)
+        gather_sum(static_cast<const bf16*>(rows_SD), S, slot_P, scale_TK, T, K, D, out_TD, num_threads);
+    else
+        gather_sum(static_cast<const float*>(rows_SD), S, slot_P, scale_TK, T, K, D, out_TD, num_threads);
+}
+
+// The combine's gradient: dy_SD (the dtype of y_SD) and, unless dw_TK is null, the weights'.
+void moetron_moe_combine_backward(const float* dout_TD, const float* w_TK, const void* y_SD, int y_bf16,
+                                  const int64_t* slot_P, const int64_t* pair_S, int64_t S, int64_t T, int64_t K,
+                                  int64_t D, void* dy_SD, float* dw_TK, int num_threads) {
+    if (y_bf16)
+        combine_backward(dout_TD, w_TK, static_cast<const bf16*>(y_SD), slot_P, pair_S, S, T, K, D,
+                         static_cast<bf16*>(dy_SD), dw_TK, num_threads);
+    else
+        combine_backward(dout_TD, w_TK, static_cast<const float*>(y_SD), slot_P, pair_S, S, T, K, D,
+                         static_cast<float*>(dy_SD), dw_TK, num_threads);
+}
+
+}  // extern "C"
+
+MOETRON_EXPORT(moetron_moe_dispatch_rows);
+MOETRON_EXPORT(moetron_moe_gather_sum_rows);
+MOETRON_EXPORT(moetron_moe_combine_backward);
