@@ -834,7 +834,7 @@ def test_routed_experts_node_equals_the_composed_path(
     """The CPU training node for dispatch + experts + combine (routed_swiglu_cpu) against the same
     layer through autograd's composed ops (row moves, the experts' node, the weighted sum), with
     padding rows (both buffer layouts in bf16: a biased router skews the loads) and dropped pairs.
-    Its row moves as torch ops give the same bits everywhere; as kernels (moe_rows_avx2.cpp), the
+    Its row moves as torch ops give the same bits everywhere; as kernels (moe_train_avx2.cpp), the
     same bits but for the router weights' gradient (a dot product in the kernel's order), which
     reaches the gate and the input."""
     from moetron.hardware import native_bf16_matmul
@@ -870,6 +870,49 @@ def test_routed_experts_node_equals_the_composed_path(
             torch.testing.assert_close(a, b, **FP32, msg=lambda m, name=name: f"{name}: {m}")
         else:
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_topk_routing_kernel_matches_torchs_router_ops(normalize: bool) -> None:
+    """The router's top-k node (router_topk_cpu) against Router's torch ops on the same biased
+    probabilities: the same experts and weight bits; the probabilities' gradient to fp32 rounding."""
+    from moetron.kernels import cpu_kernels
+    from moetron.model.router_topk_cpu import topk_routing
+
+    if not cpu_kernels.available():
+        pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
+    logits_TE = torch.randn(300, 16, requires_grad=True)
+    bias_E = torch.randn(16) * 0.05
+    upstream_TK = torch.randn(300, 2)
+    probs_TE = logits_TE.softmax(dim=-1)
+    weights_TK, ids_TK = topk_routing(probs_TE, bias_E, 2, normalize)
+    expected_ids_TK = (probs_TE + bias_E).topk(2, dim=-1).indices
+    expected_TK = probs_TE.gather(-1, expected_ids_TK)
+    if normalize:
+        expected_TK = expected_TK / expected_TK.sum(dim=-1, keepdim=True)
+    assert torch.equal(ids_TK, expected_ids_TK) and torch.equal(weights_TK, expected_TK)
+    (grad,) = torch.autograd.grad((weights_TK * upstream_TK).sum(), logits_TE, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad((expected_TK * upstream_TK).sum(), logits_TE)
+    torch.testing.assert_close(grad, expected_grad, **FP32)
+
+
+@pytest.mark.parametrize("capacity", [None, 20], ids=["dropless", "capacity"])
+def test_row_plan_kernel_matches_the_dispatch_order(capacity: int | None) -> None:
+    """Where each pair's row goes in the experts' padded buffer: the counting-sort kernel against
+    row_moves.dispatch_order (an argsort) placed in the padded blocks."""
+    from moetron.kernels import cpu_kernels
+    from moetron.model import routed_swiglu_cpu
+
+    if not cpu_kernels.available():
+        pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
+    ids_TK = torch.randint(0, 6, (50, 2))
+    sizes = torch.bincount(ids_TK.flatten(), minlength=6).clamp(max=capacity or 100).tolist()
+    padded = [size + extra for size, extra in zip(sizes, [3, 0, 1, 0, 2, 5], strict=True)]
+    planned = routed_swiglu_cpu._plan_rows(ids_TK, sizes, padded, capacity)
+    with mock.patch.object(cpu_kernels, "available", _never):
+        expected = routed_swiglu_cpu._plan_rows(ids_TK, sizes, padded, capacity)
+    assert all(torch.equal(a, b) for a, b in zip(planned, expected, strict=True))
+    assert (planned[0] == sum(padded)).any() == (capacity is not None)  # dropped pairs
 
 
 def _never(*args: object) -> bool:

@@ -6,7 +6,7 @@
   * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
   * norm_avx2.cpp: RMSNorm rows;
   * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
-  * moe_rows_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients).
+  * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients).
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -45,7 +45,7 @@ SOURCES = (
     "moe_avx2.cpp",
     "norm_avx2.cpp",
     "layer_avx2.cpp",
-    "moe_rows_avx2.cpp",
+    "moe_train_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -53,7 +53,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 18  # 18: the MoE training row moves (moe_rows_avx2.cpp)
+ABI_VERSION = 18  # 18: the MoE training row moves (moe_train_avx2.cpp)
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -408,8 +408,58 @@ def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return out_MD.reshape(x.shape)
 
 
-# MoE training's row moves (moe_rows_avx2.cpp; model/routed_swiglu_cpu.py): fp32 token rows, an
-# fp32 or bf16 buffer of S expert rows, int64 maps pair_S [S] (P: padding) and slot_P [P] (S: dropped).
+# MoE training's routing and row moves (moe_train_avx2.cpp; model/routing_cpu.py, routed_swiglu_cpu.py):
+# fp32 token rows, an fp32 or bf16 buffer of S expert rows, int64 maps pair_S [S] (P: padding) and
+# slot_P [P] (S: dropped).
+
+
+def moe_topk(
+    probs_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK fp32, ids_TK int64): each token's top_k experts by probs + bias, weighted by
+    the probabilities (renormalised over the k if `normalize`). fp32 contiguous inputs, E <= 64."""
+    num_tokens, num_experts = probs_TE.shape
+    ids_TK = torch.empty(num_tokens, top_k, dtype=torch.int64)
+    weights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32)
+    library().moetron_moe_topk(
+        probs_TE.data_ptr(), bias_E.data_ptr(), num_tokens, num_experts, top_k, int(normalize), ids_TK.data_ptr(),
+        weights_TK.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return weights_TK, ids_TK
+
+
+def moe_topk_backward(
+    dweights_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    probs_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    normalize: bool,
+) -> torch.Tensor:
+    """dprobs_TE of `moe_topk`'s weights (zero but at each token's chosen experts)."""
+    num_tokens, num_experts = probs_TE.shape
+    dprobs_TE = torch.empty(num_tokens, num_experts, dtype=torch.float32)
+    library().moetron_moe_topk_backward(
+        dweights_TK.data_ptr(), weights_TK.data_ptr(), probs_TE.data_ptr(), ids_TK.data_ptr(), num_tokens,
+        num_experts, ids_TK.shape[1], int(normalize), dprobs_TE.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dprobs_TE
+
+
+def moe_plan_rows(
+    ids_TK: torch.Tensor, padded: list[int], capacity: int | None, choice_major: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_P, pair_S) for experts' blocks of `padded` rows: each expert's pairs in stable order by
+    pair index (or by choice, then token, if `choice_major`), its first `capacity` kept."""
+    num_tokens, top_k = ids_TK.shape
+    start_E = torch.tensor([0, *padded[:-1]], dtype=torch.int64).cumsum(0)
+    num_rows = sum(padded)
+    slot_P = torch.empty(num_tokens * top_k, dtype=torch.int64)
+    pair_S = torch.empty(num_rows, dtype=torch.int64)
+    library().moetron_moe_plan_rows(
+        ids_TK.data_ptr(), num_tokens, top_k, len(padded), start_E.data_ptr(), -1 if capacity is None else capacity,
+        int(choice_major), num_rows, slot_P.data_ptr(), pair_S.data_ptr(),
+    )  # fmt: skip
+    return slot_P, pair_S
 
 
 def moe_dispatch_rows(

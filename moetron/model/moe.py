@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
-from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu
+from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu, router_topk_cpu
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
-from moetron.model.row_moves import gather_rows, inverse_map, move_rows
+from moetron.model.row_moves import dispatch_order, gather_rows, inverse_map, move_rows
 
 
 class FeedForward(nn.Module):
@@ -59,6 +59,10 @@ class Router(nn.Module):
         """Returns (weights_TK fp32, expert_ids_TK, logits_TE fp32)."""
         logits_TE = self.gate(x_TD).float()
         probs_TE = logits_TE.softmax(dim=-1)
+        if routed := router_topk_cpu.topk_routing(
+            probs_TE, self.expert_bias, self.top_k, self.normalize_top_k
+        ):
+            return *routed, logits_TE
         # Choose on the biased scores, weigh with the unbiased probabilities (DeepSeek-V3 eq. 16,
         # torchtitan): the bias steers load without entering the output or its gradient. A zero
         # bias chooses exactly as before (p + 0.0 == p), and gather returns topk's own values.
@@ -253,7 +257,21 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """Σ_k weights_TK · expert_{expert_ids_TK}(x_TD) → [T, D]: dispatch in expert order, the
         experts, combine. (The serving engine swaps in a one-kernel version of this method.)"""
-        order_N, num_tokens_per_expert_E = self._dispatch_order(expert_ids_TK)
+        capacity = self._capacity(expert_ids_TK.shape[0])
+        experts = self.experts
+        weights = (experts.w1, experts.w2, experts.w3)
+        if (
+            type(x_TD) is torch.Tensor
+            and type(experts) is GroupedExperts
+            and routed_swiglu_cpu.supports(x_TD, *weights)
+        ):  # CPU training: all of it one node (experts subclassed by EP or LoRA keep theirs)
+            out_TD, num_tokens_per_expert_E = routed_swiglu_cpu.routed_swiglu(
+                x_TD, weights_TK, expert_ids_TK, capacity, *weights
+            )
+            if self.record_stats:
+                self.tokens_per_expert += num_tokens_per_expert_E
+            return out_TD
+        order_N, num_tokens_per_expert_E = dispatch_order(expert_ids_TK, self.cfg.num_experts, capacity)
         if self.record_stats:
             with torch.no_grad():
                 self.tokens_per_expert += num_tokens_per_expert_E
@@ -277,58 +295,39 @@ class MoELayer(nn.Module):
         gathers too (row_moves.py), not indexing's and index_add_'s scatter-adds. A dropped pair
         gets a zero row. Combining a token's K rows with sum(1) equals index_add_'s adds for
         K <= 2 (a + b == b + a)."""
-        experts = self.experts
-        weights = (experts.w1, experts.w2, experts.w3)
-        if type(experts) is GroupedExperts and routed_swiglu_cpu.supports(x_TD, *weights):
-            # CPU training: the whole of it one node (experts subclassed by EP or LoRA keep theirs)
-            sizes = num_tokens_per_expert_E.tolist()
-            return routed_swiglu_cpu.routed_swiglu(x_TD, weights_TK, pairs_N, sizes, *weights)
         num_tokens, top_k = weights_TK.shape
         slot_P = inverse_map(pairs_N, num_tokens * top_k)
         y_ND = self.experts(_DispatchRows.apply(x_TD, pairs_N, slot_P, top_k), num_tokens_per_expert_E)
         y_PD = move_rows(y_ND.to(x_TD.dtype), slot_P, pairs_N)
         return (y_PD.unflatten(0, (num_tokens, top_k)) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).sum(1)
 
-    def _dispatch_order(self, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (token, k) indices sorted by expert, and kept assignments per expert.
-
-        Dropless keeps all T*K pairs. With a capacity factor (training only), each expert keeps
-        its first `capacity` pairs in GShard priority: every token's first choice before any
-        second choice, then by token position. Dropped pairs contribute zero; the residual
-        connection carries the token through.
-        """
-        num_tokens, top_k = expert_ids_TK.shape
-        num_experts = self.cfg.num_experts
-        flat_ids_N = expert_ids_TK.reshape(-1)
-        counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
+    def _capacity(self, num_tokens: int) -> int | None:
+        """Each expert's kept (token, expert) pairs: None (dropless) unless training with a
+        capacity factor, then ceil(capacity_factor * T * K / E)."""
         if self.cfg.capacity_factor is None or not self.training:
-            return flat_ids_N.argsort(stable=True), counts_E
-
-        capacity = math.ceil(self.cfg.capacity_factor * num_tokens * top_k / num_experts)
-        choice_rank_N = torch.arange(top_k, device=flat_ids_N.device).repeat(num_tokens)
-        token_pos_N = torch.arange(num_tokens, device=flat_ids_N.device).repeat_interleave(top_k)
-        priority_N = (flat_ids_N * top_k + choice_rank_N) * num_tokens + token_pos_N
-        order_N = priority_N.argsort()
-        group_start_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_in_expert_N = (
-            torch.arange(order_N.numel(), device=order_N.device) - group_start_E[flat_ids_N[order_N]]
-        )
-        return order_N[rank_in_expert_N < capacity], counts_E.clamp(max=capacity)
+            return None
+        return math.ceil(self.cfg.capacity_factor * num_tokens * self.cfg.top_k / self.cfg.num_experts)
 
     def _add_router_loss(
         self, out_TD: torch.Tensor, logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, num_sequences: int
     ) -> torch.Tensor:
-        probs_TE = logits_TE.softmax(dim=-1)
-        if self.cfg.aux_loss_type == "sequence":
-            aux_loss = sequence_load_balancing_loss(
-                probs_TE.unflatten(0, (num_sequences, -1)), expert_ids_TK.unflatten(0, (num_sequences, -1))
-            )
-        else:
-            aux_loss = load_balancing_loss(probs_TE, expert_ids_TK)
-        z_loss = router_z_loss(logits_TE)
+        # A loss of weight 0 is still computed (trainers log it) but kept out of the graph: its
+        # backward would be whole [T, E] passes that add zeros.
+        aux_weight, z_weight = self.cfg.aux_loss_weight, self.cfg.z_loss_weight
+        with torch.set_grad_enabled(torch.is_grad_enabled() and aux_weight > 0):
+            probs_TE = logits_TE.softmax(dim=-1)
+            if self.cfg.aux_loss_type == "sequence":
+                aux_loss = sequence_load_balancing_loss(
+                    probs_TE.unflatten(0, (num_sequences, -1)),
+                    expert_ids_TK.unflatten(0, (num_sequences, -1)),
+                )
+            else:
+                aux_loss = load_balancing_loss(probs_TE, expert_ids_TK)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and z_weight > 0):
+            z_loss = router_z_loss(logits_TE)
         if self.record_stats:
             self.last_aux_loss, self.last_z_loss = aux_loss.detach(), z_loss.detach()
-        router_loss = self.cfg.aux_loss_weight * aux_loss + self.cfg.z_loss_weight * z_loss
+        router_loss = aux_weight * aux_loss + z_weight * z_loss
         if router_loss.requires_grad:
             out_TD = _AttachRouterLoss.apply(out_TD, router_loss, self.router_loss_scale)
         return out_TD

@@ -31,7 +31,7 @@ from moetron.model.grouped_swiglu_cpu import (
     swiglu_backward,
     swiglu_forward,
 )
-from moetron.model.row_moves import gather_rows
+from moetron.model.row_moves import dispatch_order, gather_rows
 
 
 def supports(x_TD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor) -> bool:
@@ -41,34 +41,45 @@ def supports(x_TD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_
 def routed_swiglu(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
-    pairs_N: torch.Tensor,
-    sizes: list[int],
+    expert_ids_TK: torch.Tensor,
+    capacity: int | None,
     w1_EID: torch.Tensor,
     w2_EDI: torch.Tensor,
     w3_EID: torch.Tensor,
-) -> torch.Tensor:
-    """Σ_k weights_TK[t, k] · expert(pair t*K+k)(x_TD[t]) → [T, D] in x's dtype. pairs_N: the kept
-    flat pair indices in expert order; sizes: kept pairs per expert (their sum is N). Check
-    `supports` first. The weights are cast to the compute dtype by autograd ops, so fp32 masters
-    get fp32 gradients, as under autocast."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_k weights_TK[t, k] · expert_ids_TK[t, k]'s SwiGLU(x_TD[t]) → [T, D] in x's dtype, and the
+    pairs each expert kept [E]). Each expert keeps at most `capacity` pairs (row_moves.dispatch_order;
+    None: all). Check `supports` first. The weights are cast to the compute dtype by autograd ops,
+    so fp32 masters get fp32 gradients, as under autocast."""
     dtype = compute_dtype(x_TD, w1_EID, w2_EDI, w3_EID)
     assert dtype is not None, "routed_swiglu: check supports first"
+    num_experts = w1_EID.shape[0]
+    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    if capacity is not None:
+        counts_E = counts_E.clamp(max=capacity)
+    sizes = counts_E.tolist()
     padded, batched = expert_rows(sizes, dtype)
-    num_pairs, num_rows = weights_TK.numel(), sum(padded)
-    slot_N = rows_in_padded(sizes, padded, x_TD.device)
-    # pair of each buffer row (num_pairs: a padding row) and buffer row of each pair (num_rows: dropped)
-    pair_S = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=x_TD.device).index_put_(
-        (slot_N,), pairs_N
-    )
-    slot_P = torch.full((num_pairs,), num_rows, dtype=torch.int64, device=x_TD.device).index_put_(
-        (pairs_N,), slot_N
-    )
+    slot_P, pair_S = _plan_rows(expert_ids_TK, sizes, padded, capacity)
+    layout = Layout(padded, batched, sum(padded) > sum(sizes), sum(sizes) < slot_P.shape[0])
     w1_EID, w2_EDI, w3_EID = (w.to(dtype) for w in (w1_EID, w2_EDI, w3_EID))
     with torch.autocast("cpu", enabled=False):
-        return RoutedSwiGLU.apply(
-            x_TD, weights_TK, pair_S, slot_P, Layout(padded, batched, num_rows > len(pairs_N), len(pairs_N) < num_pairs),
-            w1_EID, w2_EDI, w3_EID,
-        )  # fmt: skip
+        out_TD = RoutedSwiGLU.apply(x_TD, weights_TK, pair_S, slot_P, layout, w1_EID, w2_EDI, w3_EID)
+    return out_TD, counts_E
+
+
+def _plan_rows(
+    expert_ids_TK: torch.Tensor, sizes: list[int], padded: list[int], capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_P: each pair's buffer row, or S if dropped; pair_S: each buffer row's pair, or P for
+    padding), each expert's kept pairs in dispatch_order's order from the start of its block."""
+    if expert_ids_TK.device.type == "cpu" and len(padded) <= 64 and cpu_kernels.available():
+        return cpu_kernels.moe_plan_rows(expert_ids_TK.contiguous(), padded, capacity, capacity is not None)
+    pairs_N, _ = dispatch_order(expert_ids_TK, len(padded), capacity)
+    slot_N = rows_in_padded(sizes, padded, expert_ids_TK.device)
+    num_pairs, num_rows = expert_ids_TK.numel(), sum(padded)
+    slot_P = torch.full((num_pairs,), num_rows, dtype=torch.int64, device=slot_N.device)
+    pair_S = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=slot_N.device)
+    return slot_P.index_put_((pairs_N,), slot_N), pair_S.index_put_((slot_N,), pairs_N)
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ def _pair_rows(
 
 
 class _KernelMoves:
-    """The four moves as one pass each (kernels/moe_rows_avx2.cpp), for fp32 token rows: torch's bits,
+    """The four moves as one pass each (kernels/moe_train_avx2.cpp), for fp32 token rows: torch's bits,
     but for the router weights' gradient, a dot product summed in the kernel's own order."""
 
     @staticmethod

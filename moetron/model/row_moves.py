@@ -49,3 +49,29 @@ def inverse_map(index_K: torch.Tensor, size: int) -> torch.Tensor:
     where nothing maps."""
     inverse = torch.full((size,), index_K.shape[0], dtype=index_K.dtype, device=index_K.device)
     return inverse.index_put_((index_K,), torch.arange(index_K.shape[0], device=index_K.device))
+
+
+def dispatch_order(
+    expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept flat (token, k) pair indices t * K + k sorted by expert, and kept pairs per expert.
+
+    Dropless (capacity None) keeps all T*K pairs, each expert's in pair order. With a capacity,
+    each expert keeps its first `capacity` pairs in GShard priority: every token's first choice
+    before any second choice, then by token position. Dropped pairs contribute zero; the residual
+    connection carries the token through.
+    """
+    num_tokens, top_k = expert_ids_TK.shape
+    flat_ids_N = expert_ids_TK.reshape(-1)
+    counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
+    if capacity is None:
+        return flat_ids_N.argsort(stable=True), counts_E
+    choice_rank_N = torch.arange(top_k, device=flat_ids_N.device).repeat(num_tokens)
+    token_pos_N = torch.arange(num_tokens, device=flat_ids_N.device).repeat_interleave(top_k)
+    priority_N = (flat_ids_N * top_k + choice_rank_N) * num_tokens + token_pos_N
+    order_N = priority_N.argsort()
+    group_start_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_in_expert_N = (
+        torch.arange(order_N.numel(), device=order_N.device) - group_start_E[flat_ids_N[order_N]]
+    )
+    return order_N[rank_in_expert_N < capacity], counts_E.clamp(max=capacity)

@@ -1,7 +1,10 @@
-// A MoE layer's row moves for CPU training (model/routed_swiglu_cpu.py): dispatch of token rows to
-// the experts' buffer, the weighted combine back, and the two backward moves, each one pass that
-// gathers, converts and weighs at once. torch needed 3-5 whole-tensor ops for each (a zero row
-// appended, index_select, dtype casts, a product with the weights, a sum over the K choices).
+// A MoE layer's routing and row moves for CPU training (model/routed_swiglu_cpu.py, model/moe.py):
+//   * top-K choice on the router's probabilities and its gradient; where each pair's row goes in the
+//     experts' buffer (a counting sort, for torch's argsort and five map-building ops);
+//   * dispatch of token rows to the experts' buffer, the weighted combine back, and the two backward
+//     moves, each one pass that gathers, converts and weighs at once. torch needed 3-5 whole-tensor
+//     ops for each (a zero row appended, index_select, dtype casts, a product with the weights, a
+//     sum over the K choices).
 //
 // The arithmetic is torch's, operation for operation, so the results are its bits: widening bf16 is
 // exact, products are rounded to fp32 before they are added (no FMA: -ffp-contract=off), sums over
@@ -12,6 +15,8 @@
 // pair_S[s]: the pair buffer row s holds, or P for a padding row (zero). slot_P[p]: the buffer row
 // of pair p, or S if the pair was dropped (it contributes nothing).
 #include <stdint.h>
+
+#include <vector>
 
 #include "export.h"
 #include "simd_avx2.h"
@@ -136,6 +141,80 @@ void combine_backward(const float* dout_TD, const float* w_TK, const Out* y_SD, 
 
 extern "C" {
 
+// Each token's K experts by probs_TE + bias_E (descending; the lower expert first among equal scores,
+// where torch.topk leaves the choice unspecified), weighted by the unbiased probabilities, divided by their sum if `normalize` (summed
+// from 0 in choice order, as torch sums): ids_TK, weights_TK.
+void moetron_moe_topk(const float* probs_TE, const float* bias_E, int64_t T, int64_t E, int64_t K, int normalize,
+                      int64_t* ids_TK, float* weights_TK, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        const float* p = probs_TE + t * E;
+        uint64_t taken = 0;  // E <= 64 (checked by the caller)
+        float chosen = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+            int64_t best = -1;
+            float best_score = 0.0f;
+            for (int64_t e = 0; e < E; ++e) {
+                const float score = p[e] + bias_E[e];
+                if (!(taken >> e & 1) && (best < 0 || score > best_score)) best = e, best_score = score;
+            }
+            taken |= uint64_t(1) << best;
+            ids_TK[t * K + j] = best;
+            weights_TK[t * K + j] = p[best];
+            chosen = chosen + p[best];
+        }
+        if (normalize)
+            for (int64_t j = 0; j < K; ++j) weights_TK[t * K + j] = weights_TK[t * K + j] / chosen;
+    }
+}
+
+// The gradient of moetron_moe_topk's weights with respect to probs_TE: dprobs_TE is zero but at the
+// chosen experts, where it is dw_k (unnormalised) or (dw_k - sum_j dw_j w_j) / sum_j p_j.
+void moetron_moe_topk_backward(const float* dweights_TK, const float* weights_TK, const float* probs_TE,
+                               const int64_t* ids_TK, int64_t T, int64_t E, int64_t K, int normalize,
+                               float* dprobs_TE, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        float* dp = dprobs_TE + t * E;
+        for (int64_t e = 0; e < E; ++e) dp[e] = 0.0f;
+        const float* dw = dweights_TK + t * K;
+        const int64_t* ids = ids_TK + t * K;
+        if (!normalize) {
+            for (int64_t j = 0; j < K; ++j) dp[ids[j]] = dw[j];
+            continue;
+        }
+        float chosen = 0.0f, weighted = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+            chosen = chosen + probs_TE[t * E + ids[j]];
+            weighted = weighted + dw[j] * weights_TK[t * K + j];
+        }
+        for (int64_t j = 0; j < K; ++j) dp[ids[j]] = (dw[j] - weighted) / chosen;
+    }
+}
+
+// Where each (token, k) pair's row goes in the experts' buffer, whose expert e holds rows
+// [start_E[e], start_E[e] + capacity) (capacity < 0: unbounded). An expert's pairs keep the order of
+// a stable sort by expert: by pair index t * K + k, or, when `choice_major`, all first choices before
+// any second choice (k, then t: GShard's priority); those beyond its capacity are dropped.
+// slot_P[p] = its row, or S if dropped; pair_S[s] = the pair in row s, or P for a padding row.
+void moetron_moe_plan_rows(const int64_t* ids_TK, int64_t T, int64_t K, int64_t E, const int64_t* start_E,
+                           int64_t capacity, int choice_major, int64_t S, int64_t* slot_P, int64_t* pair_S) {
+    const int64_t P = T * K;
+    std::vector<int64_t> filled(E, 0);
+    for (int64_t s = 0; s < S; ++s) pair_S[s] = P;
+    for (int64_t i = 0; i < P; ++i) {
+        const int64_t p = choice_major ? (i % T) * K + i / T : i;
+        const int64_t e = ids_TK[p];
+        if (capacity >= 0 && filled[e] >= capacity) {
+            slot_P[p] = S;
+            continue;
+        }
+        const int64_t s = start_E[e] + filled[e]++;
+        slot_P[p] = s;
+        pair_S[s] = p;
+    }
+}
+
 // out_SD (fp32, or bf16 if out_bf16) = the token row of each buffer row's pair, zero for padding.
 void moetron_moe_dispatch_rows(const float* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T,
                                int64_t D, void* out_SD, int out_bf16, int num_threads) {
@@ -170,6 +249,9 @@ void moetron_moe_combine_backward(const float* dout_TD, const float* w_TK, const
 
 }  // extern "C"
 
+MOETRON_EXPORT(moetron_moe_topk);
+MOETRON_EXPORT(moetron_moe_topk_backward);
+MOETRON_EXPORT(moetron_moe_plan_rows);
 MOETRON_EXPORT(moetron_moe_dispatch_rows);
 MOETRON_EXPORT(moetron_moe_gather_sum_rows);
 MOETRON_EXPORT(moetron_moe_combine_backward);
