@@ -838,12 +838,12 @@ def test_routed_experts_node_equals_the_composed_path(
     same bits but for the router weights' gradient (a dot product in the kernel's order), which
     reaches the gate and the input."""
     from moetron.hardware import native_bf16_matmul
-    from moetron.kernels import cpu_kernels
     from moetron.model import routed_swiglu_cpu
+    from moetron.train import moe_cpu_kernels
 
-    if kernels and not cpu_kernels.available():
-        pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
     layer = _moe_layer(num_experts=8, capacity_factor=capacity_factor).train()
+    if kernels and not moe_cpu_kernels.install(layer):
+        pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
     with torch.no_grad():
         layer.router.expert_bias[:2] = skew  # experts 0 and 1 take most tokens
     x_BTD = torch.randn(3, 40, 16, requires_grad=True)
@@ -853,7 +853,6 @@ def test_routed_experts_node_equals_the_composed_path(
     def output_and_grads(fused: bool) -> tuple[list[torch.Tensor], set[str]]:
         with (
             mock.patch.object(routed_swiglu_cpu, "supports", routed_swiglu_cpu.supports if fused else _never),
-            mock.patch.object(cpu_kernels, "available", cpu_kernels.available if kernels else _never),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
         ):
             out = layer(x_BTD)
@@ -874,10 +873,11 @@ def test_routed_experts_node_equals_the_composed_path(
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_topk_routing_kernel_matches_torchs_router_ops(normalize: bool) -> None:
-    """The router's top-k node (router_topk_cpu) against Router's torch ops on the same biased
-    probabilities: the same experts and weight bits; the probabilities' gradient to fp32 rounding."""
+    """The router's top-k node (train/moe_cpu_kernels.py) against Router's torch ops on the same
+    biased probabilities: the same experts and weight bits; the probabilities' gradient to fp32
+    rounding."""
     from moetron.kernels import cpu_kernels
-    from moetron.model.router_topk_cpu import topk_routing
+    from moetron.train.moe_cpu_kernels import topk_routing
 
     if not cpu_kernels.available():
         pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
@@ -902,15 +902,15 @@ def test_row_plan_kernel_matches_the_dispatch_order(capacity: int | None) -> Non
     row_moves.dispatch_order (an argsort) placed in the padded blocks."""
     from moetron.kernels import cpu_kernels
     from moetron.model import routed_swiglu_cpu
+    from moetron.train.moe_cpu_kernels import KernelMoves
 
     if not cpu_kernels.available():
         pytest.skip("moetron's CPU kernels are not built here (no compiler or no AVX2)")
     ids_TK = torch.randint(0, 6, (50, 2))
     sizes = torch.bincount(ids_TK.flatten(), minlength=6).clamp(max=capacity or 100).tolist()
     padded = [size + extra for size, extra in zip(sizes, [3, 0, 1, 0, 2, 5], strict=True)]
-    planned = routed_swiglu_cpu._plan_rows(ids_TK, sizes, padded, capacity)
-    with mock.patch.object(cpu_kernels, "available", _never):
-        expected = routed_swiglu_cpu._plan_rows(ids_TK, sizes, padded, capacity)
+    planned = KernelMoves.plan(ids_TK, sizes, padded, capacity)
+    expected = routed_swiglu_cpu.TorchMoves.plan(ids_TK, sizes, padded, capacity)
     assert all(torch.equal(a, b) for a, b in zip(planned, expected, strict=True))
     assert (planned[0] == sum(padded)).any() == (capacity is not None)  # dropped pairs
 

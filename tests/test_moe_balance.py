@@ -114,11 +114,7 @@ def _loss_and_grads(model: Transformer) -> tuple[torch.Tensor, list[torch.Tensor
 
 
 def test_zero_bias_is_bit_identical_to_the_unbiased_router(monkeypatch) -> None:
-    """Forward and backward (router losses included), through the whole model, with torch's top-k
-    (the CPU training kernel's gradient rounds differently: test_model checks it against torch)."""
-    from moetron.model import router_topk_cpu
-
-    monkeypatch.setattr(router_topk_cpu, "topk_routing", lambda *args: None)
+    """Forward and backward (router losses included), through the whole model."""
     logits, grads = _loss_and_grads(_model())
     monkeypatch.setattr(Router, "forward", _router_before_the_bias)
     logits_before, grads_before = _loss_and_grads(_model())

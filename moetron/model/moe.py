@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
-from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu, router_topk_cpu
+from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu
 from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
 from moetron.model.row_moves import dispatch_order, gather_rows, inverse_map, move_rows
 
@@ -54,15 +54,18 @@ class Router(nn.Module):
         self.gate = Linear(dim, cfg.num_experts)
         self.top_k, self.normalize_top_k = cfg.top_k, cfg.normalize_top_k
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        # A faster top-k + weights (probs, bias, k, normalize) -> (weights, ids) or None where it does
+        # not apply, installed from outside (train/moe_cpu_kernels.py); None: the torch ops below.
+        self.select_topk: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (weights_TK fp32, expert_ids_TK, logits_TE fp32)."""
         logits_TE = self.gate(x_TD).float()
         probs_TE = logits_TE.softmax(dim=-1)
-        if routed := router_topk_cpu.topk_routing(
-            probs_TE, self.expert_bias, self.top_k, self.normalize_top_k
-        ):
-            return *routed, logits_TE
+        if self.select_topk is not None:
+            routed = self.select_topk(probs_TE, self.expert_bias, self.top_k, self.normalize_top_k)
+            if routed is not None:
+                return *routed, logits_TE
         # Choose on the biased scores, weigh with the unbiased probabilities (DeepSeek-V3 eq. 16,
         # torchtitan): the bias steers load without entering the output or its gradient. A zero
         # bias chooses exactly as before (p + 0.0 == p), and gather returns topk's own values.
@@ -236,6 +239,9 @@ class MoELayer(nn.Module):
             "tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False
         )
         self.router_loss_scale = 1.0
+        # The CPU training node's row plan and moves (routed_swiglu_cpu.TorchMoves, or kernels
+        # installed from outside: train/moe_cpu_kernels.py).
+        self.row_moves: type[routed_swiglu_cpu.TorchMoves] = routed_swiglu_cpu.TorchMoves
         self.record_stats = True  # off while activation checkpointing recomputes a forward
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -266,7 +272,7 @@ class MoELayer(nn.Module):
             and routed_swiglu_cpu.supports(x_TD, *weights)
         ):  # CPU training: all of it one node (experts subclassed by EP or LoRA keep theirs)
             out_TD, num_tokens_per_expert_E = routed_swiglu_cpu.routed_swiglu(
-                x_TD, weights_TK, expert_ids_TK, capacity, *weights
+                x_TD, weights_TK, expert_ids_TK, capacity, *weights, moves=self.row_moves
             )
             if self.record_stats:
                 self.tokens_per_expert += num_tokens_per_expert_E

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moetron.kernels import cpu_kernels
 from moetron.model.grouped_swiglu_cpu import (
     compute_dtype,
     expert_rows,
@@ -46,11 +45,13 @@ def routed_swiglu(
     w1_EID: torch.Tensor,
     w2_EDI: torch.Tensor,
     w3_EID: torch.Tensor,
+    moves: type[TorchMoves] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_k weights_TK[t, k] · expert_ids_TK[t, k]'s SwiGLU(x_TD[t]) → [T, D] in x's dtype, and the
-    pairs each expert kept [E]). Each expert keeps at most `capacity` pairs (row_moves.dispatch_order;
-    None: all). Check `supports` first. The weights are cast to the compute dtype by autograd ops,
-    so fp32 masters get fp32 gradients, as under autocast."""
+        pairs each expert kept [E]). Each expert keeps at most `capacity` pairs (row_moves.dispatch_order;
+        None: all). `moves`: the row plan and moves (TorchMoves, or faster ones with its interface
+    that a trainer installs), taken where `moves.takes` the tensors. Check `supports` first. The weights are cast to the compute dtype by autograd ops,
+        so fp32 masters get fp32 gradients, as under autocast."""
     dtype = compute_dtype(x_TD, w1_EID, w2_EDI, w3_EID)
     assert dtype is not None, "routed_swiglu: check supports first"
     num_experts = w1_EID.shape[0]
@@ -59,27 +60,14 @@ def routed_swiglu(
         counts_E = counts_E.clamp(max=capacity)
     sizes = counts_E.tolist()
     padded, batched = expert_rows(sizes, dtype)
-    slot_P, pair_S = _plan_rows(expert_ids_TK, sizes, padded, capacity)
+    if moves is None or not moves.takes(x_TD, weights_TK):
+        moves = TorchMoves
+    slot_P, pair_S = moves.plan(expert_ids_TK, sizes, padded, capacity)
     layout = Layout(padded, batched, sum(padded) > sum(sizes), sum(sizes) < slot_P.shape[0])
     w1_EID, w2_EDI, w3_EID = (w.to(dtype) for w in (w1_EID, w2_EDI, w3_EID))
     with torch.autocast("cpu", enabled=False):
-        out_TD = RoutedSwiGLU.apply(x_TD, weights_TK, pair_S, slot_P, layout, w1_EID, w2_EDI, w3_EID)
+        out_TD = RoutedSwiGLU.apply(x_TD, weights_TK, pair_S, slot_P, layout, moves, w1_EID, w2_EDI, w3_EID)
     return out_TD, counts_E
-
-
-def _plan_rows(
-    expert_ids_TK: torch.Tensor, sizes: list[int], padded: list[int], capacity: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot_P: each pair's buffer row, or S if dropped; pair_S: each buffer row's pair, or P for
-    padding), each expert's kept pairs in dispatch_order's order from the start of its block."""
-    if expert_ids_TK.device.type == "cpu" and len(padded) <= 64 and cpu_kernels.available():
-        return cpu_kernels.moe_plan_rows(expert_ids_TK.contiguous(), padded, capacity, capacity is not None)
-    pairs_N, _ = dispatch_order(expert_ids_TK, len(padded), capacity)
-    slot_N = rows_in_padded(sizes, padded, expert_ids_TK.device)
-    num_pairs, num_rows = expert_ids_TK.numel(), sum(padded)
-    slot_P = torch.full((num_pairs,), num_rows, dtype=torch.int64, device=slot_N.device)
-    pair_S = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=slot_N.device)
-    return slot_P.index_put_((pairs_N,), slot_N), pair_S.index_put_((slot_N,), pairs_N)
 
 
 @dataclass(frozen=True)
@@ -99,11 +87,11 @@ class RoutedSwiGLU(torch.autograd.Function):
         pair_S: torch.Tensor,
         slot_P: torch.Tensor,
         layout: Layout,
+        moves: type[TorchMoves],
         w1_EID: torch.Tensor,
         w2_EDI: torch.Tensor,
         w3_EID: torch.Tensor,
     ) -> torch.Tensor:
-        moves = _KernelMoves if _KernelMoves.take(x_TD, weights_TK) else _TorchMoves
         x_SD = moves.dispatch(x_TD, pair_S, weights_TK.shape[1], w1_EID.dtype, layout)
         y_SD, h1, h3 = swiglu_forward(x_SD, layout.padded, layout.batched, w1_EID, w2_EDI, w3_EID)
         ctx.layout, ctx.moves, ctx.x_dtype = layout, moves, x_TD.dtype
@@ -119,11 +107,29 @@ class RoutedSwiGLU(torch.autograd.Function):
         )
         dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.padded, layout.batched, tuple(saved))
         dx_TD = moves.dispatch_backward(dx_SD, slot_P, weights_TK.shape[1], ctx.x_dtype, layout)
-        return dx_TD, dweights_TK, None, None, None, dw1_EID, dw2_EDI, dw3_EID
+        return dx_TD, dweights_TK, None, None, None, None, dw1_EID, dw2_EDI, dw3_EID
 
 
-class _TorchMoves:
-    """The four moves as torch ops (any dtypes)."""
+class TorchMoves:
+    """The row plan and the four moves as torch ops (any dtypes). A faster implementation installed
+    from outside has the same static methods and the same results."""
+
+    @staticmethod
+    def takes(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+        return True
+
+    @staticmethod
+    def plan(
+        expert_ids_TK: torch.Tensor, sizes: list[int], padded: list[int], capacity: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_P: each pair's buffer row, or S if dropped; pair_S: each buffer row's pair, or P for
+        padding), each expert's kept pairs in dispatch_order's order from the start of its block."""
+        pairs_N, _ = dispatch_order(expert_ids_TK, len(padded), capacity)
+        slot_N = rows_in_padded(sizes, padded, expert_ids_TK.device)
+        num_pairs, num_rows = expert_ids_TK.numel(), sum(padded)
+        slot_P = torch.full((num_pairs,), num_rows, dtype=torch.int64, device=slot_N.device)
+        pair_S = torch.full((num_rows,), num_pairs, dtype=torch.int64, device=slot_N.device)
+        return slot_P.index_put_((pairs_N,), slot_N), pair_S.index_put_((slot_N,), pairs_N)
 
     @staticmethod
     def dispatch(
@@ -171,47 +177,3 @@ def _pair_rows(
 ) -> torch.Tensor:
     """Each pair's buffer row (zero if dropped) in `dtype`, [T, K, D]."""
     return gather_rows(rows_SD, slot_P, layout.has_drops).to(dtype).unflatten(0, shape_TK)
-
-
-class _KernelMoves:
-    """The four moves as one pass each (kernels/moe_train_avx2.cpp), for fp32 token rows: torch's bits,
-    but for the router weights' gradient, a dot product summed in the kernel's own order."""
-
-    @staticmethod
-    def take(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
-        return (
-            x_TD.dtype == weights_TK.dtype == torch.float32
-            and x_TD.is_contiguous()
-            and weights_TK.is_contiguous()
-            and cpu_kernels.available()
-        )
-
-    @staticmethod
-    def dispatch(
-        x_TD: torch.Tensor, pair_S: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
-    ) -> torch.Tensor:
-        return cpu_kernels.moe_dispatch_rows(x_TD, pair_S, top_k, dtype)
-
-    @staticmethod
-    def combine(
-        y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, layout: Layout
-    ) -> torch.Tensor:
-        return cpu_kernels.moe_gather_sum_rows(y_SD, slot_P, weights_TK, weights_TK.shape[1])
-
-    @staticmethod
-    def combine_backward(
-        dout_TD: torch.Tensor,
-        weights_TK: torch.Tensor,
-        y_SD: torch.Tensor,
-        pair_S: torch.Tensor,
-        slot_P: torch.Tensor,
-        weights_grad: bool,
-        layout: Layout,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return cpu_kernels.moe_combine_backward(dout_TD, weights_TK, y_SD, slot_P, pair_S, weights_grad)
-
-    @staticmethod
-    def dispatch_backward(
-        dx_SD: torch.Tensor, slot_P: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
-    ) -> torch.Tensor:
-        return cpu_kernels.moe_gather_sum_rows(dx_SD, slot_P, None, top_k)
