@@ -6,13 +6,16 @@
   * moe_avx2.cpp: a whole routed-expert SwiGLU layer (dispatch, experts, combine) in one call;
   * norm_avx2.cpp: RMSNorm rows;
   * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
-  * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients).
+  * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients);
+  * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training.
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
-its source and flags. It is built once per instruction set the CPU has (ISAS: AVX2+FMA, and
-AVX-512 with VNNI, whose dpbusd replaces AVX2's two-step int8 dot product); `library()` loads the
-widest, or the one $MOETRON_CPU_ISA names. Every build computes the same bits (quant_blocks.h). It links the OpenMP runtime by its soname, which resolves to the libgomp
+its source and flags. It is built once per instruction set the CPU has (ISAS: AVX2+FMA; AVX-512 with
+VNNI, whose dpbusd replaces AVX2's two-step int8 dot product; and with AVX512-BF16 too, whose
+dpbf16ps the training attention multiplies bf16 pairs with); `library()` loads the widest, or the
+one $MOETRON_CPU_ISA names. Every build computes the same bits (quant_blocks.h), but for the
+training attention's products (two FMAs per bf16 pair elsewhere). It links the OpenMP runtime by its soname, which resolves to the libgomp
 torch has already loaded, so kernel and torch share one thread pool.
 
 Everything here is optional: without AVX2+FMA+F16C, without a compiler, or with MOETRON_CPU_KERNELS=0,
@@ -46,6 +49,7 @@ SOURCES = (
     "norm_avx2.cpp",
     "layer_avx2.cpp",
     "moe_train_avx2.cpp",
+    "attention_train_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -53,7 +57,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 18  # 18: the MoE training row moves (moe_train_avx2.cpp)
+ABI_VERSION = 19  # 19: the training attention (attention_train_avx2.cpp)
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -65,6 +69,19 @@ ISAS = {
     "avx512_vnni": (
         ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
         ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    ),
+    "avx512_bf16": (
+        ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
+        [
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512vnni",
+            "-mavx512bf16",
+        ],
     ),
 }
 # Weight format codes of the C interface (weights.h): GGML's type ids.
@@ -506,3 +523,33 @@ def moe_combine_backward(
         None if dweights_TK is None else dweights_TK.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dy_SD, dweights_TK
+
+
+def attention_train_forward(
+    q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGd: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of contiguous bf16 rows (head h reads kv head h // (H // G)): out [B, T, H, d]
+    bf16 and each row's log-sum-exp of its scaled scores, fp32 [B, T, H], for the backward."""
+    B, T, H, d = q_BTHd.shape
+    out = torch.empty_like(q_BTHd)
+    lse = torch.empty(B, T, H, dtype=torch.float32)
+    library().moetron_attention_train_forward(
+        q_BTHd.data_ptr(), k_BTGd.data_ptr(), v_BTGd.data_ptr(), B, T, H, k_BTGd.shape[2], d, scale,
+        out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_train_backward(
+    q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGd: torch.Tensor, out_BTHd: torch.Tensor,
+    dout_BTHd: torch.Tensor, lse_BTH: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq, dk, dv) of `attention_train_forward`, bf16, shaped as q, k, v."""
+    B, T, H, d = q_BTHd.shape
+    dq, dk, dv = torch.empty_like(q_BTHd), torch.empty_like(k_BTGd), torch.empty_like(v_BTGd)
+    library().moetron_attention_train_backward(
+        q_BTHd.data_ptr(), k_BTGd.data_ptr(), v_BTGd.data_ptr(), out_BTHd.data_ptr(), dout_BTHd.data_ptr(),
+        lse_BTH.data_ptr(), B, T, H, k_BTGd.shape[2], d, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return dq, dk, dv

@@ -29,18 +29,7 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) { return load_w(p); }
 
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-// torch's fp32 -> bf16 (to_bf16) on 8 lanes: round to nearest even, NaN to the quiet NaN 0x7FC0.
-inline void store8(bf16* p, __m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                           _mm256_set1_epi32(0x7F800000));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    // 8 x 32-bit lanes holding 16-bit values -> 8 x 16 bits (packus saturates nothing here)
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
+inline void store8(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16x8(v)); }
 
 inline float at(const float* p) { return *p; }
 inline float at(const bf16* p) { return w_at(p); }

@@ -117,6 +117,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size)
+        # The attention a forward without a backend runs (training, evaluation); a CPU training
+        # kernel may be installed from outside (train/attention_cpu.py).
+        self.default_attention: AttentionBackend = causal_sdpa
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -124,7 +127,7 @@ class Transformer(nn.Module):
         self,
         input_ids_BT: torch.Tensor,
         positions_BT: torch.Tensor | None = None,
-        attention_backend: AttentionBackend = causal_sdpa,
+        attention_backend: AttentionBackend | None = None,
         targets_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids_BT: int [B, T] → float32 logits [B, T, V]. Positions default to 0..T-1.
@@ -143,7 +146,7 @@ class Transformer(nn.Module):
         self,
         input_ids_BT: torch.Tensor,
         positions_BT: torch.Tensor | None = None,
-        attention_backend: AttentionBackend = causal_sdpa,
+        attention_backend: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """The last layer's output [B, T, D], before the final norm. The serving engine runs a step's
         packed tokens ([1, T]) through here with its paged-KV backend, then `logits` on the rows it
@@ -157,6 +160,7 @@ class Transformer(nn.Module):
         if positions_BT is None:
             positions_BT = torch.arange(h_BTD.shape[1], device=h_BTD.device).expand(h_BTD.shape[:2])
         cos_BTd, sin_BTd = self.rope(positions_BT, h_BTD.dtype)
+        attention_backend = attention_backend or self.default_attention
         for layer in self.layers:
             h_BTD = layer(h_BTD, cos_BTd, sin_BTd, attention_backend)
         return h_BTD
