@@ -47,7 +47,7 @@ from benchmarks.common import (
 )
 from moetron.config import ModelConfig, TrainConfig, get_preset
 from moetron.model.accounting import total_params, train_flops_per_token
-from moetron.train import attention_cpu, moe_cpu_kernels
+from moetron.train import cpu_training_kernels
 from moetron.train.allocator import retain_freed_memory
 from moetron.train.optim import build_optimizer
 
@@ -215,8 +215,7 @@ def main() -> None:
                     raise SystemExit(
                         f"fp32 logits differ by {diff:.1e} > {FP32_TOLERANCE}: not the same model"
                     )
-            moe_cpu_kernels.install(ours)  # as the trainer does
-            attention_cpu.install(ours)
+            cpu_training_kernels.install(ours)  # as the trainer does
             optimizer = build_optimizer(ours, TrainConfig(lr=LR, weight_decay=0.0))
             ours_step = train_step(ours, ours_loss(ours, ids), optimizer)
             ours_loss_value = ours_step()

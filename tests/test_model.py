@@ -928,14 +928,20 @@ def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:
     assert len(set(buckets)) <= 32 + 16 * 8  # exact below 32, then 16 sizes per octave
 
 
+@pytest.mark.parametrize("rows", ["torch_ops", "kernel"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_fused_lm_loss_matches_cross_entropy_of_the_logits(autocast: bool) -> None:
+def test_fused_lm_loss_matches_cross_entropy_of_the_logits(autocast: bool, rows: str) -> None:
     """The model's loss with targets (the output projection fused with the cross-entropy, never
     materialising fp32 logits) against F.cross_entropy of its logits: the value and the gradient
     of every parameter, with ignored positions and a scaled loss (as gradient accumulation scales
-    it). fp32 agrees to rounding; under bf16 autocast both round the logits' gradient to bf16."""
+    it). fp32 agrees to rounding; under bf16 autocast both round the logits' gradient to bf16.
+    The per-row work in torch ops, or in the CPU kernel (train/loss_cpu.py)."""
+    from moetron.train import loss_cpu
+
     cfg = tiny()
     model = Transformer.from_config(cfg)
+    if rows == "kernel":
+        assert loss_cpu.install(model), "moetron's CPU kernels are unavailable here"
     ids = torch.randint(0, cfg.vocab_size, (3, 9))
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = -100
@@ -955,11 +961,42 @@ def test_fused_lm_loss_matches_cross_entropy_of_the_logits(autocast: bool) -> No
         torch.testing.assert_close(g, e, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_fused_lm_loss_with_every_position_ignored_is_zero_with_zero_gradient() -> None:
+@pytest.mark.parametrize("rows", ["torch_ops", "kernel"])
+def test_fused_lm_loss_with_every_position_ignored_is_zero_with_zero_gradient(rows: str) -> None:
     from moetron.model.loss import linear_cross_entropy
+    from moetron.train.loss_cpu import lm_loss_rows
 
     h = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
-    loss = linear_cross_entropy(h, w, torch.full((4,), -100))
+    loss = linear_cross_entropy(
+        h, w, torch.full((4,), -100), rows_loss=lm_loss_rows if rows == "kernel" else None
+    )
     loss.backward()
     assert loss.item() == 0.0 and h.grad.eq(0).all() and w.grad.eq(0).all()
+
+
+def test_loss_kernel_rows_match_torch_on_both_dtypes_and_a_bad_target_errs_as_torch_does() -> None:
+    """The kernel's losses and gradient rows (vocabulary not a multiple of 8: the vector tail)
+    against the torch ops' block loop on the same logits; an out-of-range target takes the torch
+    ops, which raise their usual error."""
+    from moetron.model.loss import linear_cross_entropy
+    from moetron.train.loss_cpu import lm_loss_rows
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w = torch.randn(37, 16, generator=gen).to(dtype), torch.randn(1001, 16, generator=gen).to(dtype)
+        targets = torch.randint(0, 1001, (37,), generator=gen)
+        targets[::5] = -100
+        grads = []
+        for rows_loss in (None, lm_loss_rows):
+            hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = linear_cross_entropy(hi, wi, targets, rows_loss=rows_loss)
+            loss.backward()
+            grads.append((loss, hi.grad, wi.grad))
+        tol = FP32 if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+        for ours, torchs in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(ours.float(), torchs.float(), **tol)
+    with pytest.raises((IndexError, RuntimeError)):
+        linear_cross_entropy(
+            torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 7]), rows_loss=lm_loss_rows
+        )

@@ -7,7 +7,8 @@
   * norm_avx2.cpp: RMSNorm rows;
   * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
   * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients);
-  * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training.
+  * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training;
+  * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place).
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -50,6 +51,7 @@ SOURCES = (
     "layer_avx2.cpp",
     "moe_train_avx2.cpp",
     "attention_train_avx2.cpp",
+    "lm_loss_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -57,7 +59,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 19  # 19: the training attention (attention_train_avx2.cpp)
+ABI_VERSION = 20  # 20: the LM loss rows (lm_loss_avx2.cpp); 19: the training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -553,3 +555,18 @@ def attention_train_backward(
         torch.get_num_threads(),
     )  # fmt: skip
     return dq, dk, dv
+
+
+def lm_loss_rows(
+    logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int, weight: float
+) -> torch.Tensor:
+    """Each row's cross-entropy of contiguous fp32 or bf16 logits against int64 targets (0 where
+    the target is `ignore_index`), fp32 [N]; the logits are overwritten with the gradient of the
+    loss summed with `weight` per counted row: (softmax - one-hot) * weight."""
+    num_rows, vocab = logits_NV.shape
+    losses_N = torch.empty(num_rows, dtype=torch.float32)
+    library().moetron_lm_loss_rows(
+        logits_NV.data_ptr(), int(logits_NV.dtype == torch.bfloat16), targets_N.data_ptr(), num_rows, vocab,
+        ignore_index, weight, losses_N.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return losses_N

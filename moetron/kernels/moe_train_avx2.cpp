@@ -28,13 +28,11 @@ namespace {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) { return load_w(p); }
 
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16x8(v)); }
+inline void store8(float* p, __m256 v) { store_w(p, v); }
+inline void store8(bf16* p, __m256 v) { store_w(p, v); }
 
 inline float at(const float* p) { return *p; }
 inline float at(const bf16* p) { return w_at(p); }
-inline void put(float* p, float v) { *p = v; }
-inline void put(bf16* p, float v) { *p = to_bf16(v); }
 
 // out = x (converted), or zeros for a null x.
 template <typename In, typename Out>
@@ -42,11 +40,11 @@ inline void copy_row(const In* x, Out* out, int64_t D) {
     int64_t d = 0;
     if (x == nullptr) {
         for (; d + 8 <= D; d += 8) store8(out + d, _mm256_setzero_ps());
-        for (; d < D; ++d) put(out + d, 0.0f);
+        for (; d < D; ++d) store_w(out + d, 0.0f);
         return;
     }
     for (; d + 8 <= D; d += 8) store8(out + d, load8(x + d));
-    for (; d < D; ++d) put(out + d, at(x + d));
+    for (; d < D; ++d) store_w(out + d, at(x + d));
 }
 
 template <typename Out>
@@ -114,7 +112,7 @@ void combine_backward(const float* dout_TD, const float* w_TK, const Out* y_SD, 
             const __m256 w = _mm256_set1_ps(w_TK[p]);
             int64_t d = 0;
             for (; d + 8 <= D; d += 8) store8(dy + d, _mm256_mul_ps(_mm256_loadu_ps(dout + d), w));
-            for (; d < D; ++d) put(dy + d, dout[d] * w_TK[p]);
+            for (; d < D; ++d) store_w(dy + d, dout[d] * w_TK[p]);
         }
         if (dw_TK) {
 #pragma omp for schedule(static)

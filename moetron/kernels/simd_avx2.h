@@ -47,6 +47,11 @@ inline __m128i to_bf16x8(__m256 v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
+inline void store_w(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store_w(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16x8(v)); }
+inline void store_w(float* p, float v) { *p = v; }
+inline void store_w(bf16* p, float v) { *p = to_bf16(v); }
+
 // Sum of the 8 lanes in one fixed tree.
 inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);

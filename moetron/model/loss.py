@@ -16,6 +16,8 @@ torchtune fuse the loss and projection the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moetron.model.ops import linear
@@ -23,9 +25,18 @@ from moetron.model.ops import linear
 IGNORE_INDEX = -100  # F.cross_entropy's default: rows with this target count for nothing
 BLOCK_ELEMENTS = 1 << 18  # fp32 logits per block of rows: 1 MiB, one core's L2
 
+# (logits_NV, targets_N, ignore_index, weight) -> each row's loss (fp32 [N], 0 on ignored rows), the
+# logits overwritten with the gradient (softmax - one-hot) * weight on counted rows, 0 elsewhere;
+# None where it does not apply. The block loop below, as one kernel (train/loss_cpu.py).
+RowsLoss = Callable[[torch.Tensor, torch.Tensor, int, float], "torch.Tensor | None"]
+
 
 def linear_cross_entropy(
-    h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    h_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    rows_loss: RowsLoss | None = None,
 ) -> torch.Tensor:
     """Mean over counted rows of cross_entropy(h_ND @ weight_VD^T, targets_N), an fp32 scalar.
 
@@ -38,18 +49,27 @@ def linear_cross_entropy(
     if dtype is not None:
         h_ND, weight_VD = h_ND.to(dtype), weight_VD.to(dtype)
     with torch.autocast(h_ND.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index)
+        return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, rows_loss)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, ignore_index: int
+        ctx,
+        h_ND: torch.Tensor,
+        weight_VD: torch.Tensor,
+        targets_N: torch.Tensor,
+        ignore_index: int,
+        rows_loss: RowsLoss | None,
     ) -> torch.Tensor:
         h_ND = h_ND.contiguous()
         grad_NV = linear(h_ND, weight_VD)  # the logits, overwritten block by block with their gradient
         counted_N = targets_N != ignore_index
         count = max(int(counted_N.sum()), 1)
+        losses_N = None if rows_loss is None else rows_loss(grad_NV, targets_N, ignore_index, 1.0 / count)
+        if losses_N is not None:
+            ctx.save_for_backward(h_ND, weight_VD, grad_NV)
+            return losses_N.sum() / count
         safe_targets_N1 = torch.where(counted_N, targets_N, 0).unsqueeze(1)
         losses_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
         rows = max(1, BLOCK_ELEMENTS // grad_NV.shape[1])
@@ -81,6 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_h_ND is None else grad_h_ND.mul_(scale),
             None if grad_weight_VD is None else grad_weight_VD.mul_(scale),
+            None,
             None,
             None,
         )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.config import ModelConfig
-from moetron.model.loss import linear_cross_entropy
+from moetron.model.loss import RowsLoss, linear_cross_entropy
 from moetron.model.moe import FeedForward, MoELayer
 from moetron.model.ops import Embedding, Linear
 from moetron.model.rope import RotaryEmbedding, apply_rope
@@ -117,9 +117,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size)
-        # The attention a forward without a backend runs (training, evaluation); a CPU training
-        # kernel may be installed from outside (train/attention_cpu.py).
+        # The attention a forward without a backend runs (training, evaluation), and the loss's
+        # per-row work (None: torch ops); CPU training kernels are installed from outside
+        # (train/attention_cpu.py, train/loss_cpu.py).
         self.default_attention: AttentionBackend = causal_sdpa
+        self.loss_rows: RowsLoss | None = None
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -175,7 +177,9 @@ class Transformer(nn.Module):
         parallelism's DTensor) takes the logits and `F.cross_entropy`."""
         weight = self.output.weight
         if type(self.output) is Linear and type(weight) in (torch.Tensor, nn.Parameter):
-            return linear_cross_entropy(self.norm(h_BTD).flatten(0, 1), weight, targets_BT.flatten())
+            return linear_cross_entropy(
+                self.norm(h_BTD).flatten(0, 1), weight, targets_BT.flatten(), rows_loss=self.loss_rows
+            )
         return F.cross_entropy(self.logits(h_BTD).flatten(0, 1), targets_BT.flatten())
 
     def init_weights(self) -> None:

@@ -22,7 +22,7 @@ from moetron.model.accounting import train_flops_per_token
 from moetron.model.moe import MoELayer
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
-from moetron.train import attention_cpu, balance, metrics, moe_cpu_kernels, precision, resume
+from moetron.train import balance, cpu_training_kernels, metrics, precision, resume
 from moetron.train import checkpoint_io as checkpoints
 from moetron.train.allocator import retain_freed_memory
 from moetron.train.checkpoint import TrainingState
@@ -188,8 +188,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             apply_activation_checkpointing(part)
         for layer in part.moe_layers():
             layer.router_loss_scale = 1.0 / tc.grad_accum_steps  # the LM loss is scaled the same way
-        moe_cpu_kernels.install(part)
-        attention_cpu.install(part)
+        cpu_training_kernels.install(part)
     container = nn.ModuleList(parts)
     optimizer = build_optimizer(container, tc)
     dp_rank, dp_size = ctx.dp_rank, dims.dp_degree
