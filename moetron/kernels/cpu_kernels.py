@@ -8,7 +8,8 @@
   * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
   * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients);
   * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training;
-  * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place).
+  * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place);
+  * norm_train_avx2.cpp: RMSNorm's forward and backward for CPU training.
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -52,6 +53,7 @@ SOURCES = (
     "moe_train_avx2.cpp",
     "attention_train_avx2.cpp",
     "lm_loss_avx2.cpp",
+    "norm_train_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -59,7 +61,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 20  # 20: the LM loss rows (lm_loss_avx2.cpp); 19: the training attention
+ABI_VERSION = 21  # 21: the training RMSNorm; 20: the LM loss rows; 19: the training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -570,3 +572,30 @@ def lm_loss_rows(
         ignore_index, weight, losses_N.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return losses_N
+
+
+def rms_norm_train_forward(
+    x_ND: torch.Tensor, weight_D: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x * rstd in x's dtype, rstd fp32 [N]) for contiguous fp32 or bf16 rows and a weight
+    of the same dtype."""
+    num_rows, dim = x_ND.shape
+    y_ND, rstd_N = torch.empty_like(x_ND), torch.empty(num_rows, dtype=torch.float32)
+    library().moetron_rms_norm_train_forward(
+        x_ND.data_ptr(), weight_D.data_ptr(), int(x_ND.dtype == torch.bfloat16), num_rows, dim, eps, y_ND.data_ptr(),
+        rstd_N.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y_ND, rstd_N
+
+
+def rms_norm_train_backward(
+    x_ND: torch.Tensor, weight_D: torch.Tensor, dy_ND: torch.Tensor, rstd_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dweight fp32 [D]) of `rms_norm_train_forward`."""
+    num_rows, dim = x_ND.shape
+    dx_ND, dweight_D = torch.empty_like(x_ND), torch.empty(dim, dtype=torch.float32)
+    library().moetron_rms_norm_train_backward(
+        x_ND.data_ptr(), weight_D.data_ptr(), dy_ND.data_ptr(), rstd_N.data_ptr(), int(x_ND.dtype == torch.bfloat16),
+        num_rows, dim, dx_ND.data_ptr(), dweight_D.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dx_ND, dweight_D

@@ -36,8 +36,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        # (x, weight, eps) -> the output, or None where it does not apply: a CPU training kernel
+        # installed from outside (train/norm_cpu.py).
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and (out := self.kernel(x, self.weight, self.eps)) is not None:
+            return out
         # Normalise in fp32, scale in the input dtype (as Llama/Mixtral do).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed

@@ -1,6 +1,7 @@
-"""The CPU training attention kernel (kernels/attention_train_avx2.cpp, train/attention_cpu.py)
-against torch's SDPA in fp32 on the same bf16 inputs, in every build this CPU runs; and installed in
-a model, against the same model on SDPA."""
+"""The CPU training kernels: the attention (kernels/attention_train_avx2.cpp, train/attention_cpu.py)
+against torch's SDPA in fp32 on the same bf16 inputs, in every build this CPU runs, and installed
+in a model against the same model on SDPA; the RMSNorm (train/norm_cpu.py) against a float64
+reference. The loss's kernel is tested beside the fused loss (tests/test_model.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.kernels import cpu_kernels
-from moetron.model.transformer import Transformer, causal_sdpa
-from moetron.train import attention_cpu
+from moetron.model.transformer import RMSNorm, Transformer, causal_sdpa
+from moetron.train import attention_cpu, cpu_training_kernels, norm_cpu
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="moetron's CPU kernels are off here")
 
@@ -130,3 +131,53 @@ def test_fp32_attention_keeps_sdpa() -> None:
     assert torch.equal(attention_cpu.causal_attention(q, k, v, 0), causal_sdpa(q, k, v, 0))
     odd_width = [torch.randn(2, n, 9, 24).bfloat16() for n in (4, 1, 1)]  # d not a multiple of 16
     assert torch.equal(attention_cpu.causal_attention(*odd_width, 0), causal_sdpa(*odd_width, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_kernel_matches_float64_at_least_as_well_as_the_torch_ops(dtype: torch.dtype) -> None:
+    """Output, input gradient and weight gradient against float64, width 13 (the vector tail) and
+    512; the kernel rounds once, the module's ops several times, so its error is at most theirs
+    (fp32: within rounding of it)."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, dim in ((7, 13), (300, 512)):
+        norm = RMSNorm(dim, 1e-5)
+        norm.weight.data = 1 + 0.1 * torch.randn(dim, generator=gen)
+        norm = norm.to(dtype)
+        x, dy = (
+            3 * torch.randn(rows, dim, generator=gen).to(dtype),
+            torch.randn(rows, dim, generator=gen).to(dtype),
+        )
+        x64, w64 = x.double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+        (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(dy.double())
+        expected = [None, x64.grad, w64.grad]
+        errors = {}
+        for kernel in (None, norm_cpu.rms_norm):
+            norm.kernel, norm.weight.grad = kernel, None
+            xi = x.clone().requires_grad_()
+            y = norm(xi)
+            y.backward(dy)
+            assert y.dtype == dtype and xi.grad.dtype == dtype and norm.weight.grad.dtype == dtype
+            x64_out = (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).detach()
+            errors[kernel] = [
+                float((got.detach().double() - ref).abs().max())
+                for got, ref in zip((y, xi.grad, norm.weight.grad), [x64_out, *expected[1:]], strict=True)
+            ]
+        slack = 1.0 if dtype == torch.bfloat16 else 16.0  # fp32: both at rounding level
+        for ours, torchs in zip(errors[norm_cpu.rms_norm], errors[None], strict=True):
+            assert ours <= slack * torchs + 1e-6, (rows, dim, errors)
+
+
+def test_install_puts_every_kernel_on_a_model_and_training_still_learns() -> None:
+    model = _model(torch.bfloat16)
+    assert cpu_training_kernels.install(model) == ["moe", "attention", "norm", "loss"]
+    assert all(n.kernel is norm_cpu.rms_norm for n in model.modules() if isinstance(n, RMSNorm))
+    ids = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(ids, targets_BT=torch.roll(ids, -1, dims=1))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses  # memorises one batch
