@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.kernels import cpu_kernels
-from moetron.model.transformer import RMSNorm, Transformer, causal_sdpa
+from moetron.model.transformer import Attention, RMSNorm, Transformer, causal_sdpa
 from moetron.train import attention_cpu, cpu_training_kernels, norm_cpu
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="moetron's CPU kernels are off here")
@@ -126,6 +126,35 @@ def test_installed_kernel_trains_the_model_as_sdpa_does(
         assert error < 0.1, (name, float(error))  # bf16 rounding through two layers and a loss
 
 
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]
+)
+def test_rotary_kernel_matches_apply_rope_and_its_gradient(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """x rotated and the gradient (the inverse rotation) against model/rope.py's ops; head_dim 20
+    (a vector tail). In x's dtype (bf16 x with fp32 angles: apply_rope promotes to fp32; the
+    kernel rounds to bf16 once)."""
+    from moetron.model.rope import apply_rope
+
+    x_dtype, angle_dtype = dtypes
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 17, 3, 20, generator=gen).to(x_dtype).transpose(1, 2)  # a projection's rows
+    dout = torch.randn(2, 3, 17, 20, generator=gen)
+    angles = 6 * torch.rand(2, 17, 20, generator=gen)
+    cos, sin = angles.cos().to(angle_dtype), angles.sin().to(angle_dtype)
+    results = []
+    for rotate in (apply_rope, attention_cpu.rotate):
+        xi = x.detach().requires_grad_()
+        out = rotate(xi, cos, sin)
+        out.backward(dout.to(out.dtype))
+        results.append((out, xi.grad))
+    (ref_out, ref_grad), (out, grad) = results
+    assert out.dtype == grad.dtype == x_dtype
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "RopeRowsBackward"
+    tol = {"rtol": 1e-6, "atol": 1e-6} if x_dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
+
+
 def test_fp32_attention_keeps_sdpa() -> None:
     q, k, v = (torch.randn(2, n, 9, 32) for n in (4, 1, 1))
     assert torch.equal(attention_cpu.causal_attention(q, k, v, 0), causal_sdpa(q, k, v, 0))
@@ -171,6 +200,7 @@ def test_install_puts_every_kernel_on_a_model_and_training_still_learns() -> Non
     model = _model(torch.bfloat16)
     assert cpu_training_kernels.install(model) == ["moe", "attention", "norm", "loss"]
     assert all(n.kernel is norm_cpu.rms_norm for n in model.modules() if isinstance(n, RMSNorm))
+    assert all(a.rotate is attention_cpu.rotate for a in model.modules() if isinstance(a, Attention))
     ids = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

@@ -9,7 +9,8 @@
   * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients);
   * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training;
   * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place);
-  * norm_train_avx2.cpp: RMSNorm's forward and backward for CPU training.
+  * norm_train_avx2.cpp: RMSNorm's forward and backward for CPU training;
+  * rope_train_avx2.cpp: the rotary embedding's rotation and its inverse (its gradient).
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -54,6 +55,7 @@ SOURCES = (
     "attention_train_avx2.cpp",
     "lm_loss_avx2.cpp",
     "norm_train_avx2.cpp",
+    "rope_train_avx2.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -61,7 +63,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 21  # 21: the training RMSNorm; 20: the LM loss rows; 19: the training attention
+ABI_VERSION = 22  # 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -599,3 +601,17 @@ def rms_norm_train_backward(
         num_rows, dim, dx_ND.data_ptr(), dweight_D.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dx_ND, dweight_D
+
+
+def rope_rows(
+    x_BTHd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor, inverse: bool
+) -> torch.Tensor:
+    """Contiguous fp32 or bf16 rows [B, T, H, d] rotated by contiguous cos, sin [B, T, d] (fp32 or
+    bf16) as model/rope.py's apply_rope does, in x's dtype; `inverse`: rotated back."""
+    B, T, H, d = x_BTHd.shape
+    out = torch.empty_like(x_BTHd)
+    library().moetron_rope_rows(
+        x_BTHd.data_ptr(), int(x_BTHd.dtype == torch.bfloat16), cos_BTd.data_ptr(), sin_BTd.data_ptr(),
+        int(cos_BTd.dtype == torch.bfloat16), B * T, H, d, int(inverse), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -62,6 +62,9 @@ class Attention(nn.Module):
         self.wk = Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim)
         self.wv = Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim)
         self.wo = Linear(cfg.num_heads * cfg.head_dim, cfg.dim)
+        # (x_BHTd, cos_BTd, sin_BTd) -> x rotated: apply_rope, or a CPU training kernel installed
+        # from outside (train/attention_cpu.py).
+        self.rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rope
 
     def forward(
         self,
@@ -75,7 +78,7 @@ class Attention(nn.Module):
         q_BHTd = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         k_BGTd = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         v_BGTd = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos_BTd, sin_BTd), apply_rope(k_BGTd, cos_BTd, sin_BTd)
+        q_BHTd, k_BGTd = self.rotate(q_BHTd, cos_BTd, sin_BTd), self.rotate(k_BGTd, cos_BTd, sin_BTd)
         out_BHTd = attention_backend(q_BHTd, k_BGTd, v_BGTd, self.layer_id)
         return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
 

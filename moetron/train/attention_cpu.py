@@ -17,20 +17,54 @@ import torch
 from torch import nn
 
 from moetron.kernels import cpu_kernels
-from moetron.model.transformer import Transformer, causal_sdpa
+from moetron.model.rope import apply_rope
+from moetron.model.transformer import Attention, Transformer, causal_sdpa
 
 MAX_HEAD_DIM = 256  # the kernel's per-task buffers are sized for rows this wide at most
 
 
 def install(model: nn.Module) -> bool:
     """Give every Transformer (a whole model or a pipeline stage) in `model` the kernel as its
-    attention where this machine has the kernels (True); else leave SDPA (False)."""
+    attention, and every attention layer the rotary kernel, where this machine has the kernels
+    (True); else leave SDPA and the torch ops (False)."""
     if not cpu_kernels.available():
         return False
     for module in model.modules():
         if isinstance(module, Transformer):
             module.default_attention = causal_attention
+        elif isinstance(module, Attention):
+            module.rotate = rotate
     return True
+
+
+def rotate(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    """model/rope.py's apply_rope in one pass a row, in x's dtype (fp32 or bf16; apply_rope would
+    promote bf16 queries to fp32 angles' dtype under autocast, which attention then casts back),
+    for plain CPU tensors; apply_rope elsewhere."""
+    if not (
+        all(type(t) is torch.Tensor and t.device.type == "cpu" for t in (x_BHTd, cos_BTd, sin_BTd))
+        and x_BHTd.dtype in (torch.float32, torch.bfloat16)
+        and cos_BTd.dtype == sin_BTd.dtype
+        and cos_BTd.dtype in (torch.float32, torch.bfloat16)
+        and x_BHTd.dim() == 4
+        and cos_BTd.shape == sin_BTd.shape == (x_BHTd.shape[0], x_BHTd.shape[2], x_BHTd.shape[3])
+        and x_BHTd.shape[-1] % 2 == 0
+    ):
+        return apply_rope(x_BHTd, cos_BTd, sin_BTd)
+    x_BTHd = x_BHTd.transpose(1, 2).contiguous()  # a view of the projection's rows: no copy
+    return RopeRows.apply(x_BTHd, cos_BTd.contiguous(), sin_BTd.contiguous()).transpose(1, 2)
+
+
+class RopeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BTHd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos_BTd, sin_BTd)
+        return cpu_kernels.rope_rows(x_BTHd, cos_BTd, sin_BTd, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dout_BTHd: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        cos_BTd, sin_BTd = ctx.saved_tensors
+        return cpu_kernels.rope_rows(dout_BTHd.contiguous(), cos_BTd, sin_BTd, inverse=True), None, None
 
 
 def causal_attention(
