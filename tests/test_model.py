@@ -871,6 +871,51 @@ def test_routed_experts_node_equals_the_composed_path(
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.75], ids=["dropless", "capacity"])
+def test_routed_experts_kernel_moves_on_bf16_token_rows(capacity_factor: float | None) -> None:
+    """A bf16 layer (bf16 weights and tokens, no autocast): the kernels' moves sum each token's
+    weighted expert rows in fp32 and round once, where torch's ops round every product to bf16.
+    Against the same layer in fp32 (the same values), the output and every gradient are as close
+    as torch's moves get (within 1.5x their error, or 1% of the largest value), and the kernels ran."""
+    from moetron.kernels import cpu_kernels
+    from moetron.train import moe_cpu_kernels
+
+    assert cpu_kernels.available(), "moetron's CPU kernels are unavailable here"
+    layer = _moe_layer(num_experts=8, capacity_factor=capacity_factor).train().to(torch.bfloat16)
+    reference = copy.deepcopy(layer).float()
+    x_BTD = torch.randn(3, 40, 16).bfloat16()
+    upstream = torch.randn(3, 40, 16)
+
+    def output_and_grads(model: MoELayer, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.detach().requires_grad_()
+        out = model(x)
+        return [
+            out.detach().float(),
+            *(
+                g.float()
+                for g in torch.autograd.grad((out.float() * upstream).sum(), [x, *model.parameters()])
+            ),
+        ]
+
+    expected = output_and_grads(reference, x_BTD.float())
+    torch_moves = output_and_grads(layer, x_BTD)
+    # The moves only: bf16 router scores tie often, and top-k's order among ties is torch's choice.
+    layer.row_moves = moe_cpu_kernels.KernelMoves
+    with mock.patch.object(
+        moe_cpu_kernels.KernelMoves, "combine", wraps=moe_cpu_kernels.KernelMoves.combine
+    ) as combine:
+        kernel_moves = output_and_grads(layer, x_BTD)
+    assert combine.called
+    names = ["out", "x", *(name for name, _ in layer.named_parameters())]
+    for name, ours, torchs, ref in zip(names, kernel_moves, torch_moves, expected, strict=True):
+        ours_error, torchs_error = (ours - ref).abs().max(), (torchs - ref).abs().max()
+        assert ours_error <= 1.5 * torchs_error + 1e-2 * ref.abs().max(), (
+            name,
+            float(ours_error),
+            float(torchs_error),
+        )
+
+
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_topk_routing_kernel_matches_torchs_router_ops(normalize: bool) -> None:
     """The router's top-k node (train/moe_cpu_kernels.py) against Router's torch ops on the same

@@ -63,7 +63,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 22  # 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
+ABI_VERSION = 23  # 23: bf16 token rows in the MoE moves; 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -488,27 +488,33 @@ def moe_plan_rows(
 def moe_dispatch_rows(
     x_TD: torch.Tensor, pair_S: torch.Tensor, top_k: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[S, D] in `dtype`: row s is x_TD[pair_S[s] // top_k] (rounded as torch rounds), zero for padding."""
+    """[S, D] in `dtype`: row s is x_TD[pair_S[s] // top_k] (fp32 or bf16; rounded as torch rounds),
+    zero for padding."""
     num_tokens, dim = x_TD.shape
     out_SD = torch.empty(pair_S.shape[0], dim, dtype=dtype)
     library().moetron_moe_dispatch_rows(
-        x_TD.data_ptr(), pair_S.data_ptr(), pair_S.shape[0], top_k, num_tokens, dim, out_SD.data_ptr(),
+        x_TD.data_ptr(), int(x_TD.dtype == torch.bfloat16), pair_S.data_ptr(), pair_S.shape[0], top_k, num_tokens, dim, out_SD.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads(),
     )  # fmt: skip
     return out_SD
 
 
 def moe_gather_sum_rows(
-    rows_SD: torch.Tensor, slot_P: torch.Tensor, scale_TK: torch.Tensor | None, top_k: int
+    rows_SD: torch.Tensor,
+    slot_P: torch.Tensor,
+    scale_TK: torch.Tensor | None,
+    top_k: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """[T, D] fp32: Σ_k scale_TK[t, k] · rows_SD[slot_P[t*K + k]] (a dropped pair adds nothing; no
-    scale: a plain sum), each product rounded before it is added, k in order: torch's bits."""
+    """[T, D] in `dtype` (fp32, or bf16: the fp32 sum rounded once): Σ_k scale_TK[t, k] ·
+    rows_SD[slot_P[t*K + k]] (a dropped pair adds nothing; no scale: a plain sum), each product
+    rounded before it is added, k in order: in fp32, torch's bits."""
     num_pairs, dim = slot_P.shape[0], rows_SD.shape[1]
-    out_TD = torch.empty(num_pairs // top_k, dim, dtype=torch.float32)
+    out_TD = torch.empty(num_pairs // top_k, dim, dtype=dtype)
     library().moetron_moe_gather_sum_rows(
         rows_SD.data_ptr(), int(rows_SD.dtype == torch.bfloat16), rows_SD.shape[0], slot_P.data_ptr(),
         None if scale_TK is None else scale_TK.data_ptr(), num_pairs // top_k, top_k, dim, out_TD.data_ptr(),
-        torch.get_num_threads(),
+        int(dtype == torch.bfloat16), torch.get_num_threads(),
     )  # fmt: skip
     return out_TD
 
@@ -517,14 +523,14 @@ def moe_combine_backward(
     dout_TD: torch.Tensor, weights_TK: torch.Tensor, y_SD: torch.Tensor, slot_P: torch.Tensor, pair_S: torch.Tensor,
     weights_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The gradients of out_TD = Σ_k weights_TK · y_SD[slot of (t, k)]: dy_SD (y's dtype: dout · w
-    rounded, zero on padding rows) and, if `weights_grad`, dweights_TK = <dout[t], y[slot]> (fp32,
+    """The gradients of out_TD = Σ_k weights_TK · y_SD[slot of (t, k)], for dout_TD fp32 or bf16:
+    dy_SD (y's dtype: dout · w rounded, zero on padding rows) and, if `weights_grad`, dweights_TK = <dout[t], y[slot]> (fp32,
     summed in the kernel's fixed order)."""
     num_tokens, top_k = weights_TK.shape
     dy_SD = torch.empty_like(y_SD)
     dweights_TK = torch.empty(num_tokens, top_k, dtype=torch.float32) if weights_grad else None
     library().moetron_moe_combine_backward(
-        dout_TD.data_ptr(), weights_TK.data_ptr(), y_SD.data_ptr(), int(y_SD.dtype == torch.bfloat16),
+        dout_TD.data_ptr(), int(dout_TD.dtype == torch.bfloat16), weights_TK.data_ptr(), y_SD.data_ptr(), int(y_SD.dtype == torch.bfloat16),
         slot_P.data_ptr(), pair_S.data_ptr(), y_SD.shape[0], num_tokens, top_k, y_SD.shape[1], dy_SD.data_ptr(),
         None if dweights_TK is None else dweights_TK.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -16,6 +16,7 @@
 // of pair p, or S if the pair was dropped (it contributes nothing).
 #include <stdint.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "export.h"
@@ -47,24 +48,24 @@ inline void copy_row(const In* x, Out* out, int64_t D) {
     for (; d < D; ++d) store_w(out + d, at(x + d));
 }
 
-template <typename Out>
-void dispatch(const float* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T, int64_t D, Out* out_SD,
+template <typename In, typename Out>
+void dispatch(const In* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T, int64_t D, Out* out_SD,
               int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
     for (int64_t s = 0; s < S; ++s) {
         const int64_t t = pair_S[s] / K;
-        copy_row(t < T ? x_TD + t * D : static_cast<const float*>(nullptr), out_SD + s * D, D);
+        copy_row(t < T ? x_TD + t * D : static_cast<const In*>(nullptr), out_SD + s * D, D);
     }
 }
 
 // out[t] = sum_k scale_k * rows[slot_P[t*K + k]] in fp32, each product rounded before it is added.
 // scale_TK null: every scale is 1 (no products).
-template <typename In>
+template <typename In, typename Out>
 void gather_sum(const In* rows_SD, int64_t S, const int64_t* slot_P, const float* scale_TK, int64_t T,
-                int64_t K, int64_t D, float* out_TD, int num_threads) {
+                int64_t K, int64_t D, Out* out_TD, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1) schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-        float* out = out_TD + t * D;
+        Out* out = out_TD + t * D;
         int64_t d = 0;
         for (; d + 8 <= D; d += 8) {
             __m256 acc = _mm256_setzero_ps();
@@ -75,7 +76,7 @@ void gather_sum(const In* rows_SD, int64_t S, const int64_t* slot_P, const float
                 if (scale_TK) v = _mm256_mul_ps(v, _mm256_set1_ps(scale_TK[t * K + k]));
                 acc = _mm256_add_ps(acc, v);
             }
-            _mm256_storeu_ps(out + d, acc);
+            store8(out + d, acc);
         }
         for (; d < D; ++d) {
             float acc = 0.0f;
@@ -86,15 +87,30 @@ void gather_sum(const In* rows_SD, int64_t S, const int64_t* slot_P, const float
                 if (scale_TK) v = v * scale_TK[t * K + k];
                 acc = acc + v;
             }
-            out[d] = acc;
+            store_w(out + d, acc);
         }
+    }
+}
+
+// dot() for fp32 or bf16 rows on both sides (the same order: 8 lanes of FMAs, hsum, the tail).
+template <typename A, typename B>
+inline float dot_rows(const A* a, const B* b, int64_t n) {
+    if constexpr (std::is_same_v<A, float>) {
+        return dot(a, b, n);
+    } else {
+        __m256 acc = _mm256_setzero_ps();
+        const int64_t n8 = n & ~int64_t(7);
+        for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc);
+        float s = hsum(acc);
+        for (int64_t i = n8; i < n; ++i) s = __builtin_fmaf(at(a + i), at(b + i), s);
+        return s;
     }
 }
 
 // dy_SD[s] = dout[t] * w[t, k] rounded to Out, for the pair (t, k) row s holds (zeros for padding);
 // dw_TK[t, k] = sum_d dout[t, d] * y[slot of (t, k), d] (0 for a dropped pair), fixed order.
-template <typename Out>
-void combine_backward(const float* dout_TD, const float* w_TK, const Out* y_SD, const int64_t* slot_P,
+template <typename G, typename Out>
+void combine_backward(const G* dout_TD, const float* w_TK, const Out* y_SD, const int64_t* slot_P,
                       const int64_t* pair_S, int64_t S, int64_t T, int64_t K, int64_t D, Out* dy_SD, float* dw_TK,
                       int num_threads) {
     const int64_t P = T * K;
@@ -108,17 +124,17 @@ void combine_backward(const float* dout_TD, const float* w_TK, const Out* y_SD, 
                 copy_row(static_cast<const float*>(nullptr), dy, D);
                 continue;
             }
-            const float* dout = dout_TD + (p / K) * D;
+            const G* dout = dout_TD + (p / K) * D;
             const __m256 w = _mm256_set1_ps(w_TK[p]);
             int64_t d = 0;
-            for (; d + 8 <= D; d += 8) store8(dy + d, _mm256_mul_ps(_mm256_loadu_ps(dout + d), w));
-            for (; d < D; ++d) store_w(dy + d, dout[d] * w_TK[p]);
+            for (; d + 8 <= D; d += 8) store8(dy + d, _mm256_mul_ps(load8(dout + d), w));
+            for (; d < D; ++d) store_w(dy + d, at(dout + d) * w_TK[p]);
         }
         if (dw_TK) {
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < P; ++p) {
                 const int64_t s = slot_P[p];
-                dw_TK[p] = s < S ? dot(dout_TD + (p / K) * D, y_SD + s * D, D) : 0.0f;
+                dw_TK[p] = s < S ? dot_rows(dout_TD + (p / K) * D, y_SD + s * D, D) : 0.0f;
             }
         }
     }
@@ -202,36 +218,57 @@ void moetron_moe_plan_rows(const int64_t* ids_TK, int64_t T, int64_t K, int64_t 
     }
 }
 
-// out_SD (fp32, or bf16 if out_bf16) = the token row of each buffer row's pair, zero for padding.
-void moetron_moe_dispatch_rows(const float* x_TD, const int64_t* pair_S, int64_t S, int64_t K, int64_t T,
+// out_SD (fp32, or bf16 if out_bf16) = the token row of each buffer row's pair (x_TD fp32, or bf16
+// if x_bf16), zero for padding.
+void moetron_moe_dispatch_rows(const void* x_TD, int x_bf16, const int64_t* pair_S, int64_t S, int64_t K, int64_t T,
                                int64_t D, void* out_SD, int out_bf16, int num_threads) {
-    if (out_bf16)
-        dispatch(x_TD, pair_S, S, K, T, D, static_cast<bf16*>(out_SD), num_threads);
+    const auto run = [&](auto* x) {
+        if (out_bf16)
+            dispatch(x, pair_S, S, K, T, D, static_cast<bf16*>(out_SD), num_threads);
+        else
+            dispatch(x, pair_S, S, K, T, D, static_cast<float*>(out_SD), num_threads);
+    };
+    if (x_bf16)
+        run(static_cast<const bf16*>(x_TD));
     else
-        dispatch(x_TD, pair_S, S, K, T, D, static_cast<float*>(out_SD), num_threads);
+        run(static_cast<const float*>(x_TD));
 }
 
-// out_TD (fp32) = sum_k scale_TK[t, k] * rows_SD[slot of (t, k)]; rows fp32 or bf16; scale_TK may
-// be null (a plain sum: the gradient of the dispatch).
+// out_TD (fp32, or bf16 if out_bf16: the fp32 sum rounded once) = sum_k scale_TK[t, k] *
+// rows_SD[slot of (t, k)]; rows fp32 or bf16; scale_TK may be null (a plain sum: the gradient of
+// the dispatch).
 void moetron_moe_gather_sum_rows(const void* rows_SD, int rows_bf16, int64_t S, const int64_t* slot_P,
-                                 const float* scale_TK, int64_t T, int64_t K, int64_t D, float* out_TD,
+                                 const float* scale_TK, int64_t T, int64_t K, int64_t D, void* out_TD, int out_bf16,
                                  int num_threads) {
+    const auto run = [&](auto* rows) {
+        if (out_bf16)
+            gather_sum(rows, S, slot_P, scale_TK, T, K, D, static_cast<bf16*>(out_TD), num_threads);
+        else
+            gather_sum(rows, S, slot_P, scale_TK, T, K, D, static_cast<float*>(out_TD), num_threads);
+    };
     if (rows_bf16)
-        gather_sum(static_cast<const bf16*>(rows_SD), S, slot_P, scale_TK, T, K, D, out_TD, num_threads);
+        run(static_cast<const bf16*>(rows_SD));
     else
-        gather_sum(static_cast<const float*>(rows_SD), S, slot_P, scale_TK, T, K, D, out_TD, num_threads);
+        run(static_cast<const float*>(rows_SD));
 }
 
-// The combine's gradient: dy_SD (the dtype of y_SD) and, unless dw_TK is null, the weights'.
-void moetron_moe_combine_backward(const float* dout_TD, const float* w_TK, const void* y_SD, int y_bf16,
-                                  const int64_t* slot_P, const int64_t* pair_S, int64_t S, int64_t T, int64_t K,
-                                  int64_t D, void* dy_SD, float* dw_TK, int num_threads) {
-    if (y_bf16)
-        combine_backward(dout_TD, w_TK, static_cast<const bf16*>(y_SD), slot_P, pair_S, S, T, K, D,
-                         static_cast<bf16*>(dy_SD), dw_TK, num_threads);
+// The combine's gradient: dy_SD (the dtype of y_SD) and, unless dw_TK is null, the weights'; dout_TD
+// fp32, or bf16 if dout_bf16.
+void moetron_moe_combine_backward(const void* dout_TD, int dout_bf16, const float* w_TK, const void* y_SD,
+                                  int y_bf16, const int64_t* slot_P, const int64_t* pair_S, int64_t S, int64_t T,
+                                  int64_t K, int64_t D, void* dy_SD, float* dw_TK, int num_threads) {
+    const auto run = [&](auto* dout) {
+        if (y_bf16)
+            combine_backward(dout, w_TK, static_cast<const bf16*>(y_SD), slot_P, pair_S, S, T, K, D,
+                             static_cast<bf16*>(dy_SD), dw_TK, num_threads);
+        else
+            combine_backward(dout, w_TK, static_cast<const float*>(y_SD), slot_P, pair_S, S, T, K, D,
+                             static_cast<float*>(dy_SD), dw_TK, num_threads);
+    };
+    if (dout_bf16)
+        run(static_cast<const bf16*>(dout_TD));
     else
-        combine_backward(dout_TD, w_TK, static_cast<const float*>(y_SD), slot_P, pair_S, S, T, K, D,
-                         static_cast<float*>(dy_SD), dw_TK, num_threads);
+        run(static_cast<const float*>(dout_TD));
 }
 
 }  // extern "C"

@@ -75,13 +75,16 @@ class TopKRouting(torch.autograd.Function):
 
 
 class KernelMoves:
-    """The four moves as one pass each (kernels/moe_train_avx2.cpp), for fp32 token rows: torch's bits,
-    but for the router weights' gradient, a dot product summed in the kernel's own order."""
+    """The four moves as one pass each (kernels/moe_train_avx2.cpp), for fp32 or bf16 token rows and
+    fp32 router weights. fp32 rows: torch's bits, but for the router weights' gradient, a dot product
+    summed in the kernel's own order. bf16 rows (bf16 weights, no autocast): the weighted sums in
+    fp32, rounded once (torch rounds each product to bf16 first)."""
 
     @staticmethod
     def takes(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
         return (
-            x_TD.dtype == weights_TK.dtype == torch.float32
+            x_TD.dtype in (torch.float32, torch.bfloat16)
+            and weights_TK.dtype == torch.float32
             and x_TD.is_contiguous()
             and weights_TK.is_contiguous()
             and cpu_kernels.available()
@@ -104,7 +107,7 @@ class KernelMoves:
     def combine(
         y_SD: torch.Tensor, slot_P: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype, layout: Layout
     ) -> torch.Tensor:
-        return cpu_kernels.moe_gather_sum_rows(y_SD, slot_P, weights_TK, weights_TK.shape[1])
+        return cpu_kernels.moe_gather_sum_rows(y_SD, slot_P, weights_TK, weights_TK.shape[1], dtype)
 
     @staticmethod
     def combine_backward(
@@ -122,4 +125,4 @@ class KernelMoves:
     def dispatch_backward(
         dx_SD: torch.Tensor, slot_P: torch.Tensor, top_k: int, dtype: torch.dtype, layout: Layout
     ) -> torch.Tensor:
-        return cpu_kernels.moe_gather_sum_rows(dx_SD, slot_P, None, top_k)
+        return cpu_kernels.moe_gather_sum_rows(dx_SD, slot_P, None, top_k, dtype)
