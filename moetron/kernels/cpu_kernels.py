@@ -7,7 +7,7 @@
   * norm_avx2.cpp: RMSNorm rows;
   * layer_avx2.cpp: a decoder layer's attention half and MoE half, one call each;
   * moe_train_avx2.cpp: a MoE layer's row moves in CPU training (dispatch, combine, their gradients);
-  * attention_train_avx2.cpp: causal attention's forward and backward in bf16 for CPU training;
+  * attention_train_avx2.cpp: causal attention's forward and backward (fp32 or bf16) for CPU training;
   * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place);
   * norm_train_avx2.cpp: RMSNorm's forward and backward for CPU training;
   * rope_train_avx2.cpp: the rotary embedding's rotation and its inverse (its gradient).
@@ -63,7 +63,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 23  # 23: bf16 token rows in the MoE moves; 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
+ABI_VERSION = 24  # 24: fp32 training attention; 23: bf16 token rows in the MoE moves; 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -540,14 +540,15 @@ def moe_combine_backward(
 def attention_train_forward(
     q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGd: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of contiguous bf16 rows (head h reads kv head h // (H // G)): out [B, T, H, d]
-    bf16 and each row's log-sum-exp of its scaled scores, fp32 [B, T, H], for the backward."""
+    """Causal attention of contiguous rows, all fp32 or all bf16 (head h reads kv head h // (H // G)):
+    out [B, T, H, d] in their dtype and each row's log-sum-exp of its scaled scores, fp32 [B, T, H],
+    for the backward."""
     B, T, H, d = q_BTHd.shape
     out = torch.empty_like(q_BTHd)
     lse = torch.empty(B, T, H, dtype=torch.float32)
     library().moetron_attention_train_forward(
-        q_BTHd.data_ptr(), k_BTGd.data_ptr(), v_BTGd.data_ptr(), B, T, H, k_BTGd.shape[2], d, scale,
-        out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+        q_BTHd.data_ptr(), k_BTGd.data_ptr(), v_BTGd.data_ptr(), int(q_BTHd.dtype == torch.bfloat16), B, T, H,
+        k_BTGd.shape[2], d, scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out, lse
 
@@ -556,13 +557,13 @@ def attention_train_backward(
     q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGd: torch.Tensor, out_BTHd: torch.Tensor,
     dout_BTHd: torch.Tensor, lse_BTH: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dq, dk, dv) of `attention_train_forward`, bf16, shaped as q, k, v."""
+    """(dq, dk, dv) of `attention_train_forward`, in the inputs' dtype, shaped as q, k, v."""
     B, T, H, d = q_BTHd.shape
     dq, dk, dv = torch.empty_like(q_BTHd), torch.empty_like(k_BTGd), torch.empty_like(v_BTGd)
     library().moetron_attention_train_backward(
         q_BTHd.data_ptr(), k_BTGd.data_ptr(), v_BTGd.data_ptr(), out_BTHd.data_ptr(), dout_BTHd.data_ptr(),
-        lse_BTH.data_ptr(), B, T, H, k_BTGd.shape[2], d, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        torch.get_num_threads(),
+        lse_BTH.data_ptr(), int(q_BTHd.dtype == torch.bfloat16), B, T, H, k_BTGd.shape[2], d, scale, dq.data_ptr(),
+        dk.data_ptr(), dv.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -1,14 +1,14 @@
 """moetron's causal attention kernel for CPU training (kernels/attention_train_avx2.cpp), installed
 on a model from outside (`install`), as the MoE kernels are (train/moe_cpu_kernels.py).
 
-It runs where training computes attention in bf16 (bf16 weights, or fp32 masters under CPU bf16
-autocast) on plain CPU tensors; elsewhere (fp32 training, DTensors, CUDA) torch's SDPA runs, as
-before. The kernel multiplies bf16 pairs with AVX512-BF16's dpbf16ps where the CPU has it (else
-two fp32 FMAs a pair), keeps scores, softmax and sums in fp32, and recomputes P in the backward
-from each row's log-sum-exp, as FlashAttention does.
+It runs where training computes attention on plain CPU tensors in bf16 (bf16 weights, or fp32
+masters under CPU bf16 autocast) or in fp32; elsewhere (DTensors, CUDA, other dtypes) torch's SDPA
+runs. In bf16 the kernel multiplies bf16 pairs with AVX512-BF16's dpbf16ps where the CPU has it
+(else two fp32 FMAs a pair); in fp32 with FMAs. It keeps scores, softmax and sums in fp32, and
+recomputes P in the backward from each row's log-sum-exp, as FlashAttention does.
 
-Measured (2-core AVX512-BF16 EPYC, bf16, 4 x 8 heads x 256 tokens x 64, one kv head): a layer's
-attention forward+backward 12.2 ms with torch's SDPA, 3.3 ms with the kernel.
+Measured (2-core AVX512-BF16 EPYC, 4 x 8 heads x 256 tokens x 64, one kv head): a layer's attention
+forward+backward 12.2 ms with torch's SDPA, 3.3 ms with the kernel in bf16; see the README for fp32.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def causal_attention(
     dtype = _compute_dtype(q_BHTd, k_BGTd, v_BGTd)
     H, d = q_BHTd.shape[1], q_BHTd.shape[-1]
     if not (
-        dtype == torch.bfloat16
+        dtype in (torch.bfloat16, torch.float32)
         and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in (q_BHTd, k_BGTd, v_BGTd))
         and d % 16 == 0
         and d <= MAX_HEAD_DIM
@@ -86,7 +86,7 @@ def causal_attention(
     return CausalAttention.apply(q, k, v, d**-0.5).transpose(1, 2)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     """The dtype SDPA would compute in: CPU autocast's where it is on (it casts SDPA's inputs),
     else the inputs' common one (None where they differ)."""
     if torch.is_autocast_enabled("cpu"):
@@ -109,6 +109,6 @@ class CausalAttention(torch.autograd.Function):
     def backward(ctx, dout_BTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = cpu_kernels.attention_train_backward(
-            q, k, v, out, dout_BTHd.to(torch.bfloat16).contiguous(), lse, ctx.scale
+            q, k, v, out, dout_BTHd.to(q.dtype).contiguous(), lse, ctx.scale
         )
         return dq, dk, dv, None
