@@ -46,6 +46,7 @@ from benchmarks.common import (
     time_interleaved,
 )
 from moetron.config import ModelConfig, TrainConfig, get_preset
+from moetron.hardware import native_bf16_matmul
 from moetron.model.accounting import total_params, train_flops_per_token
 from moetron.train import cpu_training_kernels
 from moetron.train.allocator import retain_freed_memory
@@ -173,6 +174,28 @@ def working_hf_step(
     raise SystemExit(f"no transformers experts implementation among {impls} can train here")
 
 
+# The speedup each kind of CPU must show: moetron in the dtype `train.dtype = "auto"` picks there,
+# against transformers in whichever measured dtype is fastest for it.
+REGIME_TARGETS = {"bf16": 2.0, "fp32": 1.1}
+
+
+def print_regime_verdict(step_s: dict[tuple[str, str], float]) -> None:
+    """The line that counts for this CPU: bf16-capable (auto trains in bf16, target 2x) or not
+    (auto trains in fp32, target 1.1x), against transformers' fastest measured dtype."""
+    auto = "bf16" if native_bf16_matmul("cpu") else "fp32"
+    hf = {dtype: s for (side, dtype), s in step_s.items() if side == "transformers"}
+    if ("moetron", auto) not in step_s:
+        print(f"this CPU trains in {auto} (train.dtype=auto): run with --dtypes {auto} for its verdict")
+        return
+    hf_dtype = min(hf, key=hf.__getitem__)
+    speedup, target = hf[hf_dtype] / step_s["moetron", auto], REGIME_TARGETS[auto]
+    kind = "bf16-capable" if auto == "bf16" else "without fast bf16"
+    print(
+        f"this CPU ({kind}): moetron {auto} (train.dtype=auto) {speedup:.2f}x transformers' fastest "
+        f"measured ({hf_dtype}); {'meets' if speedup >= target else 'MISSES'} the >= {target:.1f}x target"
+    )
+
+
 def main() -> None:
     args = parse_args()
     setup_threads(args.threads)
@@ -202,7 +225,7 @@ def main() -> None:
     )
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
 
-    rows, summary = [], []
+    rows, summary, step_s = [], [], {}  # step_s[(side, dtype)]: median seconds
     with tempfile.TemporaryDirectory(prefix="moetron-bench-") as directory:
         save_mixtral(cfg, directory)
         for dtype_name in args.dtypes:
@@ -238,6 +261,8 @@ def main() -> None:
                     PeakShare(gflops, peaks, "fp32"), f"{t.median_s / ours_s:.2f}",
                 ])  # fmt: skip
             summary.append((dtype_name, "train step", timings[hf_name].median_s / ours_s, hf_name))
+            step_s["moetron", dtype_name] = ours_s
+            step_s["transformers", dtype_name] = timings[hf_name].median_s
 
     measure_peaks(list(peaks), peaks)  # again at the end; keeps the better
     print()
@@ -247,6 +272,7 @@ def main() -> None:
     )
     print()
     print_summary(summary)
+    print_regime_verdict(step_s)
     print(peak_line(peaks))
     print(background.line())
 
