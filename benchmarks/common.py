@@ -147,9 +147,13 @@ def time_interleaved(
     return {name: Timing(s) for name, s in samples.items()}
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+def matmul_peak_gflops(
+    dtype: torch.dtype, n: int = 2048, repeats: int = 3, device: torch.device | str = "cpu"
+) -> float:
     """Best GFLOP/s of one large square F.linear in `dtype`: the ceiling a model can approach on
     this machine with this thread count. Best rather than median: a peak is an upper bound."""
+    if torch.device(device).type == "cuda":  # 2048^3 is launch-bound on a GPU; synchronised timing
+        return hardware.matmul_peak_flops(dtype, str(device), size=8192, repeats=10) / 1e9
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     F.linear(a, b)  # warmup: oneDNN primitive creation, page faults
@@ -167,12 +171,14 @@ def read_bandwidth_gbs(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return num_bytes / best / 1e9
 
 
-def measure_peaks(dtypes: Sequence[str], peaks: dict[str, float] | None = None) -> dict[str, float]:
+def measure_peaks(
+    dtypes: Sequence[str], peaks: dict[str, float] | None = None, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Peak GFLOP/s per dtype name. Pass the dict from the start of a run again at its end: it is
     updated in place to the better of the two, so one busy moment cannot fake a low peak."""
     peaks = {} if peaks is None else peaks
     for name in dtypes:
-        peaks[name] = max(peaks.get(name, 0.0), matmul_peak_gflops(DTYPES[name]))
+        peaks[name] = max(peaks.get(name, 0.0), matmul_peak_gflops(DTYPES[name], device=device))
     return peaks
 
 
@@ -189,8 +195,10 @@ class PeakShare:
         return f"{self.gflops / self.peaks[self.dtype_name]:.0%}"
 
 
-def peak_line(peaks: dict[str, float]) -> str:
+def peak_line(peaks: dict[str, float], device: torch.device | str = "cpu") -> str:
     parts = ", ".join(f"{name} {gflops:.0f} GFLOP/s" for name, gflops in peaks.items())
+    if torch.device(device).type == "cuda":
+        return f"peak matmul (F.linear 8192^3): {parts} ({torch.cuda.get_device_name(device)})"
     return f"peak matmul (F.linear 2048^3): {parts} (this CPU: {hardware.detect().cpu.isa}, native bf16={hardware.native_bf16_matmul()})"
 
 

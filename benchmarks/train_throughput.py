@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_throughput                    # small preset, 4 layers, batch 4 x seq 256
     python -m benchmarks.train_throughput --num-layers 8 --batch 8 --seq 512 --dtypes fp32
+    python -m benchmarks.train_throughput --config configs/gpu_1b.toml --num-layers 0 --device cuda \
+        --batch 16 --seq 1024 --dtypes bf16     # a ~1.2B-total MoE on one GPU (benchmarks/gpu_checks.sh)
 
 Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes it, and
 `moetron.from_pretrained` loads the directory, so the comparison also exercises the converter.
@@ -45,7 +47,7 @@ from benchmarks.common import (
     setup_threads,
     time_interleaved,
 )
-from moetron.config import ModelConfig, TrainConfig, get_preset
+from moetron.config import ModelConfig, TrainConfig, get_preset, load_run_config
 from moetron.hardware import native_bf16_matmul
 from moetron.model.accounting import total_params, train_flops_per_token
 from moetron.train import cpu_training_kernels
@@ -59,7 +61,9 @@ LR = 1e-5  # small: the weights barely move, so every timed step runs on the mod
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--num-layers", type=int, default=4, help="override the preset's depth")
+    p.add_argument("--config", default=None, help="a run TOML whose [model] replaces --preset")
+    p.add_argument("--num-layers", type=int, default=4, help="override the depth (0: the model's own)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both models train")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
@@ -82,7 +86,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    cfg = get_preset(args.preset)
+    cfg = load_run_config(args.config).model if args.config else get_preset(args.preset)
     moe = dataclasses.replace(cfg.moe, aux_loss_weight=0.0, z_loss_weight=0.0)
     return dataclasses.replace(
         cfg, num_layers=args.num_layers or cfg.num_layers, max_seq_len=max(cfg.max_seq_len, args.seq), moe=moe
@@ -137,7 +141,7 @@ def train_step(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss.item()
+        return loss.item()  # after the step: on a GPU this waits for all of it, so it is timed
 
     return step
 
@@ -206,9 +210,10 @@ def main() -> None:
     num_tokens = args.batch * args.seq
     flops_per_step = train_flops_per_token(cfg, args.seq) * num_tokens
     background = CpuMeter()
+    device = torch.device(args.device)
     print(machine_line())
-    peaks = measure_peaks(["fp32", "bf16"])
-    print(peak_line(peaks))
+    peaks = measure_peaks(["fp32", "bf16"], device=device)
+    print(peak_line(peaks, device))
 
     hf_default = hf_experts_default()
     first_choice = args.hf_impl or hf_default
@@ -217,20 +222,20 @@ def main() -> None:
     if batched_mm_bytes(num_tokens, cfg, torch.float32) > args.max_batched_mm_gib * 2**30:
         impls = [i for i in impls if i != "batched_mm" or i == first_choice]
     print(
-        f"model: {args.preset} preset, {cfg.num_layers} layers, {total_params(cfg) / 1e6:.0f}M params; "
+        f"model: {args.config or args.preset + ' preset'}, {cfg.num_layers} layers, {total_params(cfg) / 1e6:.0f}M params; "
         f"batch {args.batch} x seq {args.seq} = {num_tokens} tokens/step; "
         f"{flops_per_step / 1e9:.0f} GFLOP/step (accounting.train_flops_per_token); "
         f"transformers' default experts implementation here: {hf_default!r}, trying {impls} in order; "
         "router aux losses off on both sides"
     )
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq)).to(device)
 
     rows, summary, step_s = [], [], {}  # step_s[(side, dtype)]: median seconds
     with tempfile.TemporaryDirectory(prefix="moetron-bench-") as directory:
         save_mixtral(cfg, directory)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            ours, hf_model = load_twins(directory, dtype, first_choice)
+            ours, hf_model = (m.to(device) for m in load_twins(directory, dtype, first_choice))
             if dtype == torch.float32:  # the gate; in bf16 the loss comparison below suffices
                 diff = logits_diff(ours, hf_model, ids)
                 print(f"  [{dtype_name}] max |ours - HF| logits {diff:.1e}")
@@ -238,7 +243,8 @@ def main() -> None:
                     raise SystemExit(
                         f"fp32 logits differ by {diff:.1e} > {FP32_TOLERANCE}: not the same model"
                     )
-            cpu_training_kernels.install(ours)  # as the trainer does
+            if device.type == "cpu":
+                cpu_training_kernels.install(ours)  # as the trainer does
             optimizer = build_optimizer(ours, TrainConfig(lr=LR, weight_decay=0.0))
             ours_step = train_step(ours, ours_loss(ours, ids), optimizer)
             ours_loss_value = ours_step()
@@ -264,7 +270,7 @@ def main() -> None:
             step_s["moetron", dtype_name] = ours_s
             step_s["transformers", dtype_name] = timings[hf_name].median_s
 
-    measure_peaks(list(peaks), peaks)  # again at the end; keeps the better
+    measure_peaks(list(peaks), peaks, device)  # again at the end; keeps the better
     print()
     print_table(
         ["impl", "dtype", "step ms", "n", "tokens/s", "GFLOP/s", "%peak dtype", "%peak fp32", "time/ours"],
@@ -272,8 +278,9 @@ def main() -> None:
     )
     print()
     print_summary(summary)
-    print_regime_verdict(step_s)
-    print(peak_line(peaks))
+    if device.type == "cpu":
+        print_regime_verdict(step_s)
+    print(peak_line(peaks, device))
     print(background.line())
 
 

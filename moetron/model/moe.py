@@ -17,7 +17,7 @@ from torch import nn
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu
-from moetron.model.ops import Linear, grouped_linear, has_grouped_mm, linear
+from moetron.model.ops import Linear, grouped_linear, grouped_mm_dtype, linear
 from moetron.model.row_moves import dispatch_order, gather_rows, inverse_map, move_rows
 
 
@@ -100,8 +100,9 @@ def grouped_swiglu(
     (e.g. a rank's local shard of the stack) runs the same math on them. `matmul` (x, w) -> x @ w.T
     and `activation` are the per-expert loop's kernels: the serving engine passes its own.
     """
-    if has_grouped_mm(x_ND):
+    if (dtype := grouped_mm_dtype(x_ND)) is not None:
         offsets_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
+        x_ND, w1_EID, w2_EDI, w3_EID = (t.to(dtype) for t in (x_ND, w1_EID, w2_EDI, w3_EID))
         h_NI = F.silu(grouped_linear(x_ND, w1_EID, offsets_E)) * grouped_linear(x_ND, w3_EID, offsets_E)
         return grouped_linear(h_NI, w2_EDI, offsets_E)
     if (

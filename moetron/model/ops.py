@@ -64,11 +64,16 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
-def has_grouped_mm(x: torch.Tensor) -> bool:
-    # torch 2.13's CPU grouped_mm backward fails on an expanded incoming gradient ("Invalid
-    # strides/sizes") and wants 16-byte-aligned strides; a loop of mm is as fast there. On CUDA it is
-    # one kernel launch for all experts.
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16 where the expert matmuls can be one grouped_mm: CUDA rows that are bf16, or that bf16
+    autocast would compute in bf16 (fp32 master weights; grouped_mm has no autocast rule, so the
+    caller casts). None elsewhere: torch 2.13's CPU grouped_mm backward fails on an expanded incoming
+    gradient ("Invalid strides/sizes") and wants 16-byte-aligned strides; a loop of mm is as fast
+    there. On CUDA it is one kernel launch for all experts instead of one per expert."""
+    if not (x.is_cuda and hasattr(F, "grouped_mm")):
+        return None
+    autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 or autocast else None
 
 
 def grouped_linear(x_ND: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,10 @@ from moetron.train import attention_cpu, loss_cpu, moe_cpu_kernels, norm_cpu
 
 
 def install(model: nn.Module) -> list[str]:
-    """The names of the kernels installed on `model`: none where this machine has no kernels."""
+    """The names of the kernels installed on `model`: none where this machine has no kernels, or
+    where the model is not on the CPU (no build of kernels that would never run)."""
+    if not any(p.device.type == "cpu" for p in model.parameters()):
+        return []
     installers = {
         "moe": moe_cpu_kernels.install,
         "attention": attention_cpu.install,

@@ -85,7 +85,13 @@ def init_distributed(cfg: ParallelConfig) -> DistContext:
     dims = ParallelDims.from_config(cfg, world_size)
     if world_size == 1:  # no process group; under torchrun, still the store (train/resume.py)
         in_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-        return DistContext(dims, None, job_store=next(dist.rendezvous("env://"))[0] if in_torchrun else None)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        job_store = next(dist.rendezvous("env://"))[0] if in_torchrun else None
+        return DistContext(dims, None, device=device, job_store=job_store)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # After an elastic restart the agent's store still holds the previous attempt's keys (rank
     # addresses among them: gloo would connect to a dead peer), so each attempt gets a namespace.

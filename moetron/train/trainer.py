@@ -182,8 +182,9 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         )  # fmt: skip
         parts = pipe.model_parts
     for part in parts:
+        part.to(ctx.device)  # one GPU when the machine has one, even without torchrun
         if ctx.distributed:
-            parallelize(part.to(ctx.device), dims, ctx.mesh, tc)
+            parallelize(part, dims, ctx.mesh, tc)
         elif tc.activation_checkpointing:
             apply_activation_checkpointing(part)
         for layer in part.moe_layers():
