@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -82,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=60.0, help="per dtype; trims repeats (min 2)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile", type=int, default=0, help="after timing, profile one step of each: its N costliest ops"
+    )
     return p.parse_args()
 
 
@@ -183,6 +187,26 @@ def working_hf_step(
 REGIME_TARGETS = {"bf16": 2.0, "fp32": 1.1}
 
 
+def print_profile(name: str, step: Callable[[], float], device: torch.device, row_limit: int) -> None:
+    """One step of `step` under torch.profiler: its costliest ops by self time on the device that
+    runs them (the GPU's kernels on CUDA), and the wall time against the busy device time, which
+    shows a step bound by launches and host syncs rather than by its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        wall_s = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy_us = sum(getattr(e, key) for e in averages)
+    print(
+        f"\nprofile of one {name} step: wall {wall_s * 1e3:.0f} ms (profiled), {key} {busy_us / 1e3:.0f} ms"
+    )
+    print(averages.table(sort_by=key, row_limit=row_limit, max_name_column_width=60))
+
+
 def print_regime_verdict(step_s: dict[tuple[str, str], float]) -> None:
     """The line that counts for this CPU: bf16-capable (auto trains in bf16, target 2x) or not
     (auto trains in fp32, target 1.1x), against transformers' fastest measured dtype."""
@@ -269,6 +293,9 @@ def main() -> None:
             summary.append((dtype_name, "train step", timings[hf_name].median_s / ours_s, hf_name))
             step_s["moetron", dtype_name] = ours_s
             step_s["transformers", dtype_name] = timings[hf_name].median_s
+            if args.profile:
+                for name, fn in fns.items():
+                    print_profile(f"{name} {dtype_name}", fn, device, args.profile)
 
     measure_peaks(list(peaks), peaks, device)  # again at the end; keeps the better
     print()

@@ -23,7 +23,10 @@ import torch
 from moetron.model.ops import linear
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: rows with this target count for nothing
-BLOCK_ELEMENTS = 1 << 18  # fp32 logits per block of rows: 1 MiB, one core's L2
+BLOCK_ELEMENTS = 1 << 18  # fp32 logits per block of rows on a CPU: 1 MiB, one core's L2
+# On a GPU each block costs ~10 kernel launches: blocks of 512 MiB (the whole batch of a 1B model
+# at 16K tokens x 8K vocab) keep the launches few while bounding the fp32 copy.
+DEVICE_BLOCK_ELEMENTS = 1 << 27
 
 # (logits_NV, targets_N, ignore_index, weight) -> each row's loss (fp32 [N], 0 on ignored rows), the
 # logits overwritten with the gradient (softmax - one-hot) * weight on counted rows, 0 elsewhere;
@@ -72,7 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return losses_N.sum() / count
         safe_targets_N1 = torch.where(counted_N, targets_N, 0).unsqueeze(1)
         losses_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
-        rows = max(1, BLOCK_ELEMENTS // grad_NV.shape[1])
+        block_elements = BLOCK_ELEMENTS if h_ND.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+        rows = max(1, block_elements // grad_NV.shape[1])
         for start in range(0, h_ND.shape[0], rows):
             block = slice(start, start + rows)
             logits_bV = grad_NV[block].float()

@@ -18,7 +18,7 @@ from torch import nn
 from moetron.config import ModelConfig, MoEConfig
 from moetron.model import grouped_swiglu_cpu, routed_swiglu_cpu
 from moetron.model.ops import Linear, grouped_linear, grouped_mm_dtype, linear
-from moetron.model.row_moves import dispatch_order, gather_rows, inverse_map, move_rows
+from moetron.model.row_moves import count_per_expert, dispatch_order, gather_rows, inverse_map, move_rows
 
 
 class FeedForward(nn.Module):
@@ -191,7 +191,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> 
     """Switch Transformer loss E * Σ_e f_e P_e, with f_e the fraction of the T*K assignments sent
     to expert e and P_e its mean router probability. Equals 1.0 when perfectly balanced."""
     num_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_per_expert(expert_ids_TK, num_experts).to(probs_TE.dtype)
     fraction_E = counts_E / expert_ids_TK.numel()
     return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
 

@@ -51,6 +51,18 @@ def inverse_map(index_K: torch.Tensor, size: int) -> torch.Tensor:
     return inverse.index_put_((index_K,), torch.arange(index_K.shape[0], device=index_K.device))
 
 
+def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: how often each expert id occurs in `ids`. bincount on a GPU reads the largest id
+    back to the host first (a sync that stalls the launch queue, once per MoE layer); a scatter-add
+    of ones does not."""
+    ids = ids.reshape(-1)
+    if ids.device.type == "cpu":
+        return torch.bincount(ids, minlength=num_experts)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int64)
+    )
+
+
 def dispatch_order(
     expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +75,7 @@ def dispatch_order(
     """
     num_tokens, top_k = expert_ids_TK.shape
     flat_ids_N = expert_ids_TK.reshape(-1)
-    counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
+    counts_E = count_per_expert(flat_ids_N, num_experts)
     if capacity is None:
         return flat_ids_N.argsort(stable=True), counts_E
     choice_rank_N = torch.arange(top_k, device=flat_ids_N.device).repeat(num_tokens)
