@@ -6,6 +6,8 @@ costs no memory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from moetron.model import Transformer
 from moetron.model.accounting import (
     active_params,
     attention_flops_per_token,
+    executed_train_flops_per_token,
     forward_flops_per_token,
     kv_bytes_per_token,
     param_counts,
@@ -183,6 +186,20 @@ def test_forward_flops_are_two_per_active_weight_plus_attention(name: str) -> No
     assert attention_flops_per_token(cfg, seq_len) == pytest.approx(attention, rel=1e-12)
     assert attention_flops_per_token(cfg, seq_len, causal=False) == pytest.approx(2 * attention, rel=1e-12)
     assert train_flops_per_token(cfg, seq_len) == pytest.approx(3 * expected, rel=1e-12)
+
+
+def test_executed_train_flops_count_only_the_pairs_a_capacity_keeps() -> None:
+    """The trainer's MFU numerator: below capacity factor 1 the routed experts run on at most that
+    fraction of the top-k pairs; at 1 and above, and dropless, all of them (the dense model's count)."""
+    base = get_preset("small")
+    seq_len = 256
+    full = train_flops_per_token(base, seq_len)
+    experts = 6 * param_counts(base).active_routed_experts  # fwd + bwd FLOPs of the routed experts
+    for capacity, kept in ((None, 1.0), (1.0, 1.0), (1.25, 1.0), (0.75, 0.75), (0.5, 0.5)):
+        cfg = dataclasses.replace(base, moe=dataclasses.replace(base.moe, capacity_factor=capacity))
+        assert executed_train_flops_per_token(cfg, seq_len) == pytest.approx(
+            full - experts * (1 - kept), rel=1e-12
+        )
 
 
 def _naive_attention(q_BHTd, k_BGTd, v_BGTd, layer_id):

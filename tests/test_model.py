@@ -964,6 +964,17 @@ def _never(*args: object) -> bool:
     return False
 
 
+def test_scatter_counts_equal_bincount() -> None:
+    """The GPU's sync-free expert counts (row_moves.scatter_counts) against bincount: experts that
+    get nothing, repeated ids, no ids at all."""
+    from moetron.model.row_moves import scatter_counts
+
+    for ids in (torch.randint(0, 5, (7, 2)), torch.tensor([3, 3, 3]), torch.empty(0, dtype=torch.int64)):
+        counts = scatter_counts(ids, 8)
+        assert counts.dtype == torch.int64
+        assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=8))
+
+
 def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:
     from moetron.model.grouped_swiglu_cpu import bucket_rows
 
@@ -973,20 +984,26 @@ def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:
     assert len(set(buckets)) <= 32 + 16 * 8  # exact below 32, then 16 sizes per octave
 
 
-@pytest.mark.parametrize("rows", ["torch_ops", "kernel"])
+@pytest.mark.parametrize("rows", ["torch_ops", "torch_ops_two_row_blocks", "kernel"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_fused_lm_loss_matches_cross_entropy_of_the_logits(autocast: bool, rows: str) -> None:
+def test_fused_lm_loss_matches_cross_entropy_of_the_logits(
+    autocast: bool, rows: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The model's loss with targets (the output projection fused with the cross-entropy, never
     materialising fp32 logits) against F.cross_entropy of its logits: the value and the gradient
     of every parameter, with ignored positions and a scaled loss (as gradient accumulation scales
     it). fp32 agrees to rounding; under bf16 autocast both round the logits' gradient to bf16.
-    The per-row work in torch ops, or in the CPU kernel (train/loss_cpu.py)."""
+    The per-row work in torch ops (in one block of rows, as on a GPU, or in blocks of two rows, as
+    on a CPU at a large vocabulary), or in the CPU kernel (train/loss_cpu.py)."""
+    from moetron.model import loss
     from moetron.train import loss_cpu
 
     cfg = tiny()
     model = Transformer.from_config(cfg)
     if rows == "kernel":
         assert loss_cpu.install(model), "moetron's CPU kernels are unavailable here"
+    block_elements = 2 * cfg.vocab_size if rows == "torch_ops_two_row_blocks" else loss.DEVICE_BLOCK_ELEMENTS
+    monkeypatch.setattr(loss, "BLOCK_ELEMENTS", block_elements)
     ids = torch.randint(0, cfg.vocab_size, (3, 9))
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = -100

@@ -87,6 +87,17 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
+def executed_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """train_flops_per_token as a training step computes it: with a capacity factor below 1, each
+    expert keeps at most that fraction of its mean load, so the routed experts run on at most
+    capacity_factor x top_k pairs per token (dropped pairs cost nothing). The trainer's MFU."""
+    flops = train_flops_per_token(cfg, seq_len)
+    capacity = cfg.moe.capacity_factor
+    if capacity is not None and capacity < 1:
+        flops -= 3 * 2 * param_counts(cfg).active_routed_experts * (1 - capacity)
+    return flops
+
+
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """KV-cache bytes one token occupies across all layers (GQA/MQA aware)."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * bytes_per_element

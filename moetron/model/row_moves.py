@@ -58,9 +58,14 @@ def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     ids = ids.reshape(-1)
     if ids.device.type == "cpu":
         return torch.bincount(ids, minlength=num_experts)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
-        0, ids, torch.ones_like(ids, dtype=torch.int64)
-    )
+    return scatter_counts(ids, num_experts)
+
+
+def scatter_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """count_per_expert without a host sync: ones scatter-added into [num_experts] int64 counts."""
+    ids = ids.reshape(-1)
+    ones = torch.ones_like(ids, dtype=torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
 
 
 def dispatch_order(

@@ -18,7 +18,7 @@ from moetron import hardware
 from moetron.config import Config, ConfigError
 from moetron.convert.hf import ExpertBiasExportWarning, has_expert_bias, save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
-from moetron.model.accounting import train_flops_per_token
+from moetron.model.accounting import executed_train_flops_per_token
 from moetron.model.moe import MoELayer
 from moetron.model.transformer import Transformer
 from moetron.parallel.parallelize import apply_activation_checkpointing, parallelize
@@ -219,7 +219,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     log = metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after) if ctx.is_main else None
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * dp_size
-    flops_per_step = train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
+    flops_per_step = executed_train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
     peak_flops = hardware.matmul_peak_flops(compute.dtype, ctx.device.type) * dims.world_size
     params = [p for p in container.parameters() if p.requires_grad]
     last_step = min(tc.steps, stop_after or tc.steps)
