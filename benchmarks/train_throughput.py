@@ -304,7 +304,7 @@ def main() -> None:
         rows,
     )
     print()
-    print_summary(summary)
+    print_summary(summary, targets=device.type == "cpu")
     if device.type == "cpu":
         print_regime_verdict(step_s)
     print(peak_line(peaks, device))
