@@ -215,3 +215,18 @@ def test_killed_save_is_invisible_and_cleaned_up(straight_run, corpus, tmp_path)
         r["lm_loss"] for r in _records(root / "run")
     ]
     assert not torn.exists()
+
+
+def test_one_process_takes_the_gpu_when_there_is_one(monkeypatch) -> None:
+    """Without torchrun the trainer's device is the machine's first GPU where CUDA is available
+    (a one-GPU `moetron train` once trained on the CPU), else the CPU; no process group either way."""
+    from moetron.config import ParallelConfig
+    from moetron.train.distributed import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert init_distributed(ParallelConfig()).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ctx = init_distributed(ParallelConfig())
+    assert ctx.device == torch.device("cuda", 0) and not ctx.distributed
