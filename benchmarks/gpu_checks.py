@@ -1,7 +1,8 @@
 """The GPU checks that need no model directory, for benchmarks/gpu_checks.sh: the device and its
 measured matmul peaks, the grouped expert matmul under bf16 autocast against the per-expert loop,
-and NCCL between two ranks (on one GPU when the machine has one: NCCL refuses two ranks on the
-same device, which is what a one-GPU machine can show).
+exact resume of a one-process training run on the GPU (configs/tiny.toml: 10 steps, then resumed
+to 20, against 20 straight), and NCCL between two ranks (on one GPU when the machine has one: NCCL
+refuses two ranks on the same device, which is what a one-GPU machine can show).
 
     python -m benchmarks.gpu_checks
 """
@@ -54,6 +55,32 @@ def check_grouped_mm_under_autocast() -> None:
     )
 
 
+def check_exact_resume() -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from moetron.config import load_run_config
+    from moetron.train.trainer import train
+
+    def run(out: Path, stop_after: int | None = None) -> list[tuple]:
+        cfg = load_run_config("configs/tiny.toml", [f"--train.out_dir={out}", "--train.progress=false"])
+        train(cfg, stop_after=stop_after)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["lm_loss"], r["grad_norm"]) for r in rows]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = run(Path(tmp) / "straight")
+        run(Path(tmp) / "resumed", stop_after=10)
+        resumed = run(Path(tmp) / "resumed")
+    same = resumed == straight and len(straight) == 20
+    print(
+        f"exact resume on the GPU (tiny, 10 + 10 vs 20 steps): {'OK' if same else 'FAIL'}; last step {straight[-1]}"
+    )
+    if not same:
+        print(f"  straight {straight}\n  resumed  {resumed}")
+
+
 def _nccl_rank(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -86,6 +113,7 @@ def main() -> None:
         raise SystemExit("no CUDA device here")
     describe_device()
     check_grouped_mm_under_autocast()
+    check_exact_resume()
     try:
         check_nccl()
     except Exception as e:

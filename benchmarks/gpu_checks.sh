@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks (issue 14, item 9), one script for a lent GPU machine; CI never runs it.
 #   bash benchmarks/gpu_checks.sh            # logs and metrics under $OUT (default /tmp/gpu_checks)
-# 1. device, measured bf16/fp32 matmul peaks, grouped_mm under autocast, NCCL between two ranks;
+# 1. device, measured bf16/fp32 matmul peaks, grouped_mm under autocast, exact resume on the GPU,
+#    NCCL between two ranks;
 # 2. `moetron train` of a ~1.2B-total MoE (configs/gpu_1b.toml) in bf16 autocast: tokens/s, MFU;
 # 3. benchmarks/train_throughput.py on the same model against transformers' Mixtral, bf16;
 # 4. with two or more GPUs, the distributed equivalence tests (they pick NCCL where CUDA is).
