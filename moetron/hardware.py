@@ -22,6 +22,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+# oneDNN, which runs PyTorch's bf16 (and AMX) matmuls on CPUs, compiles a kernel per matmul shape
+# and keeps the last 1,024 by default; the setting is read when the first one is compiled, so it
+# is made here, before any peak is measured. A MoE step's experts meet a few hundred shapes
+# (grouped_swiglu_cpu.expert_rows), and any other model in the process (transformers' Mixtral in
+# benchmarks/train_throughput.py: a new shape per expert per step) evicted them: small-fine's bf16
+# step took 468-536 ms beside it, ~255 alone. A user's own setting wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
+
 # The CPU flags moetron reports or decides on (Linux /proc/cpuinfo names).
 CPU_FLAGS = (
     "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",

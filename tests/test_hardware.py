@@ -75,3 +75,19 @@ def test_consumers_ask_the_one_detector(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setattr(hardware, "detect", lambda machine=machine: machine)
         assert (emulated_half_dtype(torch.zeros(1, dtype=torch.bfloat16)) is None) is native
         assert plain_cpu_half(model) is (not native)
+
+
+@pytest.mark.parametrize("user_setting", [None, "77"], ids=["default", "user_set"])
+def test_onednn_keeps_more_matmul_kernels_unless_the_user_chose(user_setting: str | None) -> None:
+    """Importing moetron raises oneDNN's kernel cache (read when its first kernel compiles) to
+    4,096 shapes, and leaves a user's own setting alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if user_setting is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user_setting
+    code = "import os, moetron.hardware; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (user_setting or "4096")

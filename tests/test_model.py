@@ -781,26 +781,33 @@ def _autograd_node_names(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "bf16_autocast"])
 @pytest.mark.parametrize(
-    "sizes, node",
+    "sizes, call_flops, runs",
     [
-        # balanced enough for one batched matmul (4 x 40 padded rows for 115), an idle expert
-        ([37, 0, 40, 38], "BatchedSwiGLUBackward"),
-        # too unbalanced (4 x 72 for 112): each expert padded to its own bucket (37 -> 38, 70 -> 72)
-        ([37, 0, 70, 5], "GroupedSwiGLUBackward"),
+        # a call costs more than any padding: one batched matmul over all four (4 x 40 rows for 115)
+        ([37, 0, 40, 38], 10**9, [(0, 4, 40)]),
+        # calls cost nothing: each busy expert padded to its own bucket (37 -> 38, 70 -> 72)
+        ([37, 0, 70, 5], 0, [(0, 1, 38), (2, 1, 72), (3, 1, 5)]),
+        # in between (a call is worth 20 rows here): the two alike experts share one call (a
+        # batched run's rows take one of 4 sizes per octave: 37 -> 40)
+        ([37, 36, 70, 5], 20 * 2 * 32 * 16, [(0, 2, 40), (2, 1, 72), (3, 1, 5)]),
     ],
-    ids=["batched", "per_expert"],
+    ids=["one_run", "per_expert", "mixed"],
 )
 def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(
-    autocast: bool, sizes: list[int], node: str
+    autocast: bool, sizes: list[int], call_flops: int, runs: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In bf16 (weights, or fp32 master weights under CPU autocast) the nodes take over where the
-    CPU multiplies bf16 natively, padding rows to cached sizes; the per-expert loop (reached by
-    passing a matmul of our own) is the reference, and gradients reach fp32 masters as fp32.
-    Elsewhere the nodes must leave bf16 to the loop."""
+    """In bf16 (weights, or fp32 master weights under CPU autocast) the node takes over where the
+    CPU multiplies bf16 natively, padding rows to cached sizes and running consecutive experts as
+    one batched matmul where that saves more calls than the padding costs; the per-expert loop
+    (reached by passing a matmul of our own) is the reference, and gradients reach fp32 masters as
+    fp32. Elsewhere the node must leave bf16 to the loop."""
     from moetron.hardware import native_bf16_matmul
+    from moetron.model import grouped_swiglu_cpu
 
-    torch.manual_seed(0)
     num_experts, hidden, dim = 4, 32, 16
+    monkeypatch.setattr(grouped_swiglu_cpu, "CALL_FLOPS", call_flops)
+    assert grouped_swiglu_cpu.expert_rows(sizes, torch.bfloat16, hidden * dim)[1] == runs
+    torch.manual_seed(0)
     sizes = torch.tensor(sizes)
     master = torch.float32 if autocast else torch.bfloat16
     x_ND = torch.randn(int(sizes.sum()), dim).to(master).requires_grad_()
@@ -812,7 +819,7 @@ def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = grouped_swiglu(x_ND, sizes, *weights)
         y_loop = grouped_swiglu(x_ND, sizes, *weights, matmul=lambda x, w: F.linear(x, w))
-    assert (node in _autograd_node_names(y)) == native_bf16_matmul("cpu")
+    assert ("GroupedSwiGLUBackward" in _autograd_node_names(y)) == native_bf16_matmul("cpu")
     assert y.dtype == y_loop.dtype == torch.bfloat16
     grads = torch.autograd.grad((y.float() * upstream).sum(), [x_ND, *weights])
     expected = torch.autograd.grad((y_loop.float() * upstream).sum(), [x_ND, *weights])
@@ -821,7 +828,8 @@ def test_grouped_swiglu_node_in_bf16_matches_the_per_expert_loop(
     for name, g, e in zip(["x", "w1", "w2", "w3"], grads, expected, strict=True):
         assert g.dtype == master, name
         torch.testing.assert_close(g.float(), e.float(), **bf16, msg=lambda m, name=name: f"{name}: {m}")
-    assert all(g[1].eq(0).all() for g in grads[1:])  # the expert without rows learns nothing
+    for expert in torch.nonzero(sizes == 0).flatten().tolist():  # an expert without rows learns nothing
+        assert all(g[expert].eq(0).all() for g in grads[1:])
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch_moves", "kernel_moves"])
@@ -973,6 +981,46 @@ def test_scatter_counts_equal_bincount() -> None:
         counts = scatter_counts(ids, 8)
         assert counts.dtype == torch.int64
         assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=8))
+
+
+def test_cheapest_runs_is_the_best_split_into_runs_of_allowed_lengths() -> None:
+    """The run split against brute force over every split of up to 7 experts into runs of 1, 2, 4
+    or all experts: the same least cost (padded rows + a call's cost per busy run), every busy
+    expert in exactly one run that is at least its size, idle runs skipped."""
+    from moetron.model.grouped_swiglu_cpu import cheapest_runs, run_rows
+
+    def cost(runs: list, call_rows: int) -> int:
+        return sum(call_rows + count * rows for _, count, rows in runs)
+
+    def best_cost(rows_E: list[int], call_rows: int, lengths: set[int]) -> int:
+        if not rows_E:
+            return 0
+        options = []
+        for length in lengths:
+            if length <= len(rows_E):
+                rows = run_rows(max(rows_E[:length]), length)
+                here = call_rows + length * rows if rows else 0
+                options.append(here + best_cost(rows_E[length:], call_rows, lengths))
+        return min(options)
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        num_experts = 1 + trial % 7
+        rows_E = (
+            torch.randint(0, 60, (num_experts,), generator=generator)
+            .mul(torch.randint(0, 2, (num_experts,), generator=generator))
+            .tolist()
+        )
+        call_rows = [0, 4, 20, 100][trial % 4]
+        runs = cheapest_runs(rows_E, call_rows)
+        lengths = {1, 2, 4, num_experts}
+        assert cost(runs, call_rows) == best_cost(rows_E, call_rows, lengths), (rows_E, call_rows, runs)
+        covered = [e for first, count, _ in runs for e in range(first, first + count)]
+        assert covered == sorted(set(covered))
+        assert {e for e, rows in enumerate(rows_E) if rows} <= set(covered)
+        assert all(
+            count in lengths and rows >= max(rows_E[first : first + count]) > 0 for first, count, rows in runs
+        )
 
 
 def test_bucket_rows_pads_at_most_a_sixteenth_to_few_sizes() -> None:

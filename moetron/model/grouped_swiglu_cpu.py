@@ -52,70 +52,157 @@ def grouped_swiglu(
     dtype = compute_dtype(x_ND, w1_EID, w2_EDI, w3_EID)
     assert dtype is not None, "grouped_swiglu: check compute_dtype first"
     x_ND, w1_EID, w2_EDI, w3_EID = (t.to(dtype) for t in (x_ND, w1_EID, w2_EDI, w3_EID))
-    padded, batched = expert_rows(sizes, dtype)
+    padded, runs = expert_rows(sizes, dtype, w1_EID.shape[1] * w1_EID.shape[2])
     with torch.autocast("cpu", enabled=False):
-        if padded == sizes and not batched:
-            return GroupedSwiGLU.apply(x_ND, sizes, w1_EID, w2_EDI, w3_EID)
+        if padded == sizes:
+            return GroupedSwiGLU.apply(x_ND, runs, w1_EID, w2_EDI, w3_EID)
         rows_N = rows_in_padded(sizes, padded, x_ND.device)
         x_PD, row_of_padded_P = _pad_rows(x_ND, rows_N, sum(padded))
-        if batched:
-            y_ERD = BatchedSwiGLU.apply(x_PD.view(len(sizes), padded[0], -1), w1_EID, w2_EDI, w3_EID)
-            return move_rows(y_ERD.flatten(0, 1), rows_N, row_of_padded_P)
-        y_PD = GroupedSwiGLU.apply(x_PD, padded, w1_EID, w2_EDI, w3_EID)
+        y_PD = GroupedSwiGLU.apply(x_PD, runs, w1_EID, w2_EDI, w3_EID)
         return move_rows(y_PD, rows_N, row_of_padded_P)
 
 
-def expert_rows(sizes: list[int], dtype: torch.dtype) -> tuple[list[int], bool]:
-    """The rows each expert's block takes in the buffer its matmuls read (its own rows plus zero
-    padding), and whether every block has the same size, so that one batched matmul runs them all.
+# (first expert, experts, rows each) of a run of consecutive experts whose blocks have one size:
+# each of its products is one batched matmul over the run (one plain matmul for a single expert).
+Run = tuple[int, int, int]
 
-    fp32: the rows as they are. bf16: oneDNN, which runs PyTorch's bf16 matmuls on CPUs, compiles a
-    kernel for every new shape and keeps the last 1,024: with each expert's row count new at every
-    step, each of its matmuls paid a compilation (2.3 ms instead of 0.09 ms measured for 300-500
-    rows of 128 x 256). Rows are therefore padded with zero rows (which add nothing to any
-    gradient) to one of 16 sizes per octave, whose kernels stay cached. Where routing is balanced
-    enough, every expert is padded to the busiest one's bucket: one batched matmul runs all experts
-    (1.0 vs 1.2 ms for 16 x [~560, 128] x [128, 256] as 16 calls), and every buffer has one of a few
-    sizes, so the heap stops growing (per-step sizes kept faulting in thousands of fresh pages a
-    step). Badly balanced routing pads each expert to its own bucket instead."""
+
+def expert_rows(sizes: list[int], dtype: torch.dtype, weight_elements: int) -> tuple[list[int], list[Run]]:
+    """The rows each expert's block takes in the buffer its matmuls read (its own rows plus zero
+    padding, which add nothing to any gradient), and the runs of experts whose products are each
+    one matmul call. `weight_elements`: one expert weight matrix's size (D * I).
+
+    fp32: the rows as they are, one expert a call. bf16: oneDNN, which runs PyTorch's bf16 matmuls
+    on CPUs, compiles a kernel for every new shape and keeps the last 1,024: with each expert's
+    row count new at every step, each of its matmuls paid a compilation (2.3 ms instead of 0.09 ms
+    measured for 300-500 rows of 128 x 256). Rows are therefore padded to one of 16 sizes per
+    octave (`bucket_rows`), whose kernels stay cached, and consecutive experts are padded to a
+    common size where that buys fewer calls (`cheapest_runs`): 16 experts' [128, 512] x [512, 512]
+    ran at 630 GFLOP/s as 16 calls, 790 as one batched call; 64 of [128, 512] x [512, 128] at 360
+    and 720 GFLOP/s. Every buffer then has one of a few sizes, so the heap stops growing (per-step
+    sizes kept faulting in thousands of fresh pages a step)."""
     if dtype == torch.float32:
-        return sizes, False
-    rows = bucket_rows(max(sizes, default=0))
-    if len(sizes) * rows <= MAX_BATCHED_PADDING * sum(sizes):
-        return [rows] * len(sizes), True
-    return [bucket_rows(size) for size in sizes], False
+        return sizes, [(expert, 1, size) for expert, size in enumerate(sizes) if size]
+    runs = cheapest_runs(sizes, CALL_FLOPS // (2 * weight_elements))
+    padded = [0] * len(sizes)
+    for first, count, rows in runs:
+        padded[first : first + count] = [rows] * count
+    return padded, runs
+
+
+# What one more matmul call costs, in the FLOPs it could have done instead: ~20 us at ~800 GFLOP/s
+# (bf16, 2-core EPYC; 16 x [128, 512] x [512, 512] took 1.70 ms as 16 calls, 1.36 as one). For the
+# demo's 16 experts this makes one batched call win up to 1.45x padding, the crossover measured.
+CALL_FLOPS = 16_000_000
+
+
+def cheapest_runs(rows_E: list[int], call_rows: int) -> list[Run]:
+    """Experts' row counts (already bucketed) split into runs of consecutive experts, each padded to
+    its busiest expert's rows, minimising padded rows + `call_rows` per run (the overhead of a call
+    in rows). Run lengths are powers of two or all experts, which bounds the matmul shapes oneDNN
+    compiles and keeps (a kernel per shape) and the search (E log E). Runs of idle experts are
+    skipped: their weight gradients are zero."""
+    num_experts = len(rows_E)
+    lengths = sorted({1 << i for i in range(num_experts.bit_length())} | {num_experts})
+    cost = [0] * (num_experts + 1)
+    start = [0] * (num_experts + 1)
+    for end in range(1, num_experts + 1):
+        best = None
+        for length in lengths:
+            if length > end:
+                break
+            rows = run_rows(max(rows_E[end - length : end]), length)
+            total = cost[end - length] + (call_rows + length * rows if rows else 0)
+            if best is None or total <= best:  # ties: the longer run, fewer calls
+                best, start[end] = total, end - length
+        cost[end] = best
+    runs, end = [], num_experts
+    while end:
+        first = start[end]
+        rows = run_rows(max(rows_E[first:end]), end - first)
+        if rows:
+            runs.append((first, end - first, rows))
+        end = first
+    return runs[::-1]
 
 
 def swiglu_forward(
-    x_PD: torch.Tensor,
-    padded: list[int],
-    batched: bool,
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
+    x_SD: torch.Tensor, runs: list[Run], w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The experts on rows laid out as `expert_rows` says: (y_PD, and the pre-activations h1, h3
-    that `swiglu_backward` needs). Plain tensors, no autograd: the nodes' and routed_swiglu_cpu's
-    shared math."""
-    if batched:
-        y_ERD, h1, h3 = _batched_forward(x_PD.view(len(padded), padded[0], -1), w1_EID, w2_EDI, w3_EID)
-        return y_ERD.flatten(0, 1), h1, h3
-    return _grouped_forward(x_PD, _expert_spans(padded), w1_EID, w2_EDI, w3_EID)
+    """The experts on buffer rows laid out in `runs` (expert_rows): (y_SD, and the pre-activations
+    h1, h3 that `swiglu_backward` needs). Each product is written into slices of preallocated
+    outputs. Plain tensors, no autograd: GroupedSwiGLU's and routed_swiglu_cpu's shared math."""
+    x_SD = x_SD.contiguous()
+    num_rows, hidden = x_SD.shape[0], w1_EID.shape[1]
+    h1_SI, h3_SI = x_SD.new_empty(num_rows, hidden), x_SD.new_empty(num_rows, hidden)
+    y_SD = x_SD.new_empty(num_rows, w2_EDI.shape[1])
+    blocks = _run_blocks(runs)
+    for experts, rows, shape in blocks:
+        x = x_SD[rows].view(shape)
+        _matmul(x, _t(w1_EID[experts]), h1_SI[rows].view(*shape[:-1], hidden))
+        _matmul(x, _t(w3_EID[experts]), h3_SI[rows].view(*shape[:-1], hidden))
+    g_SI = F.silu(h1_SI).mul_(h3_SI)  # the activation over all rows at once
+    for experts, rows, shape in blocks:
+        _matmul(g_SI[rows].view(*shape[:-1], hidden), _t(w2_EDI[experts]), y_SD[rows].view(shape))
+    return y_SD, h1_SI, h3_SI
 
 
 def swiglu_backward(
-    dy_PD: torch.Tensor,
-    padded: list[int],
-    batched: bool,
-    saved: tuple[torch.Tensor, ...],
+    dy_SD: torch.Tensor, runs: list[Run], saved: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx_PD, dw1, dw2, dw3) of `swiglu_forward`; saved = (x_PD, h1, h3, w1, w2, w3)."""
-    x_PD, h1, h3, w1_EID, w2_EDI, w3_EID = saved
-    if batched:
-        view = (len(padded), padded[0], -1)
-        dx, *dws = _batched_backward(dy_PD.view(view), x_PD.view(view), h1, h3, w1_EID, w2_EDI, w3_EID)
-        return dx.flatten(0, 1), *dws
-    return _grouped_backward(dy_PD, _expert_spans(padded), x_PD, h1, h3, w1_EID, w2_EDI, w3_EID)
+    """(dx_SD, dw1, dw2, dw3) of `swiglu_forward`; saved = (x_SD, h1, h3, w1, w2, w3)."""
+    x_SD, h1_SI, h3_SI, w1_EID, w2_EDI, w3_EID = saved
+    dy_SD = dy_SD.contiguous()
+    hidden = h1_SI.shape[1]
+    blocks = _run_blocks(runs)
+    # dg = dy @ w2[e] per run, then the SwiGLU's elementwise gradient over all rows at once:
+    # five whole-buffer passes instead of ten small ones per run.
+    dg_SI = torch.empty_like(h1_SI)
+    for experts, rows, shape in blocks:
+        _matmul(dy_SD[rows].view(shape), w2_EDI[experts], dg_SI[rows].view(*shape[:-1], hidden))
+    g_SI, dh1_SI, dh3_SI = _swiglu_backward(dg_SI, h1_SI, h3_SI)
+    dx_SD = torch.empty_like(x_SD)
+    dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
+    busy = {expert for first, count, _ in runs for expert in range(first, first + count)}
+    idle = sorted(set(range(w1_EID.shape[0])) - busy)
+    for dw in (dw1_EID, dw2_EDI, dw3_EID):  # an expert without rows: a zero gradient, as in the loop
+        dw[idle] = 0
+    for experts, rows, shape in blocks:
+        hidden_shape = (*shape[:-1], hidden)
+        x, dh1, dh3 = x_SD[rows].view(shape), dh1_SI[rows].view(hidden_shape), dh3_SI[rows].view(hidden_shape)
+        _matmul(_t(dy_SD[rows].view(shape)), g_SI[rows].view(hidden_shape), dw2_EDI[experts])
+        _matmul(_t(dh1), x, dw1_EID[experts])
+        _matmul(_t(dh3), x, dw3_EID[experts])
+        dx = dx_SD[rows].view(shape)
+        _matmul(dh1, w1_EID[experts], dx)
+        if dx.dim() == 3:
+            dx.baddbmm_(dh3, w3_EID[experts])
+        else:
+            dx.addmm_(dh3, w3_EID[experts])
+    return dx_SD, dw1_EID, dw2_EDI, dw3_EID
+
+
+def _run_blocks(runs: list[Run]) -> list[tuple[int | slice, slice, tuple[int, ...]]]:
+    """For each run: the weights' index (an expert, or a slice of experts), its buffer rows, and the
+    shape its rows take ([rows, -1], or [experts, rows, -1])."""
+    blocks, start = [], 0
+    for first, count, rows in runs:
+        span = slice(start, start + count * rows)
+        if count == 1:
+            blocks.append((first, span, (rows, -1)))
+        else:
+            blocks.append((slice(first, first + count), span, (count, rows, -1)))
+        start += count * rows
+    return blocks
+
+
+def _t(m: torch.Tensor) -> torch.Tensor:
+    """A matrix's (or each batched matrix's) transpose."""
+    return m.transpose(-2, -1)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out=out)
 
 
 def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,15 +211,19 @@ def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[
     return move_rows(x_ND, source_R, rows_N), source_R
 
 
-# The batched layout's padded rows may be at most this multiple of the routed rows: beyond it the
-# wasted products cost more than the per-expert calls save (measured crossover ~1.45x, bf16, EPYC).
-MAX_BATCHED_PADDING = 1.4
-
-
-def bucket_rows(rows: int) -> int:
-    """`rows` rounded up to a multiple of 1/16 of its octave: 16 sizes per doubling (exact below 32)."""
-    step = 1 << max(rows.bit_length() - 5, 0)
+def bucket_rows(rows: int, sizes_per_octave: int = 16) -> int:
+    """`rows` rounded up to a multiple of 1/16 (or 1/sizes_per_octave, a power of two) of its
+    octave: 16 sizes per doubling (exact below 32)."""
+    step = 1 << max(rows.bit_length() - sizes_per_octave.bit_length(), 0)
     return -(-rows // step) * step
+
+
+def run_rows(rows: int, num_experts: int) -> int:
+    """The rows of each expert's block in a run whose busiest expert has `rows`: `bucket_rows`, and
+    4 sizes per octave for a batched run, whose shapes also vary in the expert count: 64 experts'
+    runs met ~1,400 shapes at 16 sizes per octave, beyond the 1,024 kernels oneDNN keeps, and
+    recompiling them made steps slower than the per-expert calls."""
+    return bucket_rows(rows, 16 if num_experts == 1 else 4)
 
 
 def rows_in_padded(sizes: list[int], padded: list[int], device: torch.device) -> torch.Tensor:
@@ -144,124 +235,29 @@ def rows_in_padded(sizes: list[int], padded: list[int], device: torch.device) ->
     return torch.arange(sum(sizes), device=device) + torch.repeat_interleave(shift_E, counts_E)
 
 
-class BatchedSwiGLU(torch.autograd.Function):
-    """y[e] = (silu(x[e] w1[e]^T) * (x[e] w3[e]^T)) w2[e]^T for experts padded to equal rows
-    x_ERD: each product one batched matmul over all experts. Saves x and the two pre-activations,
-    as GroupedSwiGLU does; an expert's zero rows give it a zero weight gradient."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x_ERD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor
-    ) -> torch.Tensor:
-        y_ERD, h1_ERI, h3_ERI = _batched_forward(x_ERD, w1_EID, w2_EDI, w3_EID)
-        ctx.save_for_backward(x_ERD, h1_ERI, h3_ERI, w1_EID, w2_EDI, w3_EID)
-        return y_ERD
-
-    @staticmethod
-    def backward(ctx, dy_ERD: torch.Tensor):  # type: ignore[override]
-        return _batched_backward(dy_ERD, *ctx.saved_tensors)
-
-
-def _batched_forward(
-    x_ERD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h1_ERI = torch.bmm(x_ERD, w1_EID.transpose(1, 2))
-    h3_ERI = torch.bmm(x_ERD, w3_EID.transpose(1, 2))
-    return torch.bmm(F.silu(h1_ERI).mul_(h3_ERI), w2_EDI.transpose(1, 2)), h1_ERI, h3_ERI
-
-
-def _batched_backward(
-    dy_ERD: torch.Tensor,
-    x_ERD: torch.Tensor,
-    h1_ERI: torch.Tensor,
-    h3_ERI: torch.Tensor,
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g_ERI, dh1_ERI, dh3_ERI = _swiglu_backward(torch.bmm(dy_ERD, w2_EDI), h1_ERI, h3_ERI)
-    dw2_EDI = torch.bmm(dy_ERD.transpose(1, 2), g_ERI)
-    dw1_EID = torch.bmm(dh1_ERI.transpose(1, 2), x_ERD)
-    dw3_EID = torch.bmm(dh3_ERI.transpose(1, 2), x_ERD)
-    dx_ERD = torch.bmm(dh1_ERI, w1_EID).baddbmm_(dh3_ERI, w3_EID)
-    return dx_ERD, dw1_EID, dw2_EDI, dw3_EID
-
-
 class GroupedSwiGLU(torch.autograd.Function):
-    """y[rows of e] = (silu(x w1[e]^T) * (x w3[e]^T)) w2[e]^T for each expert e's contiguous rows."""
+    """y[rows of e] = (silu(x w1[e]^T) * (x w3[e]^T)) w2[e]^T for each expert e's rows, laid out in
+    runs (expert_rows). Saves x and the two pre-activations; an expert's zero rows give it a zero
+    weight gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        x_ND: torch.Tensor,
-        sizes: list[int],
+        x_SD: torch.Tensor,
+        runs: list[Run],
         w1_EID: torch.Tensor,
         w2_EDI: torch.Tensor,
         w3_EID: torch.Tensor,
     ) -> torch.Tensor:
-        x_ND = x_ND.contiguous()
-        ctx.spans = _expert_spans(sizes)
-        y_ND, h1_NI, h3_NI = _grouped_forward(x_ND, ctx.spans, w1_EID, w2_EDI, w3_EID)
-        ctx.save_for_backward(x_ND, h1_NI, h3_NI, w1_EID, w2_EDI, w3_EID)
-        return y_ND
+        ctx.runs, x_SD = runs, x_SD.contiguous()
+        y_SD, h1_SI, h3_SI = swiglu_forward(x_SD, runs, w1_EID, w2_EDI, w3_EID)
+        ctx.save_for_backward(x_SD, h1_SI, h3_SI, w1_EID, w2_EDI, w3_EID)
+        return y_SD
 
     @staticmethod
-    def backward(ctx, dy_ND: torch.Tensor):  # type: ignore[override]
-        dx_ND, *dws = _grouped_backward(dy_ND, ctx.spans, *ctx.saved_tensors)
-        return dx_ND, None, *dws
-
-
-def _grouped_forward(
-    x_ND: torch.Tensor,
-    spans: list[tuple[int, slice]],
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each expert's products written into slices of preallocated outputs; x_ND contiguous."""
-    num_rows, hidden = x_ND.shape[0], w1_EID.shape[1]
-    h1_NI, h3_NI = x_ND.new_empty(num_rows, hidden), x_ND.new_empty(num_rows, hidden)
-    y_ND = x_ND.new_empty(num_rows, w2_EDI.shape[1])
-    for expert, rows in spans:
-        torch.mm(x_ND[rows], w1_EID[expert].t(), out=h1_NI[rows])
-        torch.mm(x_ND[rows], w3_EID[expert].t(), out=h3_NI[rows])
-    g_NI = F.silu(h1_NI).mul_(h3_NI)  # the activation over all rows at once
-    for expert, rows in spans:
-        torch.mm(g_NI[rows], w2_EDI[expert].t(), out=y_ND[rows])
-    return y_ND, h1_NI, h3_NI
-
-
-def _grouped_backward(
-    dy_ND: torch.Tensor,
-    spans: list[tuple[int, slice]],
-    x_ND: torch.Tensor,
-    h1_NI: torch.Tensor,
-    h3_NI: torch.Tensor,
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dy_ND = dy_ND.contiguous()
-    # dg = dy @ w2[e] per expert, then the SwiGLU's elementwise gradient over all rows at once:
-    # five whole-buffer passes instead of ten small ones per expert.
-    dg_NI = torch.empty_like(h1_NI)
-    for expert, rows in spans:
-        torch.mm(dy_ND[rows], w2_EDI[expert], out=dg_NI[rows])
-    g_NI, dh1_NI, dh3_NI = _swiglu_backward(dg_NI, h1_NI, h3_NI)
-    dx_ND = torch.empty_like(x_ND)
-    dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
-    idle = sorted(set(range(w1_EID.shape[0])) - {expert for expert, _ in spans})
-    for dw in (dw1_EID, dw2_EDI, dw3_EID):  # an expert without tokens: a zero gradient, as in the loop
-        dw[idle] = 0
-    for expert, rows in spans:
-        x, dh1, dh3 = x_ND[rows], dh1_NI[rows], dh3_NI[rows]
-        torch.mm(dy_ND[rows].t(), g_NI[rows], out=dw2_EDI[expert])
-        torch.mm(dh1.t(), x, out=dw1_EID[expert])
-        torch.mm(dh3.t(), x, out=dw3_EID[expert])
-        dx = dx_ND[rows]
-        torch.mm(dh1, w1_EID[expert], out=dx)
-        dx.addmm_(dh3, w3_EID[expert])
-    return dx_ND, dw1_EID, dw2_EDI, dw3_EID
+    def backward(ctx, dy_SD: torch.Tensor):  # type: ignore[override]
+        dx_SD, *dws = swiglu_backward(dy_SD, ctx.runs, ctx.saved_tensors)
+        return dx_SD, None, *dws
 
 
 def _swiglu_backward(
@@ -271,13 +267,3 @@ def _swiglu_backward(
     silu = F.silu(h1)
     dh3 = dg.mul(silu)
     return silu.mul_(h3), torch.ops.aten.silu_backward(dg.mul_(h3), h1), dh3
-
-
-def _expert_spans(sizes: list[int]) -> list[tuple[int, slice]]:
-    """(expert, its rows) for each expert that received rows, in order."""
-    spans, start = [], 0
-    for expert, size in enumerate(sizes):
-        if size:
-            spans.append((expert, slice(start, start + size)))
-        start += size
-    return spans

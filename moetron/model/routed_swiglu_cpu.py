@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moetron.model.grouped_swiglu_cpu import (
+    Run,
     compute_dtype,
     expert_rows,
     rows_in_padded,
@@ -59,11 +60,11 @@ def routed_swiglu(
     if capacity is not None:
         counts_E = counts_E.clamp(max=capacity)
     sizes = counts_E.tolist()
-    padded, batched = expert_rows(sizes, dtype)
+    padded, runs = expert_rows(sizes, dtype, w1_EID.shape[1] * w1_EID.shape[2])
     if moves is None or not moves.takes(x_TD, weights_TK):
         moves = TorchMoves
     slot_P, pair_S = moves.plan(expert_ids_TK, sizes, padded, capacity)
-    layout = Layout(padded, batched, sum(padded) > sum(sizes), sum(sizes) < slot_P.shape[0])
+    layout = Layout(padded, runs, sum(padded) > sum(sizes), sum(sizes) < slot_P.shape[0])
     w1_EID, w2_EDI, w3_EID = (w.to(dtype) for w in (w1_EID, w2_EDI, w3_EID))
     with torch.autocast("cpu", enabled=False):
         out_TD = RoutedSwiGLU.apply(x_TD, weights_TK, pair_S, slot_P, layout, moves, w1_EID, w2_EDI, w3_EID)
@@ -73,7 +74,7 @@ def routed_swiglu(
 @dataclass(frozen=True)
 class Layout:
     padded: list[int]  # each expert's block of buffer rows (grouped_swiglu_cpu.expert_rows)
-    batched: bool  # all blocks one size: batched matmuls
+    runs: list[Run]  # consecutive experts whose products are each one (batched) matmul
     has_padding: bool  # buffer rows that hold no pair
     has_drops: bool  # pairs that hold no buffer row (over an expert's capacity)
 
@@ -93,7 +94,7 @@ class RoutedSwiGLU(torch.autograd.Function):
         w3_EID: torch.Tensor,
     ) -> torch.Tensor:
         x_SD = moves.dispatch(x_TD, pair_S, weights_TK.shape[1], w1_EID.dtype, layout)
-        y_SD, h1, h3 = swiglu_forward(x_SD, layout.padded, layout.batched, w1_EID, w2_EDI, w3_EID)
+        y_SD, h1, h3 = swiglu_forward(x_SD, layout.runs, w1_EID, w2_EDI, w3_EID)
         ctx.layout, ctx.moves, ctx.x_dtype = layout, moves, x_TD.dtype
         ctx.save_for_backward(weights_TK, pair_S, slot_P, y_SD, x_SD, h1, h3, w1_EID, w2_EDI, w3_EID)
         return moves.combine(y_SD, slot_P, weights_TK, x_TD.dtype, layout)
@@ -105,7 +106,7 @@ class RoutedSwiGLU(torch.autograd.Function):
         dy_SD, dweights_TK = moves.combine_backward(
             dout_TD.contiguous(), weights_TK, y_SD, pair_S, slot_P, ctx.needs_input_grad[1], layout
         )
-        dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.padded, layout.batched, tuple(saved))
+        dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.runs, tuple(saved))
         dx_TD = moves.dispatch_backward(dx_SD, slot_P, weights_TK.shape[1], ctx.x_dtype, layout)
         return dx_TD, dweights_TK, None, None, None, None, dw1_EID, dw2_EDI, dw3_EID
 
