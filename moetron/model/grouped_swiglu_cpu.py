@@ -63,7 +63,7 @@ def grouped_swiglu(
 
 
 # (first expert, experts, rows each) of a run of consecutive experts whose blocks have one size:
-# each of its products is one batched matmul over the run (one plain matmul for a single expert).
+# each of its products is one batched matmul over the run (a plain matmul for a single expert).
 Run = tuple[int, int, int]
 
 
@@ -73,57 +73,32 @@ def expert_rows(sizes: list[int], dtype: torch.dtype, weight_elements: int) -> t
     one matmul call. `weight_elements`: one expert weight matrix's size (D * I).
 
     fp32: the rows as they are, one expert a call. bf16: oneDNN, which runs PyTorch's bf16 matmuls
-    on CPUs, compiles a kernel for every new shape and keeps the last 1,024: with each expert's
-    row count new at every step, each of its matmuls paid a compilation (2.3 ms instead of 0.09 ms
-    measured for 300-500 rows of 128 x 256). Rows are therefore padded to one of 16 sizes per
-    octave (`bucket_rows`), whose kernels stay cached, and consecutive experts are padded to a
-    common size where that buys fewer calls (`cheapest_runs`): 16 experts' [128, 512] x [512, 512]
-    ran at 630 GFLOP/s as 16 calls, 790 as one batched call; 64 of [128, 512] x [512, 128] at 360
-    and 720 GFLOP/s. Every buffer then has one of a few sizes, so the heap stops growing (per-step
-    sizes kept faulting in thousands of fresh pages a step)."""
+    on CPUs, compiles a kernel for every new shape: with each expert's row count new at every
+    step, each of its matmuls paid a compilation (2.3 ms instead of 0.09 ms measured for 300-500
+    rows of 128 x 256). Rows are therefore padded to one of 16 sizes per octave (`bucket_rows`),
+    whose kernels stay cached. Where that costs less than the calls it saves, every expert is
+    padded to the busiest one's size and one batched matmul runs them all: 16 experts'
+    [128, 512] x [512, 512] ran at 630 GFLOP/s as 16 calls, 790 as one; 64 of [128, 512] x
+    [512, 128] at 360 and 720. Every buffer then has one of a few sizes, so the heap stops growing
+    (per-step sizes kept faulting in thousands of fresh pages a step). Runs of some but not all
+    experts were tried: their shapes also vary in the expert count, and compiling those cost more
+    than the calls they saved (64 experts, demo shape: 17.5-23.1 s for 90 steps vs 17.2-17.6)."""
     if dtype == torch.float32:
         return sizes, [(expert, 1, size) for expert, size in enumerate(sizes) if size]
-    runs = cheapest_runs(sizes, CALL_FLOPS // (2 * weight_elements))
-    padded = [0] * len(sizes)
-    for first, count, rows in runs:
-        padded[first : first + count] = [rows] * count
-    return padded, runs
+    own = [bucket_rows(size) for size in sizes]
+    busiest = max(own, default=0)
+    call_rows = CALL_FLOPS // (2 * weight_elements)
+    per_expert = sum(call_rows + rows for rows in own if rows)
+    if busiest and call_rows + len(sizes) * busiest <= per_expert:
+        return [busiest] * len(sizes), [(0, len(sizes), busiest)]
+    return own, [(expert, 1, rows) for expert, rows in enumerate(own) if rows]
 
 
 # What one more matmul call costs, in the FLOPs it could have done instead: ~20 us at ~800 GFLOP/s
-# (bf16, 2-core EPYC; 16 x [128, 512] x [512, 512] took 1.70 ms as 16 calls, 1.36 as one). For the
-# demo's 16 experts this makes one batched call win up to 1.45x padding, the crossover measured.
+# (bf16, 2-core EPYC; 16 x [128, 512] x [512, 512] took 1.70 ms as 16 calls, 1.36 as one). This
+# puts the crossover for the demo's 16 experts at 1.45x padding, where it was measured, and for
+# 64 fine-grained experts of width 64 at 2.9x (a fixed 1.4x had made their steps ~1.4x slower).
 CALL_FLOPS = 16_000_000
-
-
-def cheapest_runs(rows_E: list[int], call_rows: int) -> list[Run]:
-    """Experts' row counts (already bucketed) split into runs of consecutive experts, each padded to
-    its busiest expert's rows, minimising padded rows + `call_rows` per run (the overhead of a call
-    in rows). Run lengths are powers of two or all experts, which bounds the matmul shapes oneDNN
-    compiles and keeps (a kernel per shape) and the search (E log E). Runs of idle experts are
-    skipped: their weight gradients are zero."""
-    num_experts = len(rows_E)
-    lengths = sorted({1 << i for i in range(num_experts.bit_length())} | {num_experts})
-    cost = [0] * (num_experts + 1)
-    start = [0] * (num_experts + 1)
-    for end in range(1, num_experts + 1):
-        best = None
-        for length in lengths:
-            if length > end:
-                break
-            rows = run_rows(max(rows_E[end - length : end]), length)
-            total = cost[end - length] + (call_rows + length * rows if rows else 0)
-            if best is None or total <= best:  # ties: the longer run, fewer calls
-                best, start[end] = total, end - length
-        cost[end] = best
-    runs, end = [], num_experts
-    while end:
-        first = start[end]
-        rows = run_rows(max(rows_E[first:end]), end - first)
-        if rows:
-            runs.append((first, end - first, rows))
-        end = first
-    return runs[::-1]
 
 
 def swiglu_forward(
@@ -211,19 +186,10 @@ def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[
     return move_rows(x_ND, source_R, rows_N), source_R
 
 
-def bucket_rows(rows: int, sizes_per_octave: int = 16) -> int:
-    """`rows` rounded up to a multiple of 1/16 (or 1/sizes_per_octave, a power of two) of its
-    octave: 16 sizes per doubling (exact below 32)."""
-    step = 1 << max(rows.bit_length() - sizes_per_octave.bit_length(), 0)
+def bucket_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 1/16 of its octave: 16 sizes per doubling (exact below 32)."""
+    step = 1 << max(rows.bit_length() - 5, 0)
     return -(-rows // step) * step
-
-
-def run_rows(rows: int, num_experts: int) -> int:
-    """The rows of each expert's block in a run whose busiest expert has `rows`: `bucket_rows`, and
-    4 sizes per octave for a batched run, whose shapes also vary in the expert count: 64 experts'
-    runs met ~1,400 shapes at 16 sizes per octave, beyond the 1,024 kernels oneDNN keeps, and
-    recompiling them made steps slower than the per-expert calls."""
-    return bucket_rows(rows, 16 if num_experts == 1 else 4)
 
 
 def rows_in_padded(sizes: list[int], padded: list[int], device: torch.device) -> torch.Tensor:
