@@ -97,8 +97,9 @@ def train(run: Run, out_dir: Path, settings: list[str]) -> list[dict]:
 def calibrate(runs: list[Run], out: Path, overrides: list[str], rounds: int = 2) -> None:
     """Median step time of each config from `rounds` short runs each, interleaved; samples from
     earlier calibrations of a run are kept."""
-    settings = [f"--train.steps={CALIBRATION_STEPS}", f"--train.eval_every={CALIBRATION_STEPS}",
-                f"--train.checkpoint_every={CALIBRATION_STEPS}", "--train.eval_batches=1", *overrides]  # fmt: skip
+    # the calibration's own length last, so that a --train.steps=... meant for the race is not it
+    settings = [*overrides, f"--train.steps={CALIBRATION_STEPS}", f"--train.eval_every={CALIBRATION_STEPS}",
+                f"--train.checkpoint_every={CALIBRATION_STEPS}", "--train.eval_batches=1"]  # fmt: skip
     for _ in range(rounds):
         for run in runs:
             records = train(run, out / f"{run.name}-calibration", settings)
