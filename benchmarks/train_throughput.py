@@ -13,7 +13,7 @@ One step = zero grads, forward and loss as each library's training computes it (
 the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step: ours is the
 trainer's (`train.optim.build_optimizer`), transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
 process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
-setting is process-wide, so transformers' step gets it too. Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
+setting is process-wide, so transformers' step gets it too, as it gets the larger oneDNN kernel cache that importing moetron sets (`moetron/hardware.py`). Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
 set to 0 (the losses are still computed, just not weighted in) and transformers runs with
 output_router_logits=False. Both use SDPA attention, train mode, no dropout, no KV cache.
 """
