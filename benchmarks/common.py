@@ -152,9 +152,8 @@ def matmul_peak_gflops(
 ) -> float:
     """Best GFLOP/s of one large square F.linear in `dtype`: the ceiling a model can approach on
     this machine with this thread count. Best rather than median: a peak is an upper bound."""
-    if (
-        torch.device(device).type == "cuda"
-    ):  # 2048^3 is launch-bound on a GPU: hardware's GPU size, synchronised
+    if torch.device(device).type == "cuda":
+        # 2048^3 is launch-bound on a GPU: hardware's GPU size, synchronised
         return hardware.matmul_peak_flops(dtype, str(device), repeats=10) / 1e9
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)

@@ -148,27 +148,35 @@ def main() -> None:
             + ", ".join(f"{r.name} {r.steps} steps" for r in runs),
             flush=True,
         )
-    for run in runs:
-        if run is runs[1] and not args.as_shipped:
-            # Step times drift over minutes: time the dense config again now, and size its run to
-            # the MoE's measured training time rather than to the estimate made before it.
-            calibrate([run], out, args.overrides, rounds=1)
-            settings[run.name] = [*args.overrides, *resized(run, runs[0].train_s / 60, args.overrides)]
-            print(f"[{run.name}] step time now {run.step_s:.2f} s: {run.steps} steps", flush=True)
+
+    moe, dense = runs
+
+    def size_to_moe(run: Run) -> None:
+        settings[run.name] = [*args.overrides, *resized(run, moe.train_s / 60, args.overrides)]
+
+    def train_logged(run: Run) -> None:
         print(f"[{run.name}] moetron train {run.config} {' '.join(settings[run.name])}", flush=True)
         run.records = train(run, out / run.name, settings[run.name])
-        if run is runs[1] and not args.as_shipped and abs(run.train_s / runs[0].train_s - 1) > TIME_TOLERANCE:
-            # A short calibration can misjudge a long run's steps (here by up to 14%): size the run
-            # once more from its own measured steps, so that both get the same training time.
-            print(
-                f"[{run.name}] trained {run.train_s:.0f} s against the MoE's {runs[0].train_s:.0f} s: "
-                f"again at its measured {run.train_s / run.steps:.3f} s a step",
-                flush=True,
-            )
-            run.step_samples = [run.train_s / run.steps]
-            settings[run.name] = [*args.overrides, *resized(run, runs[0].train_s / 60, args.overrides)]
-            print(f"[{run.name}] moetron train {run.config} {' '.join(settings[run.name])}", flush=True)
-            run.records = train(run, out / run.name, settings[run.name])
+
+    train_logged(moe)
+    if not args.as_shipped:
+        # Step times drift over minutes: time the dense config again now, and size its run to the
+        # MoE's measured training time rather than to the estimate made before it.
+        calibrate([dense], out, args.overrides, rounds=1)
+        size_to_moe(dense)
+        print(f"[dense] step time now {dense.step_s:.2f} s: {dense.steps} steps", flush=True)
+    train_logged(dense)
+    if not args.as_shipped and abs(dense.train_s / moe.train_s - 1) > TIME_TOLERANCE:
+        # A 16-step calibration can misjudge a long run's steps (here by 14-17%): size the run once
+        # more from its own measured steps, so that both get the same training time.
+        print(
+            f"[dense] trained {dense.train_s:.0f} s against the MoE's {moe.train_s:.0f} s: "
+            f"again at its measured {dense.train_s / dense.steps:.3f} s a step",
+            flush=True,
+        )
+        dense.step_samples = [dense.train_s / dense.steps]
+        size_to_moe(dense)
+        train_logged(dense)
 
     rows = []
     for run in runs:
@@ -193,7 +201,6 @@ def main() -> None:
         ],
         rows,
     )
-    moe, dense = runs
     gap = dense.last("val_bpb") - moe.last("val_bpb")
     verdict = "MoE wins" if gap > 0 else "dense wins"
     print(

@@ -7,10 +7,11 @@ Autograd through a per-expert loop of `F.linear` records ~10 nodes per expert an
 stacks the per-expert weight gradients (`unbind`'s backward) and concatenates the per-expert input
 gradients (`split`'s backward): three [E, I, D] copies and one [N, D] copy per layer, plus every
 intermediate saved. This node writes each expert's products straight into slices of preallocated
-outputs (`torch.mm(..., out=)`), saves only the two pre-activations, and runs the activation and
-its gradient (autograd's own silu_backward) once over all rows instead of once per expert. The
-matmuls are the same BLAS calls, so the result equals the loop's up to the order of two additions
-(dx = dh1 @ w1 + dh3 @ w3).
+outputs (`torch.mm(..., out=)`, or one `torch.bmm` over all experts where `expert_rows` pads them
+to one size), saves only the two pre-activations, and runs the activation and its gradient
+(autograd's own silu_backward) once over all rows instead of once per expert. The result equals
+the loop's up to rounding: the order of two additions (dx = dh1 @ w1 + dh3 @ w3), and in bf16 the
+batched kernels' own.
 """
 
 from __future__ import annotations
@@ -150,10 +151,7 @@ def swiglu_backward(
         _matmul(_t(dh3), x, dw3_EID[experts])
         dx = dx_SD[rows].view(shape)
         _matmul(dh1, w1_EID[experts], dx)
-        if dx.dim() == 3:
-            dx.baddbmm_(dh3, w3_EID[experts])
-        else:
-            dx.addmm_(dh3, w3_EID[experts])
+        _add_matmul(dh3, w3_EID[experts], dx)
     return dx_SD, dw1_EID, dw2_EDI, dw3_EID
 
 
@@ -177,7 +175,13 @@ def _t(m: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, for matrices or batches of them."""
     (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out=out)
+
+
+def _add_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out += a @ b, for matrices or batches of them."""
+    (out.baddbmm_ if a.dim() == 3 else out.addmm_)(a, b)
 
 
 def _pad_rows(x_ND: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
