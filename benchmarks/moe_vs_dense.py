@@ -2,20 +2,19 @@
 active parameters, each trained for the same wall-clock time on this machine.
 
     python -m benchmarks.moe_vs_dense                     # configs/demo.toml vs configs/demo_dense.toml
-    python -m benchmarks.moe_vs_dense --minutes 3         # a shorter race
+    python -m benchmarks.moe_vs_dense --minutes 3         # both for 3 minutes of training
     python -m benchmarks.moe_vs_dense --as-shipped        # each config's own step count, as the demo runs
     python -m benchmarks.moe_vs_dense --train.batch_size=32   # a setting for both runs
 
-Protocol: both configs are first timed for a few steps each, interleaved (MoE, dense, MoE, dense),
-to size each run so its training steps take `--minutes` (each config keeps its schedule's shape:
-warmup as the same fraction of the run, cosine decay to the end). After the MoE's run, the dense
-config is timed again and its run sized to the MoE's measured training time; if its training time
-still differs from the MoE's by more than 5%, it trains once more, sized from its own measured
-steps. Each trains in its own `moetron train` process on the same data and tokenizer, and the
-table reports what its
-metrics.jsonl says: the measured training time (sum of step times; evaluation excluded), median
-tokens/s and MFU (against the measured matmul peak of the dtype used), and the final validation loss
-and bits per byte. Runs go to runs/moe_vs_dense/ (replaced each time).
+Protocol: the MoE trains first, as its config says (the demo's own run, deterministic), and its
+measured training time (the sum of its step times; evaluation and checkpoints excluded) becomes the
+dense run's `train.time_budget_s`: the dense model trains until it has spent that time, its cosine
+decaying over the time rather than over a step count guessed in advance (the trainer's time budget;
+it stops within one step of the budget). With `--minutes` both train on that budget. Each trains in
+its own `moetron train` process on the same data and tokenizer, and the table reports what its
+metrics.jsonl says: the measured training time, median tokens/s and MFU (against the measured matmul
+peak of the dtype used), and the final validation loss and bits per byte. Runs go to
+runs/moe_vs_dense/ (replaced each time).
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import print_table
@@ -37,22 +35,20 @@ from moetron.config import load_run_config
 from moetron.model.accounting import param_counts
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATION_STEPS = 16  # per calibration run; the first four steps (warm-up) are not timed
-UNTIMED_STEPS = 4
-TIME_TOLERANCE = 0.05  # the most the two runs' training times may differ before the dense run is redone
+# A time-budgeted run's step cap, as a multiple of its config's steps: far more than the budget
+# allows, so the budget decides where it stops.
+STEP_CAP_FACTOR = 10
 
 
 @dataclass
 class Run:
     name: str
     config: str
-    steps: int = 0
-    step_samples: list[float] = field(default_factory=list)  # step times from calibration runs
     records: list[dict] | None = None
 
     @property
-    def step_s(self) -> float:
-        return statistics.median(self.step_samples)
+    def steps(self) -> int:
+        return len(self.records or [])
 
     @property
     def train_s(self) -> float:
@@ -73,9 +69,9 @@ def parse_args() -> argparse.Namespace:
         "--minutes",
         type=float,
         default=None,
-        help="training time per model (default: the MoE config's own run)",
+        help="training time per model (default: what the MoE config's own run takes)",
     )
-    p.add_argument("--as-shipped", action="store_true", help="run each config's own steps, no resizing")
+    p.add_argument("--as-shipped", action="store_true", help="run each config's own steps, no time budget")
     p.add_argument("--out", default="runs/moe_vs_dense")
     # --section.key=value settings for both runs (e.g. --train.batch_size=32), as `moetron train` takes them
     args, args.overrides = p.parse_known_args()
@@ -84,42 +80,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def train(run: Run, out_dir: Path, settings: list[str]) -> list[dict]:
-    """One `moetron train` process; returns its metrics records."""
+def train(run: Run, out_dir: Path, settings: list[str]) -> None:
+    """One `moetron train` process; keeps its metrics records."""
     shutil.rmtree(out_dir, ignore_errors=True)
     command = [
         sys.executable, "-m", "moetron", "train", run.config, f"--train.out_dir={out_dir}",
         "--train.overwrite=true", "--train.progress=false", *settings,
     ]  # fmt: skip
-    subprocess.run(
-        command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL if "calib" in out_dir.name else None
-    )
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"[{run.name}] moetron train {run.config} {' '.join(settings)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    run.records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def calibrate(runs: list[Run], out: Path, overrides: list[str], rounds: int = 2) -> None:
-    """Median step time of each config from `rounds` short runs each, interleaved; samples from
-    earlier calibrations of a run are kept."""
-    # the calibration's own length last, so that a --train.steps=... meant for the race is not it
-    settings = [*overrides, f"--train.steps={CALIBRATION_STEPS}", f"--train.eval_every={CALIBRATION_STEPS}",
-                f"--train.checkpoint_every={CALIBRATION_STEPS}", "--train.eval_batches=1"]  # fmt: skip
-    for _ in range(rounds):
-        for run in runs:
-            records = train(run, out / f"{run.name}-calibration", settings)
-            run.step_samples += [r["step_time_s"] for r in records[UNTIMED_STEPS:]]
-    for run in runs:
-        shutil.rmtree(out / f"{run.name}-calibration", ignore_errors=True)
-
-
-def resized(run: Run, minutes: float, overrides: list[str]) -> list[str]:
-    """Settings that make `run` train for `minutes`, its schedule's proportions kept."""
+def time_budgeted(run: Run, seconds: float, overrides: list[str]) -> list[str]:
+    """Settings that train `run` for `seconds` of step time, its warmup and evaluations as configured."""
     tc = load_run_config(run.config, overrides).train
-    run.steps = max(int(minutes * 60 / run.step_s), 8)
-    warmup = max(round(tc.warmup_steps * run.steps / tc.steps), 1)
-    evals = max(tc.steps // tc.eval_every, 1)
+    cap = tc.steps * STEP_CAP_FACTOR
     return [
-        f"--train.steps={run.steps}", f"--train.warmup_steps={warmup}",
-        f"--train.eval_every={max(run.steps // evals, 1)}", f"--train.checkpoint_every={run.steps}",
+        *overrides, f"--train.time_budget_s={seconds:.3f}", f"--train.steps={cap}",
+        f"--train.checkpoint_every={cap}",
     ]  # fmt: skip
 
 
@@ -127,56 +106,18 @@ def main() -> None:
     args = parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    runs = [Run("moe", args.moe), Run("dense", args.dense)]
+    moe, dense = runs = [Run("moe", args.moe), Run("dense", args.dense)]
     print(f"{hardware.detect().describe()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
-    settings: dict[str, list[str]] = {}
     if args.as_shipped:
         for run in runs:
-            run.steps = load_run_config(run.config, args.overrides).train.steps
-            settings[run.name] = list(args.overrides)
-    else:
-        started = time.perf_counter()
-        calibrate(runs, out, args.overrides)
-        minutes = args.minutes or load_run_config(args.moe, args.overrides).train.steps * runs[0].step_s / 60
+            train(run, out / run.name, args.overrides)
+    elif args.minutes:
         for run in runs:
-            settings[run.name] = [*args.overrides, *resized(run, minutes, args.overrides)]
-        print(
-            f"calibration ({time.perf_counter() - started:.0f} s): step time "
-            + ", ".join(f"{r.name} {r.step_s:.2f} s" for r in runs)
-            + f"; {minutes:.1f} min each: "
-            + ", ".join(f"{r.name} {r.steps} steps" for r in runs),
-            flush=True,
-        )
-
-    moe, dense = runs
-
-    def size_to_moe(run: Run) -> None:
-        settings[run.name] = [*args.overrides, *resized(run, moe.train_s / 60, args.overrides)]
-
-    def train_logged(run: Run) -> None:
-        print(f"[{run.name}] moetron train {run.config} {' '.join(settings[run.name])}", flush=True)
-        run.records = train(run, out / run.name, settings[run.name])
-
-    train_logged(moe)
-    if not args.as_shipped:
-        # Step times drift over minutes: time the dense config again now, and size its run to the
-        # MoE's measured training time rather than to the estimate made before it.
-        calibrate([dense], out, args.overrides, rounds=1)
-        size_to_moe(dense)
-        print(f"[dense] step time now {dense.step_s:.2f} s: {dense.steps} steps", flush=True)
-    train_logged(dense)
-    if not args.as_shipped and abs(dense.train_s / moe.train_s - 1) > TIME_TOLERANCE:
-        # A 16-step calibration can misjudge a long run's steps (here by 14-17%): size the run once
-        # more from its own measured steps, so that both get the same training time.
-        print(
-            f"[dense] trained {dense.train_s:.0f} s against the MoE's {moe.train_s:.0f} s: "
-            f"again at its measured {dense.train_s / dense.steps:.3f} s a step",
-            flush=True,
-        )
-        dense.step_samples = [dense.train_s / dense.steps]
-        size_to_moe(dense)
-        train_logged(dense)
+            train(run, out / run.name, time_budgeted(run, args.minutes * 60, args.overrides))
+    else:
+        train(moe, out / moe.name, args.overrides)
+        train(dense, out / dense.name, time_budgeted(dense, moe.train_s, args.overrides))
 
     rows = []
     for run in runs:
@@ -208,11 +149,8 @@ def main() -> None:
         f"({gap:+.3f}) after {moe.train_s:.0f} s vs {dense.train_s:.0f} s of training; MoE "
         f"{'meets' if moe.last('val_bpb') <= 2.0 else 'MISSES'} the <= 2.0 bits/byte target"
     )
-    if abs(dense.train_s / moe.train_s - 1) > TIME_TOLERANCE:
-        print(
-            f"note: the training times differ by {dense.train_s / moe.train_s - 1:+.0%} (the machine's "
-            "speed changed between runs); compare with care, or run again on a quieter machine"
-        )
+    if args.as_shipped:
+        print("note: --as-shipped trains each config's own steps: the training times differ")
 
 
 if __name__ == "__main__":

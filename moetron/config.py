@@ -291,6 +291,10 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    # > 0: train for this many seconds of step time (evaluation and checkpoints not counted), the
+    # cosine decaying over the time after warmup rather than over steps; `steps` is then a cap.
+    # For equal-time comparisons (benchmarks/moe_vs_dense.py); the run is no longer reproducible.
+    time_budget_s: float = 0.0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -326,6 +330,10 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(
+            math.isfinite(self.time_budget_s) and self.time_budget_s >= 0,
+            f"train.time_budget_s={self.time_budget_s} must be a finite number of seconds >= 0 (0 disables)",
+        )
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"train.{name}={getattr(self, name)} must lie in [0, 1)")

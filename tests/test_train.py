@@ -230,3 +230,71 @@ def test_one_process_takes_the_gpu_when_there_is_one(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     ctx = init_distributed(ParallelConfig())
     assert ctx.device == torch.device("cuda", 0) and not ctx.distributed
+
+
+class _SteppedClock:
+    """time.perf_counter for the trainer: every call advances half a second, so each training step
+    (timed by two calls) lasts exactly 0.5 s whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.5
+        return self.now
+
+
+def test_lr_schedule_over_a_time_budget() -> None:
+    from moetron.config import TrainConfig
+    from moetron.train.optim import lr_at
+
+    tc = TrainConfig(steps=1000, lr=1.0, min_lr_ratio=0.1, warmup_steps=4, time_budget_s=100.0)
+    assert [lr_at(s, tc, train_time_s=50.0) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]  # warmup: steps
+    # after warmup (which ended at 10 s) the cosine runs over the remaining 90 s, whatever the step
+    assert lr_at(5, tc, 10.0, 10.0) == pytest.approx(1.0)
+    assert lr_at(5, tc, 55.0, 10.0) == lr_at(900, tc, 55.0, 10.0) == pytest.approx(0.55)
+    assert lr_at(6, tc, 100.0, 10.0) == lr_at(7, tc, 250.0, 10.0) == pytest.approx(0.1)
+    stepped = TrainConfig(steps=104, lr=1.0, min_lr_ratio=0.1, warmup_steps=4)
+    assert lr_at(54, stepped, train_time_s=99.0) == pytest.approx(0.55)  # no budget: over steps
+
+
+def test_time_budget_stops_the_run_and_resumes_exactly(straight_run, corpus, tmp_path, monkeypatch) -> None:
+    """train.time_budget_s=4 at 0.5 s a step: 8 steps of the 50 allowed, the last one evaluated,
+    checkpointed and exported; its learning rates follow the time; a run stopped at step 4 and
+    resumed trains the same 8 steps; a third call finds the budget spent and trains nothing."""
+    from moetron.train import trainer
+    from moetron.train.optim import lr_at
+
+    root, _ = straight_run
+    budget = ("--train.time_budget_s=4", "--train.steps=50")
+
+    def run(out: str, *extra: str, stop_after: int | None = None):
+        monkeypatch.setattr(trainer, "time", _SteppedClock())
+        return train(_config(corpus, root / "data", tmp_path / out, *budget, *extra), stop_after=stop_after)
+
+    result = run("straight")
+    records = _records(tmp_path / "straight")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert result.final_dir is not None and result.last_step == 8
+    assert "val_bpb" in records[-1] and result.val_bpb == records[-1]["val_bpb"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight" / "checkpoints")][-1] == "step_00000008"
+    tc = _config(corpus, root / "data", tmp_path, *budget).train  # warmup 5 steps: ends at 2.5 s
+    assert [r["lr"] for r in records] == [lr_at(s, tc, 0.5 * (s - 1), 2.5) for s in range(1, 9)]
+    # step 8 starts 3.5 s in: 1 of the 1.5 s after warmup gone
+    assert records[-1]["lr"] == pytest.approx(tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 3))))
+
+    assert run("resumed", stop_after=4).final_dir is None
+    resumed = run("resumed", "--train.resume=true")
+    assert resumed.final_dir is not None and resumed.last_step == 8
+    keys = ("step", "lr", "lm_loss", "grad_norm")
+    assert [[r[k] for k in keys] for r in _records(tmp_path / "resumed")] == [[r[k] for k in keys] for r in records]
+
+    again = run("straight")  # resume="auto": the budget is spent, nothing is trained or lost
+    assert again.last_step == 8 and again.val_bpb == result.val_bpb
+    assert _records(tmp_path / "straight") == records
+
+
+def test_time_budget_must_be_finite_and_not_negative(corpus, tmp_path) -> None:
+    for bad in ("-1", "inf"):
+        with pytest.raises(ConfigError, match=rf"train\.time_budget_s={bad}(\.0)? must be a finite number"):
+            _config(corpus, tmp_path, tmp_path, f"--train.time_budget_s={bad}")

@@ -65,6 +65,14 @@ class DistContext:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def max_over_world(self, value: float) -> float:
+        """The largest `value` of any rank (fp64), the same on every rank."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
     def per_rank(self, value: float) -> list[float]:
         """`value` of every rank, in rank order."""
         if not self.distributed:

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate schedule
+(over steps, or over a training-time budget)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,17 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 1-based `step`: linear warmup, then cosine decay to lr * min_lr_ratio."""
+def lr_at(step: int, cfg: TrainConfig, train_time_s: float = 0.0, warmup_end_s: float = 0.0) -> float:
+    """Learning rate for 1-based `step`: linear warmup over `warmup_steps`, then cosine decay to
+    lr * min_lr_ratio over the remaining steps or, with a time budget, over the remaining time
+    (`train_time_s`: training time before this step; `warmup_end_s`: when warmup ended)."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.time_budget_s > 0:
+        progress = (train_time_s - warmup_end_s) / max(cfg.time_budget_s - warmup_end_s, 1e-9)
+    else:
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron import hardware
-from moetron.config import Config, ConfigError
+from moetron.config import Config, ConfigError, TrainConfig
 from moetron.convert.hf import ExpertBiasExportWarning, has_expert_bias, save_pretrained
 from moetron.data import PackedLoader, PreparedData, ValLoader, prepare
 from moetron.model.accounting import executed_train_flops_per_token
@@ -202,6 +202,9 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     token_bytes_V = torch.tensor(data.tokenizer.token_byte_lengths, dtype=torch.int64)
 
     start_step = 0
+    # Training time so far (step times; the slowest rank's, so that every rank's schedule agrees)
+    # and when warmup ended: a time budget's schedule and stop (train.time_budget_s).
+    clock = {"train_time_s": 0.0, "warmup_end_s": 0.0}
     checkpoint_dir = out_dir / "checkpoints"
     if start.resume:
         state = checkpoints.load_latest(checkpoint_dir, cfg, parts, optimizer, ctx)
@@ -211,10 +214,16 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
                 "pass --train.overwrite=true"
             )
         start_step = state.step
+        clock.update({key: float(state.extra[key]) for key in clock if key in state.extra})
         loader.load_state_dict(state.loader)
         ctx.log(f"[train] resumed from step {start_step}")
         if start_step >= tc.steps:
             ctx.log(f"[train] train.steps={tc.steps}: nothing left to train (raise it to continue)")
+        elif _out_of_time(tc, clock):
+            ctx.log(
+                f"[train] train.time_budget_s={tc.time_budget_s:g}: spent ({clock['train_time_s']:.1f} s "
+                "trained); nothing left to train (raise it to continue)"
+            )
     truncate_after = start_step if start.resume else None  # None: a fresh run empties the log
     log = metrics.MetricsLog(out_dir / "metrics.jsonl", truncate_after) if ctx.is_main else None
 
@@ -222,7 +231,9 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     flops_per_step = executed_train_flops_per_token(cfg.model, tc.seq_len) * tokens_per_step
     peak_flops = hardware.matmul_peak_flops(compute.dtype, ctx.device.type) * dims.world_size
     params = [p for p in container.parameters() if p.requires_grad]
-    last_step = min(tc.steps, stop_after or tc.steps)
+    finished_before = start_step >= tc.steps or _out_of_time(tc, clock)
+    last_step = start_step if finished_before else min(tc.steps, stop_after or tc.steps)
+    completed, trained_to = finished_before, start_step
     val_loss = val_bpb = None
     progress = metrics.Progress(start_step, tc.steps, tc.progress and ctx.is_main)
 
@@ -231,7 +242,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
 
     for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
-        lr = lr_at(step, tc)
+        lr = lr_at(step, tc, clock["train_time_s"], clock["warmup_end_s"])
         set_lr(optimizer, lr)
         for part in parts:
             metrics.reset_expert_load(part)
@@ -243,6 +254,10 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
+        clock["train_time_s"] += ctx.max_over_world(elapsed) if tc.time_budget_s > 0 else elapsed
+        if step == tc.warmup_steps:
+            clock["warmup_end_s"] = clock["train_time_s"]
+        completed, trained_to = step == tc.steps or _out_of_time(tc, clock), step
 
         record = {"step": step, **_step_losses(cfg, ctx, pipe, parts, step_loss)}
         record.update(
@@ -263,7 +278,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
                 record["comm_time_s"] = ctx.per_rank(comm_time_s[0])
             if step == start_step + 1:
                 record["layout"] = dims.describe()
-        if step % tc.eval_every == 0 or step == tc.steps:
+        if step % tc.eval_every == 0 or completed:
             score = _evaluate_parts(parts, pipe, compute, val_batches, token_bytes_V, ctx.device)
             if not ((pipe is None or pipe.is_last) and ctx.reports_metrics):
                 score = ValScore(0.0, 0, 0)  # pipelined losses are counted on the last stage, tp copies once
@@ -273,14 +288,16 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         if log is not None:
             log.write(record)
         progress.update(step, record)
-        if step % tc.checkpoint_every == 0 or step == last_step:
-            state = TrainingState(step=step, loader=loader.state_dict(), config=cfg.to_dict(), extra={})
+        if step % tc.checkpoint_every == 0 or step == last_step or completed:
+            state = TrainingState(step, loader.state_dict(), cfg.to_dict(), extra=dict(clock))
             checkpoints.save(checkpoint_dir, step, parts, optimizer, state, tc.keep_checkpoints, ctx)
+        if completed:
+            break
     progress.close()
 
-    if last_step < tc.steps:
-        return TrainResult(out_dir, None, last_step, val_loss, val_bpb)
-    if start_step >= tc.steps and log is not None:  # nothing trained: the run's last evaluation
+    if not completed:  # stopped by stop_after
+        return TrainResult(out_dir, None, trained_to, val_loss, val_bpb)
+    if finished_before and log is not None:  # nothing trained: the run's last evaluation
         last_eval = next((r for r in reversed(log.read()) if "val_loss" in r), {})
         val_loss, val_bpb = last_eval.get("val_loss"), last_eval.get("val_bpb")
     final_dir = out_dir / "final"
@@ -289,7 +306,11 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         export(full_model, data, final_dir)
         metrics.plot_run(log.read(), out_dir)
     ctx.barrier()
-    return TrainResult(out_dir, final_dir, max(last_step, start_step), val_loss, val_bpb)
+    return TrainResult(out_dir, final_dir, trained_to, val_loss, val_bpb)
+
+
+def _out_of_time(tc: TrainConfig, clock: dict[str, float]) -> bool:
+    return tc.time_budget_s > 0 and clock["train_time_s"] >= tc.time_budget_s
 
 
 def _train_step(
