@@ -119,3 +119,24 @@ def test_checkpoint_from_one_process_resumes_with_dp_shard2(suite: dict) -> None
     records = harness.records(out_dir)
     harness.assert_same_run(records, harness.records(suite["reference"]))
     assert records[3]["layout"]["dp_shard"] == 2  # steps 4-5 came from the FSDP job
+
+
+def test_time_budget_stops_every_rank_on_the_slowest_clock(suite: dict) -> None:
+    """dp_shard=2 with train.time_budget_s=3, rank 0's steps lasting 0.5 s and rank 1's 1 s (stepped
+    clocks, tests/dist/train.py): both ranks stop after step 3 (rank 0 on its own clock would train
+    6 and then wait in a collective rank 1 never joins), with the learning rates of rank 1's clock."""
+    from moetron.train.optim import lr_at
+
+    out_dir = suite["root"] / "time-budget"
+    nproc, batch_size, dp, extra = LAYOUTS["dp_shard=2"]
+    budget = ("--train.time_budget_s=3", "--train.steps=20", "--train.warmup_steps=1")
+    args = _settings(suite, out_dir, batch_size, dp, *extra, *budget)
+    harness.torchrun(
+        nproc, [str(harness.ROOT / "tests" / "dist" / "train.py"), harness.CONFIG, *args, "--slow-rank=1"]
+    )
+    records = harness.records(out_dir)
+    assert [r["step"] for r in records] == [1, 2, 3] and "val_bpb" in records[-1]
+    assert (out_dir / "final" / "model.safetensors").is_file()
+    tc = load_run_config(harness.CONFIG, args).train
+    assert [r["lr"] for r in records] == [lr_at(s, tc, 1.0 * (s - 1), 1.0) for s in (1, 2, 3)]
+    assert records[-1]["lr"] != lr_at(3, tc, 0.5 * 2, 0.5)  # what rank 0's own clock would give

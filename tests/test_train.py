@@ -277,7 +277,9 @@ def test_time_budget_stops_the_run_and_resumes_exactly(straight_run, corpus, tmp
     assert [r["step"] for r in records] == list(range(1, 9))
     assert result.final_dir is not None and result.last_step == 8
     assert "val_bpb" in records[-1] and result.val_bpb == records[-1]["val_bpb"]
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight" / "checkpoints")][-1] == "step_00000008"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight" / "checkpoints")][
+        -1
+    ] == "step_00000008"
     tc = _config(corpus, root / "data", tmp_path, *budget).train  # warmup 5 steps: ends at 2.5 s
     assert [r["lr"] for r in records] == [lr_at(s, tc, 0.5 * (s - 1), 2.5) for s in range(1, 9)]
     # step 8 starts 3.5 s in: 1 of the 1.5 s after warmup gone
@@ -287,7 +289,9 @@ def test_time_budget_stops_the_run_and_resumes_exactly(straight_run, corpus, tmp
     resumed = run("resumed", "--train.resume=true")
     assert resumed.final_dir is not None and resumed.last_step == 8
     keys = ("step", "lr", "lm_loss", "grad_norm")
-    assert [[r[k] for k in keys] for r in _records(tmp_path / "resumed")] == [[r[k] for k in keys] for r in records]
+    assert [[r[k] for k in keys] for r in _records(tmp_path / "resumed")] == [
+        [r[k] for k in keys] for r in records
+    ]
 
     again = run("straight")  # resume="auto": the budget is spent, nothing is trained or lost
     assert again.last_step == 8 and again.val_bpb == result.val_bpb
