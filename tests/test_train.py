@@ -302,3 +302,18 @@ def test_time_budget_must_be_finite_and_not_negative(corpus, tmp_path) -> None:
     for bad in ("-1", "inf"):
         with pytest.raises(ConfigError, match=rf"train\.time_budget_s={bad}(\.0)? must be a finite number"):
             _config(corpus, tmp_path, tmp_path, f"--train.time_budget_s={bad}")
+
+
+def test_progress_on_a_time_budget_counts_seconds(capsys) -> None:
+    """Without a terminal, a line each tenth of the budget (and at evaluations), in seconds."""
+    from moetron.train.metrics import Progress
+
+    progress = Progress(0, 10_000, True, time_budget_s=10.0)
+    for step in range(1, 9):
+        record = {"lm_loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "step_time_s": 0.75}
+        progress.update(step, record | ({"val_loss": 0.5} if step == 8 else {}))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" loss")[0] for line in lines] == [
+        "[train] step 2, 1.5/10 s", "[train] step 3, 2.2/10 s", "[train] step 4, 3.0/10 s",
+        "[train] step 6, 4.5/10 s", "[train] step 7, 5.2/10 s", "[train] step 8, 6.0/10 s",
+    ]  # fmt: skip

@@ -96,16 +96,29 @@ def plot_run(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 class Progress:
-    """A tqdm bar with ETA on a terminal; one line every 10% of the run otherwise (CI logs)."""
+    """A tqdm bar with ETA on a terminal; one line every 10% of the run otherwise (CI logs). A run on
+    a time budget (`time_budget_s` > 0) counts seconds of training rather than steps."""
 
-    def __init__(self, start: int, total: int, enabled: bool, label: str = "train") -> None:
+    def __init__(
+        self,
+        start: int,
+        total: int,
+        enabled: bool,
+        label: str = "train",
+        time_budget_s: float = 0.0,
+        time_spent_s: float = 0.0,
+    ) -> None:
         import sys
 
         from tqdm import tqdm
 
         self.total, self.enabled, self.label = total, enabled, label
+        self.budget, self.spent = time_budget_s, time_spent_s
+        unit, total_units, done = (
+            ("s", time_budget_s, time_spent_s) if time_budget_s > 0 else ("step", total, start)
+        )
         self.bar = (
-            tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            tqdm(total=total_units, initial=done, unit=unit, dynamic_ncols=True)
             if enabled and sys.stderr.isatty()
             else None
         )
@@ -119,9 +132,14 @@ class Progress:
             summary += f" val {record['val_loss']:.3f}"
             if "val_bpb" in record:
                 summary += f" ({record['val_bpb']:.3f} bits/byte)"
+        before, self.spent = self.spent, self.spent + record.get("step_time_s", 0.0)
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
-            self.bar.update(1)
+            self.bar.update(min(self.spent, self.budget) - min(before, self.budget) if self.budget > 0 else 1)
+        elif self.budget > 0:
+            tenth = self.budget / 10
+            if int(self.spent / tenth) > int(before / tenth) or "val_loss" in record:
+                print(f"[{self.label}] step {step}, {self.spent:.1f}/{self.budget:g} s {summary}", flush=True)
         elif step % max(self.total // 10, 1) == 0 or step == self.total or "val_loss" in record:
             print(f"[{self.label}] step {step}/{self.total} {summary}", flush=True)
 

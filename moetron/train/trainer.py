@@ -235,7 +235,10 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
     last_step = start_step if finished_before else min(tc.steps, stop_after or tc.steps)
     completed, trained_to = finished_before, start_step
     val_loss = val_bpb = None
-    progress = metrics.Progress(start_step, tc.steps, tc.progress and ctx.is_main)
+    progress = metrics.Progress(
+        start_step, tc.steps, tc.progress and ctx.is_main, time_budget_s=tc.time_budget_s,
+        time_spent_s=clock["train_time_s"],
+    )  # fmt: skip
 
     # Communication time is sampled on one step (profiling slows it): the second of this attempt.
     profiled_step = min(start_step + 2, last_step) if ctx.distributed else None
