@@ -45,8 +45,9 @@ def lr_at(step: int, cfg: TrainConfig, train_time_s: float = 0.0, warmup_end_s: 
     (`train_time_s`: training time before this step; `warmup_end_s`: when warmup ended)."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    if cfg.time_budget_s > 0:
-        progress = (train_time_s - warmup_end_s) / max(cfg.time_budget_s - warmup_end_s, 1e-9)
+    budget = getattr(cfg, "time_budget_s", 0.0)  # finetuning's config (same fields otherwise) has none
+    if budget > 0:
+        progress = (train_time_s - warmup_end_s) / max(budget - warmup_end_s, 1e-9)
     else:
         progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
