@@ -125,7 +125,7 @@ def main() -> None:
         counts = param_counts(cfg)
         rows.append([
             run.name, f"{counts.total / 1e6:.1f}M / {counts.active / 1e6:.1f}M", run.steps,
-            f"{run.train_s:.0f}", f"{run.median('tokens_per_s'):.0f}", f"{run.median('mfu'):.0%}",
+            f"{run.train_s:.0f}", f"{run.median('tokens_per_s'):.0f}", f"{run.median('mfu'):.1%}",
             f"{run.last('val_loss'):.3f}", f"{run.last('val_bpb'):.3f}",
         ])  # fmt: skip
     print()
