@@ -277,9 +277,8 @@ def test_time_budget_stops_the_run_and_resumes_exactly(straight_run, corpus, tmp
     assert [r["step"] for r in records] == list(range(1, 9))
     assert result.final_dir is not None and result.last_step == 8
     assert "val_bpb" in records[-1] and result.val_bpb == records[-1]["val_bpb"]
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight" / "checkpoints")][
-        -1
-    ] == "step_00000008"
+    checkpoints = ckpt.list_checkpoints(tmp_path / "straight" / "checkpoints")
+    assert checkpoints[-1].name == "step_00000008"
     tc = _config(corpus, root / "data", tmp_path, *budget).train  # warmup 5 steps: ends at 2.5 s
     assert [r["lr"] for r in records] == [lr_at(s, tc, 0.5 * (s - 1), 2.5) for s in range(1, 9)]
     # step 8 starts 3.5 s in: 1 of the 1.5 s after warmup gone
