@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import print_table
 from moetron import hardware
-from moetron.config import load_run_config
+from moetron.config import Config, load_run_config
 from moetron.model.accounting import param_counts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +121,10 @@ def main() -> None:
 
     rows = []
     for run in runs:
-        cfg = load_run_config(run.config, args.overrides).model
-        counts = param_counts(cfg)
+        # the run's resolved config: the trainer takes the vocabulary size from the tokenizer
+        counts = param_counts(
+            Config.from_dict(json.loads((out / run.name / "config.json").read_text())).model
+        )
         rows.append([
             run.name, f"{counts.total / 1e6:.1f}M / {counts.active / 1e6:.1f}M", run.steps,
             f"{run.train_s:.0f}", f"{run.median('tokens_per_s'):.0f}", f"{run.median('mfu'):.1%}",
