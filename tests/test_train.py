@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,11 @@ from moetron.config import ConfigError, load_run_config
 from moetron.data import ValLoader, prepare
 from moetron.train import checkpoint as ckpt
 from moetron.train.trainer import train
+
+# tests/dist/train.py (a torchrun script) holds the stepped clock that the time-budget tests use
+_spec = importlib.util.spec_from_file_location("dist_train", Path(__file__).parent / "dist" / "train.py")
+_dist_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_dist_train)
 
 REQUIRED_METRICS = {
     "step",
@@ -232,18 +238,6 @@ def test_one_process_takes_the_gpu_when_there_is_one(monkeypatch) -> None:
     assert ctx.device == torch.device("cuda", 0) and not ctx.distributed
 
 
-class _SteppedClock:
-    """time.perf_counter for the trainer: every call advances half a second, so each training step
-    (timed by two calls) lasts exactly 0.5 s whatever the machine's speed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 0.5
-        return self.now
-
-
 def test_lr_schedule_over_a_time_budget() -> None:
     from moetron.config import TrainConfig
     from moetron.train.optim import lr_at
@@ -269,7 +263,7 @@ def test_time_budget_stops_the_run_and_resumes_exactly(straight_run, corpus, tmp
     budget = ("--train.time_budget_s=4", "--train.steps=50")
 
     def run(out: str, *extra: str, stop_after: int | None = None):
-        monkeypatch.setattr(trainer, "time", _SteppedClock())
+        monkeypatch.setattr(trainer, "time", _dist_train.SteppedClock(0.5))  # each step lasts 0.5 s
         return train(_config(corpus, root / "data", tmp_path / out, *budget, *extra), stop_after=stop_after)
 
     result = run("straight")
@@ -310,7 +304,7 @@ def test_progress_on_a_time_budget_counts_seconds(capsys) -> None:
     progress = Progress(0, 10_000, True, time_budget_s=10.0)
     for step in range(1, 9):
         record = {"lm_loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "step_time_s": 0.75}
-        progress.update(step, record | ({"val_loss": 0.5} if step == 8 else {}))
+        progress.update(step, record | ({"val_loss": 0.5} if step == 8 else {}), time_spent_s=0.75 * step)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" loss")[0] for line in lines] == [
         "[train] step 2, 1.5/10 s", "[train] step 3, 2.2/10 s", "[train] step 4, 3.0/10 s",

@@ -97,7 +97,8 @@ def plot_run(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 class Progress:
     """A tqdm bar with ETA on a terminal; one line every 10% of the run otherwise (CI logs). A run on
-    a time budget (`time_budget_s` > 0) counts seconds of training rather than steps."""
+    a time budget (`time_budget_s` > 0) counts seconds of training rather than steps: the trainer's
+    clock, passed to `update`."""
 
     def __init__(
         self,
@@ -123,7 +124,7 @@ class Progress:
             else None
         )
 
-    def update(self, step: int, record: dict) -> None:
+    def update(self, step: int, record: dict, time_spent_s: float = 0.0) -> None:
         if not self.enabled:
             return
         loss = record["lm_loss"] if "lm_loss" in record else record["dpo_loss"]
@@ -132,7 +133,7 @@ class Progress:
             summary += f" val {record['val_loss']:.3f}"
             if "val_bpb" in record:
                 summary += f" ({record['val_bpb']:.3f} bits/byte)"
-        before, self.spent = self.spent, self.spent + record.get("step_time_s", 0.0)
+        before, self.spent = self.spent, time_spent_s
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(min(self.spent, self.budget) - min(before, self.budget) if self.budget > 0 else 1)

@@ -290,7 +290,7 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
             record.update(score.metrics())
         if log is not None:
             log.write(record)
-        progress.update(step, record)
+        progress.update(step, record, clock["train_time_s"])
         if step % tc.checkpoint_every == 0 or step == last_step or completed:
             state = TrainingState(step, loader.state_dict(), cfg.to_dict(), extra=dict(clock))
             checkpoints.save(checkpoint_dir, step, parts, optimizer, state, tc.keep_checkpoints, ctx)

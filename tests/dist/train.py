@@ -36,9 +36,9 @@ def _kill_at(batch: int) -> None:
     PackedLoader.next_batch = counting_next_batch
 
 
-class _SteppedClock:
+class SteppedClock:
     """time.perf_counter for the trainer: each call advances `tick`, so each step (the time between
-    two calls) lasts exactly `tick`."""
+    two calls) lasts exactly `tick`, whatever the machine's speed (also tests/test_train.py's)."""
 
     def __init__(self, tick: float) -> None:
         self.now, self.tick = 0.0, tick
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     if "--kill-rank" in options and first_attempt and int(os.environ["RANK"]) == options["--kill-rank"]:
         _kill_at(options["--kill-at-batch"])
     if "--slow-rank" in options:
-        trainer.time = _SteppedClock(1.0 if int(os.environ["RANK"]) == options["--slow-rank"] else 0.5)
+        trainer.time = SteppedClock(1.0 if int(os.environ["RANK"]) == options["--slow-rank"] else 0.5)
     train(load_run_config(rest[0], rest[1:]), stop_after=options.get("--stop-after"))
 
 
