@@ -10,8 +10,10 @@ Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes
 One step = zero grads, forward and loss as each library's training computes it (moetron:
 `model(ids, targets_BT=...)`, the trainer's loss, fused with the output projection; transformers:
 `model(input_ids, labels=...).loss`, its Trainer's; the same next-token cross-entropy in fp32 over
-the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step: ours is the
-trainer's (`train.optim.build_optimizer`), transformers' is `torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). The
+the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step, each as its trainer does them: ours
+`train.optim.clip_and_step` on `build_optimizer`'s fused AdamW (the clip folded into the step);
+transformers' `torch.nn.utils.clip_grad_norm_` then `torch.optim.AdamW(fused=True)`, its Trainer's
+default (`adamw_torch_fused`). The
 process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
 setting is process-wide, so transformers' step gets it too, as it gets the larger oneDNN kernel cache that importing moetron sets (`moetron/hardware.py`). Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
 set to 0 (the losses are still computed, just not weighted in) and transformers runs with
@@ -53,7 +55,7 @@ from moetron.hardware import native_bf16_matmul
 from moetron.model.accounting import total_params, train_flops_per_token
 from moetron.train import cpu_training_kernels
 from moetron.train.allocator import retain_freed_memory
-from moetron.train.optim import build_optimizer
+from moetron.train.optim import build_optimizer, clip_and_step
 
 FP32_TOLERANCE = 1e-4
 LR = 1e-5  # small: the weights barely move, so every timed step runs on the model just checked
@@ -136,15 +138,26 @@ def hf_loss(hf_model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor
     return lambda: hf_model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
+def torch_clip_and_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float
+) -> None:
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
 def train_step(
-    model: nn.Module, loss_of: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
+    model: nn.Module,
+    loss_of: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    clip_and_step: Callable[[torch.optim.Optimizer, list[torch.Tensor], float], object] = torch_clip_and_step,
 ) -> Callable[[], float]:
+    params = list(model.parameters())
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clip_and_step(optimizer, params, 1.0)
         return loss.item()  # after the step: on a GPU this waits for all of it, so it is timed
 
     return step
@@ -269,7 +282,7 @@ def main() -> None:
                     )
             cpu_training_kernels.install(ours)  # as the trainer does (nothing for a model on a GPU)
             optimizer = build_optimizer(ours, TrainConfig(lr=LR, weight_decay=0.0))
-            ours_step = train_step(ours, ours_loss(ours, ids), optimizer)
+            ours_step = train_step(ours, ours_loss(ours, ids), optimizer, clip_and_step)
             ours_loss_value = ours_step()
             impl, hf_step, hf_loss_value = working_hf_step(hf_model, impls, ids, dtype_name)
             print(

@@ -238,6 +238,46 @@ def test_one_process_takes_the_gpu_when_there_is_one(monkeypatch) -> None:
     assert ctx.device == torch.device("cuda", 0) and not ctx.distributed
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, math.inf], ids=["clips", "within", "no-limit"])
+def test_clip_and_step_matches_torch(max_norm: float, fused: bool) -> None:
+    """The trainer's clip + AdamW step against torch's clip_grad_norm_ + the same AdamW: the norm to
+    1e-6 (another summation order); nothing clipped: the weights bit for bit and no gradient written;
+    clipped: the gradients left scaled as torch's (the fused kernel writes back what it read) and
+    the weights within 1e-6 (it divides by 1/coef where torch multiplies by coef; a step moves them
+    ~0.1); a NaN gradient makes every weight NaN, as torch's does."""
+    from moetron.train.optim import clip_and_step
+
+    def model_and_optimizer() -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300, 4096)]
+        for p in params:
+            p.grad = torch.randn(p.shape) * 0.3
+        return params, torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=fused)
+
+    ours, optimizer = model_and_optimizer()
+    theirs, reference = model_and_optimizer()
+    before = [p.detach().clone() for p in ours]
+    versions = [p.grad._version for p in ours]
+    norm = clip_and_step(optimizer, ours, max_norm)
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    reference.step()
+    assert float(norm) == pytest.approx(float(torch_norm), rel=1e-6)
+    clipped = max_norm < float(norm)
+    for a, b, start in zip(ours, theirs, before, strict=True):
+        if clipped:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            assert (a - start).abs().max() > 0.05  # (the step moved them)
+        else:
+            assert torch.equal(a, b)
+    if not clipped:
+        assert [p.grad._version for p in ours] == versions
+    ours[1].grad[3] = math.nan
+    assert math.isnan(clip_and_step(optimizer, ours, max_norm))
+    assert all(torch.isnan(p).all() for p in ours)
+
+
 def test_lr_schedule_over_a_time_budget() -> None:
     from moetron.config import TrainConfig
     from moetron.train.optim import lr_at

@@ -48,7 +48,7 @@ from moetron.finetune.peft_format import save_adapter
 from moetron.model.transformer import Transformer
 from moetron.train import checkpoint, metrics
 from moetron.train.checkpoint import TrainingState
-from moetron.train.optim import lr_at, set_lr
+from moetron.train.optim import clip_and_step, lr_at, set_lr
 
 
 @dataclass
@@ -218,8 +218,7 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None, log=print) -> F
         set_lr(optimizer, lr_at(step, cfg))  # type: ignore[arg-type]  (FinetuneConfig has lr_at's fields)
         loss, extra, num_tokens = step_loss(sampler.take(cfg.batch_size))
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - began
         record = {

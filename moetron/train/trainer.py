@@ -34,7 +34,7 @@ from moetron.train.distributed import (
     peak_memory_bytes,
     teardown,
 )
-from moetron.train.optim import build_optimizer, lr_at, set_lr
+from moetron.train.optim import build_optimizer, clip_and_step, lr_at, set_lr
 
 if TYPE_CHECKING:
     from moetron.parallel.pipeline import Pipeline
@@ -250,11 +250,11 @@ def _train(cfg: Config, ctx: DistContext, stop_after: int | None) -> TrainResult
         for part in parts:
             metrics.reset_expert_load(part)
         with measure_comm_time(step == profiled_step) as comm_time_s:
-            step_loss, grad_norm = _train_step(cfg, ctx, compute, model, pipe, loader, params)
+            step_loss = _forward_backward(cfg, ctx, compute, model, pipe, loader)
             load_LE = _expert_load(cfg, ctx, parts)
             if cfg.model.moe.bias_update_rate > 0:
                 balance.update_expert_bias(_moe_layers(cfg, parts), load_LE, cfg.model.moe.bias_update_rate)
-            optimizer.step()
+            grad_norm = _clip_and_step(tc, ctx, optimizer, params)
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         clock["train_time_s"] += ctx.max_over_world(elapsed) if tc.time_budget_s > 0 else elapsed
@@ -316,17 +316,16 @@ def _out_of_time(tc: TrainConfig, clock: dict[str, float]) -> bool:
     return tc.time_budget_s > 0 and clock["train_time_s"] >= tc.time_budget_s
 
 
-def _train_step(
+def _forward_backward(
     cfg: Config,
     ctx: DistContext,
     compute: precision.Precision,
     model: Transformer,
     pipe: Pipeline | None,
     loader: PackedLoader,
-    params: list[torch.Tensor],
-) -> tuple[float, torch.Tensor]:
-    """Forward and backward over grad_accum_steps micro-batches, then the clipped global grad
-    norm. Returns (this rank's mean LM loss, or 0 on pipeline stages without the loss; grad norm)."""
+) -> float:
+    """Forward and backward over grad_accum_steps micro-batches. Returns this rank's mean LM loss
+    (0 on pipeline stages without the loss)."""
     tc = cfg.train
     step_loss = 0.0
     for _ in range(tc.grad_accum_steps):
@@ -340,10 +339,19 @@ def _train_step(
                 (loss_tensor / tc.grad_accum_steps).backward()
                 loss = float(loss_tensor.detach())
         step_loss += loss / tc.grad_accum_steps
+    return step_loss
+
+
+def _clip_and_step(
+    tc: TrainConfig, ctx: DistContext, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> torch.Tensor:
+    """Clip the global grad norm to train.grad_clip (0: no limit), step; returns the norm."""
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-    if ctx.distributed:
-        return step_loss, clip_grad_norm_(params, max_norm, ctx)
-    return step_loss, torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not ctx.distributed:
+        return clip_and_step(optimizer, params, max_norm)
+    grad_norm = clip_grad_norm_(params, max_norm, ctx)
+    optimizer.step()
+    return grad_norm
 
 
 def _step_losses(
