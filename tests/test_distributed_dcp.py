@@ -143,6 +143,30 @@ def test_two_stages_of_one_rank_save_under_the_whole_models_names(tmp_path: Path
             )
 
 
+def test_resumed_optimizer_keeps_its_own_kernel_choice(tmp_path: Path) -> None:
+    """A sharded job's optimizer runs the foreach AdamW (DTensors) and its checkpoint's param groups
+    say so; one process resuming from it keeps build_optimizer's fused AdamW, with the saved moments."""
+    from moetron.config import Config, ModelConfig
+    from moetron.parallel.mesh import ParallelDims
+    from moetron.train import checkpoint_io
+    from moetron.train.distributed import DistContext
+
+    model = shared.new_model(seed=0)
+    foreach = torch.optim.AdamW(model.parameters(), lr=shared.TRAIN.lr, fused=False, foreach=True)
+    shared.single_process_step(model, foreach, 1)
+    save_dcp(tmp_path, 1, [model], foreach, shared.state_at(1), keep=1)
+
+    fresh = shared.new_model(seed=99)
+    optimizer = build_optimizer(fresh, shared.TRAIN)
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+    cfg = Config(model=ModelConfig())
+    ctx = DistContext(ParallelDims.from_config(cfg.parallel, 1), None)
+    assert checkpoint_io.load_latest(tmp_path, cfg, [fresh], optimizer, ctx).step == 1
+    assert all(group["fused"] and not group["foreach"] for group in optimizer.param_groups)
+    for loaded, saved in zip(fresh.parameters(), model.parameters(), strict=True):
+        assert torch.equal(optimizer.state[loaded]["exp_avg"], foreach.state[saved]["exp_avg"])
+
+
 def test_nothing_to_load_returns_none(tmp_path: Path) -> None:
     model = shared.new_model(seed=0)
     assert load_latest_dcp(tmp_path / "absent", [model], build_optimizer(model, shared.TRAIN)) is None

@@ -50,7 +50,26 @@ def load_latest(
     optimizer: torch.optim.Optimizer,
     ctx: DistContext,
 ) -> TrainingState | None:
-    """Restore from the newest checkpoint in `directory` (either format); None if there is none."""
+    """Restore from the newest checkpoint in `directory` (either format); None if there is none.
+    The optimizer keeps its own kernel choice (fused or foreach AdamW: build_optimizer's, for this
+    layout), not the saved job's, which its param groups carry: a one-process run resumed from an
+    FSDP job's checkpoint had stepped with the foreach AdamW."""
+    kernels = [
+        {key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups
+    ]
+    state = _load_latest(directory, cfg, parts, optimizer, ctx)
+    for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(chosen)
+    return state
+
+
+def _load_latest(
+    directory: Path,
+    cfg: Config,
+    parts: list[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+) -> TrainingState | None:
     found = checkpoint.list_checkpoints(directory)
     if not found:
         return None

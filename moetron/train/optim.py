@@ -47,7 +47,9 @@ def clip_and_step(
     coef = max_norm / (total + 1e-6)
     if bool(coef >= 1.0):
         optimizer.step()
-    elif optimizer.defaults.get("fused"):  # (a NaN norm lands here too, and scales in, as torch's does)
+    elif all(
+        group.get("fused") for group in optimizer.param_groups
+    ):  # (a NaN norm lands here too, and scales in, as torch's does)
         optimizer.grad_scale = (1.0 / coef).to(grads[0].device)  # type: ignore[attr-defined]
         try:
             optimizer.step()
