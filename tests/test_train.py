@@ -278,6 +278,20 @@ def test_clip_and_step_matches_torch(max_norm: float, fused: bool) -> None:
     assert all(torch.isnan(p).all() for p in ours)
 
 
+def test_clip_and_step_sums_bf16_gradients_in_fp32() -> None:
+    """bf16 gradients (a model trained in bf16 weights): the norm is their exact values' norm to fp32
+    accuracy, not a sum rounded to bf16 (a bf16 dot product: ~1e-3 off)."""
+    from moetron.train.optim import clip_and_step
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (300, 40_000)]
+    for p in params:
+        p.grad = torch.randn(p.shape).bfloat16()
+    exact = torch.cat([p.grad.double() for p in params]).norm()
+    norm = clip_and_step(torch.optim.AdamW(params, lr=1e-3, fused=True), params, math.inf)
+    assert float(norm) == pytest.approx(float(exact), rel=1e-6)
+
+
 def test_lr_schedule_over_a_time_budget() -> None:
     from moetron.config import TrainConfig
     from moetron.train.optim import lr_at

@@ -39,17 +39,12 @@ def clip_and_step(
     coefficient as it reads it (its `grad_scale` input, GradScaler's) instead of a pass of its own.
     Returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = (
-        torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)).double() for g in grads]).sum().sqrt().float()
-        if grads
-        else torch.zeros(())
-    )
+    total = torch.stack([_squared_norm(g) for g in grads]).sum().sqrt().float() if grads else torch.zeros(())
     coef = max_norm / (total + 1e-6)
+    fused = all(group.get("fused") for group in optimizer.param_groups)
     if bool(coef >= 1.0):
         optimizer.step()
-    elif all(
-        group.get("fused") for group in optimizer.param_groups
-    ):  # (a NaN norm lands here too, and scales in, as torch's does)
+    elif fused:  # (a NaN norm lands here too, and scales every gradient in, as torch's does)
         optimizer.grad_scale = (1.0 / coef).to(grads[0].device)  # type: ignore[attr-defined]
         try:
             optimizer.step()
@@ -59,6 +54,15 @@ def clip_and_step(
         torch._foreach_mul_(grads, coef.to(grads[0].device))
         optimizer.step()
     return total
+
+
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """|grad|² in fp64: a BLAS dot for fp32 (and fp64); half-precision gradients summed in fp32
+    (a bf16 dot would round the sum to bf16)."""
+    flat = grad.reshape(-1)
+    if grad.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat).double()
+    return torch.linalg.vector_norm(flat, dtype=torch.float32).double() ** 2
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
