@@ -289,7 +289,7 @@ def test_clip_and_step_sums_bf16_gradients_in_fp32() -> None:
         p.grad = torch.randn(p.shape).bfloat16()
     exact = torch.cat([p.grad.double() for p in params]).norm()
     norm = clip_and_step(torch.optim.AdamW(params, lr=1e-3, fused=True), params, math.inf)
-    assert float(norm) == pytest.approx(float(exact), rel=1e-6)
+    assert float(norm) == pytest.approx(float(exact), rel=1e-5)  # (2.4e-6 here; bf16's ulp is 4e-3)
 
 
 def test_lr_schedule_over_a_time_budget() -> None:
