@@ -9,6 +9,8 @@ older ones, as each format's loader does).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,51 +52,48 @@ def load_latest(
     optimizer: torch.optim.Optimizer,
     ctx: DistContext,
 ) -> TrainingState | None:
-    """Restore from the newest checkpoint in `directory` (either format); None if there is none.
-    The optimizer keeps its own kernel choice (fused or foreach AdamW: build_optimizer's, for this
-    layout), not the saved job's, which its param groups carry: a one-process run resumed from an
-    FSDP job's checkpoint had stepped with the foreach AdamW."""
-    kernels = [
-        {key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups
-    ]
-    state = _load_latest(directory, cfg, parts, optimizer, ctx)
-    for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
-        group.update(chosen)
-    return state
-
-
-def _load_latest(
-    directory: Path,
-    cfg: Config,
-    parts: list[nn.Module],
-    optimizer: torch.optim.Optimizer,
-    ctx: DistContext,
-) -> TrainingState | None:
+    """Restore from the newest checkpoint in `directory` (either format); None if there is none."""
     found = checkpoint.list_checkpoints(directory)
     if not found:
         return None
     # imported here: torch.distributed.checkpoint costs seconds, which most single runs never need
     from moetron.train import dcp_checkpoint
 
-    if _is_dcp(found[-1]):
-        return dcp_checkpoint.load_latest_dcp(directory, parts, optimizer)
-    if not ctx.distributed:
-        return checkpoint.load_latest(directory, parts[0], optimizer)
-    # A single-process checkpoint into a sharded layout: load it into a full model and optimizer
-    # on every rank, then let each rank keep its shards (set_state_dict with full state dicts).
-    for path in reversed(found):
-        if _is_dcp(path):
+    with _own_kernel_choice(optimizer):
+        if _is_dcp(found[-1]):
             return dcp_checkpoint.load_latest_dcp(directory, parts, optimizer)
-        full_model = Transformer.from_config(cfg.model)
-        full_optimizer = build_optimizer(full_model, cfg.train)
-        try:
-            state = checkpoint.load_checkpoint(path, full_model, full_optimizer)  # sets the RNG too
-        except ValueError as e:
-            ctx.log(f"[checkpoint] skipping {path.name}: {e}")
-            continue
-        _load_full(full_model, full_optimizer, parts, optimizer, directory, ctx)
-        return state
+        if not ctx.distributed:
+            return checkpoint.load_latest(directory, parts[0], optimizer)
+        # A single-process checkpoint into a sharded layout: load it into a full model and optimizer
+        # on every rank, then let each rank keep its shards (set_state_dict with full state dicts).
+        for path in reversed(found):
+            if _is_dcp(path):
+                return dcp_checkpoint.load_latest_dcp(directory, parts, optimizer)
+            full_model = Transformer.from_config(cfg.model)
+            full_optimizer = build_optimizer(full_model, cfg.train)
+            try:
+                state = checkpoint.load_checkpoint(path, full_model, full_optimizer)  # sets the RNG too
+            except ValueError as e:
+                ctx.log(f"[checkpoint] skipping {path.name}: {e}")
+                continue
+            _load_full(full_model, full_optimizer, parts, optimizer, directory, ctx)
+            return state
     return None
+
+
+@contextmanager
+def _own_kernel_choice(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The optimizer keeps its kernel choice (fused or foreach AdamW: build_optimizer's, for this
+    layout) through a load, not the saved job's, which its param groups carry: a one-process run
+    resumed from an FSDP job's checkpoint had stepped with the foreach AdamW."""
+    kernels = [
+        {key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups
+    ]
+    try:
+        yield
+    finally:
+        for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(chosen)
 
 
 def _load_full(
