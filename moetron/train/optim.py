@@ -41,10 +41,9 @@ def clip_and_step(
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.stack([_squared_norm(g) for g in grads]).sum().sqrt().float() if grads else torch.zeros(())
     coef = max_norm / (total + 1e-6)
-    fused = all(group.get("fused") for group in optimizer.param_groups)
-    if bool(coef >= 1.0):
+    if bool(coef >= 1.0):  # (False for a NaN norm, which then scales every gradient in, as torch's does)
         optimizer.step()
-    elif fused:  # (a NaN norm lands here too, and scales every gradient in, as torch's does)
+    elif all(group.get("fused") for group in optimizer.param_groups):
         optimizer.grad_scale = (1.0 / coef).to(grads[0].device)  # type: ignore[attr-defined]
         try:
             optimizer.step()
