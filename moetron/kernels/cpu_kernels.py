@@ -10,7 +10,9 @@
   * attention_train_avx2.cpp: causal attention's forward and backward (fp32 or bf16) for CPU training;
   * lm_loss_avx2.cpp: the language-model loss's per-row work (its value, its gradient in place);
   * norm_train_avx2.cpp: RMSNorm's forward and backward for CPU training;
-  * rope_train_avx2.cpp: the rotary embedding's rotation and its inverse (its gradient).
+  * rope_train_avx2.cpp: the rotary embedding's rotation and its inverse (its gradient);
+  * grouped_sgemm.cpp: groups of fp32 matmuls spread over the threads whole, each a call of the
+    BLAS torch uses (MKL's, reached through torch's library: `grouped_sgemm`).
 
 Plain C++ with AVX2 intrinsics and no torch headers: one `c++` call takes a few seconds, and
 the library is cached under ~/.cache/moetron/kernels (or $MOETRON_CACHE_DIR/kernels) by a hash of
@@ -56,6 +58,7 @@ SOURCES = (
     "lm_loss_avx2.cpp",
     "norm_train_avx2.cpp",
     "rope_train_avx2.cpp",
+    "grouped_sgemm.cpp",
 )
 HEADERS = (
     "simd_avx2.h", "linear_tiles.h", "attention_item.h", "moe.h", "export.h", "quant_blocks.h",
@@ -63,7 +66,7 @@ HEADERS = (
 )  # fmt: skip
 # The C interface's version, compiled in (abi.cpp reports it back). Bump it when an entry point's
 # arguments or meaning change: a library built for another version is refused as stale.
-ABI_VERSION = 24  # 24: fp32 training attention; 23: bf16 token rows in the MoE moves; 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
+ABI_VERSION = 25  # 25: grouped sgemm; 24: fp32 training attention; 23: bf16 token rows in the MoE moves; 22: rope rows; 21: the training RMSNorm; 20: the LM loss rows; 19: training attention
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse anything else, or a
 # scalar tail could round differently from the vector body.
 FLAGS = [
@@ -622,3 +625,78 @@ def rope_rows(
         int(cos_BTd.dtype == torch.bfloat16), B * T, H, d, int(inverse), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+# out = a @ b, or out += a @ b where the flag is set: one product of `grouped_sgemm`.
+Product = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+
+
+@functools.cache
+def _torch_blas() -> tuple[int, int] | None:
+    """The addresses of MKL's sgemm_ and MKL_Set_Num_Threads_Local (mkl.h's
+    mkl_set_num_threads_local; the lowercase symbol is the Fortran entry, which takes a pointer) in
+    torch's own library, where torch was built with MKL and exports them (its x86 wheels); else None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        sgemm, set_local_threads = (lib.sgemm_, lib.MKL_Set_Num_Threads_Local)
+    except (OSError, AttributeError):
+        return None
+    return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (sgemm, set_local_threads))  # type: ignore[return-value]
+
+
+def grouped_sgemm_available() -> bool:
+    return available() and _torch_blas() is not None
+
+
+def _sgemm_fields(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> list[int] | None:
+    """sgemm_'s arguments (grouped_sgemm.cpp's FIELDS) for row-major out (+)= a @ b, computed as the
+    column-major out^T = b^T a^T; None unless these are fp32 CPU matrices [M, K] x [K, N] -> [M, N]
+    with a unit stride each (out along its rows), as BLAS needs."""
+    if not (
+        a.dim() == b.dim() == out.dim() == 2
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (a, b, out))
+        and a.shape[1] == b.shape[0]
+        and out.shape == (a.shape[0], b.shape[1])
+        and out.stride(1) == 1
+    ):
+        return None
+    operands = []
+    for t in (b, a):  # sgemm_'s a, b: b^T [N, K] and a^T [K, M], column-major
+        if t.stride(1) == 1:  # t's rows are unit-stride: t^T column-major as it is
+            operands += [ord("N"), max(t.stride(0), t.shape[1], 1)]
+        elif t.stride(0) == 1:  # a transposed view: t column-major, read transposed
+            operands += [ord("T"), max(t.stride(1), t.shape[0], 1)]
+        else:
+            return None
+    (trans_a, lda, trans_b, ldb), (m, k), n = operands, a.shape, b.shape[1]
+    return [trans_a, trans_b, n, m, k, lda, ldb, max(out.stride(0), n, 1), int(accumulate)]
+
+
+def grouped_sgemm(groups: list[list[Product]], thread_of: list[int]) -> bool:
+    """Run group g's fp32 products in order (a later one may add into an earlier one's output) on
+    thread thread_of[g], every product one single-threaded call of torch's own MKL sgemm: each
+    result is torch.mm's (or addmm_'s) bits at one thread, whichever thread or schedule runs it.
+    Groups must write disjoint outputs. False, running nothing, where torch has no MKL sgemm to
+    call or a product is not one it takes (`_sgemm_fields`)."""
+    blas = _torch_blas()
+    if blas is None:
+        return False
+    fields, pointers, group_ends = [], [], []
+    for group in groups:
+        for a, b, out, accumulate in group:
+            product = _sgemm_fields(a, b, out, accumulate)
+            if product is None:
+                return False
+            fields += product
+            pointers += [b.data_ptr(), a.data_ptr(), out.data_ptr()]  # sgemm_'s a, b, c
+        group_ends.append(len(pointers) // 3)
+    fields_t, pointers_t, ends_t, threads_t = (
+        torch.tensor(values, dtype=torch.int64) for values in (fields, pointers, group_ends, thread_of)
+    )
+    library().moetron_grouped_sgemm(
+        blas[0], blas[1], fields_t.data_ptr(), pointers_t.data_ptr(), ends_t.data_ptr(), threads_t.data_ptr(),
+        len(groups), torch.get_num_threads(),
+    )  # fmt: skip
+    return True

@@ -16,6 +16,8 @@ batched kernels' own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -102,29 +104,59 @@ def expert_rows(sizes: list[int], dtype: torch.dtype, weight_elements: int) -> t
 CALL_FLOPS = 16_000_000
 
 
+# out = a @ b, or out += a @ b where the flag is set: one matrix (or batched) product.
+Product = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+# Runs groups of products: each group's in order (a later one may add into an earlier one's
+# output), the groups in any order or at once (they write disjoint outputs).
+GroupedMatmuls = Callable[[list[list[Product]]], None]
+
+
+def torch_matmuls(groups: list[list[Product]]) -> None:
+    """One product after another: torch's matmuls, each over all threads. A faster GroupedMatmuls
+    with the same results can be installed from outside (train/moe_cpu_kernels.py)."""
+    for group in groups:
+        for a, b, out, accumulate in group:
+            (_add_matmul if accumulate else _matmul)(a, b, out)
+
+
 def swiglu_forward(
-    x_SD: torch.Tensor, runs: list[Run], w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor
+    x_SD: torch.Tensor,
+    runs: list[Run],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+    matmuls: GroupedMatmuls = torch_matmuls,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The experts on buffer rows laid out in `runs` (expert_rows): (y_SD, and the pre-activations
     h1, h3 that `swiglu_backward` needs). Each product is written into slices of preallocated
-    outputs. Plain tensors, no autograd: GroupedSwiGLU's and routed_swiglu_cpu's shared math."""
+    outputs, each run's products one group of `matmuls`. Plain tensors, no autograd:
+    GroupedSwiGLU's and routed_swiglu_cpu's shared math."""
     x_SD = x_SD.contiguous()
     num_rows, hidden = x_SD.shape[0], w1_EID.shape[1]
     h1_SI, h3_SI = x_SD.new_empty(num_rows, hidden), x_SD.new_empty(num_rows, hidden)
     y_SD = x_SD.new_empty(num_rows, w2_EDI.shape[1])
     blocks = _run_blocks(runs)
+    groups = []
     for experts, rows, shape in blocks:
-        x = x_SD[rows].view(shape)
-        _matmul(x, _t(w1_EID[experts]), h1_SI[rows].view(*shape[:-1], hidden))
-        _matmul(x, _t(w3_EID[experts]), h3_SI[rows].view(*shape[:-1], hidden))
+        x, hidden_shape = x_SD[rows].view(shape), (*shape[:-1], hidden)
+        groups.append([
+            (x, _t(w1_EID[experts]), h1_SI[rows].view(hidden_shape), False),
+            (x, _t(w3_EID[experts]), h3_SI[rows].view(hidden_shape), False),
+        ])  # fmt: skip
+    matmuls(groups)
     g_SI = F.silu(h1_SI).mul_(h3_SI)  # the activation over all rows at once
-    for experts, rows, shape in blocks:
-        _matmul(g_SI[rows].view(*shape[:-1], hidden), _t(w2_EDI[experts]), y_SD[rows].view(shape))
+    matmuls([
+        [(g_SI[rows].view(*shape[:-1], hidden), _t(w2_EDI[experts]), y_SD[rows].view(shape), False)]
+        for experts, rows, shape in blocks
+    ])  # fmt: skip
     return y_SD, h1_SI, h3_SI
 
 
 def swiglu_backward(
-    dy_SD: torch.Tensor, runs: list[Run], saved: tuple[torch.Tensor, ...]
+    dy_SD: torch.Tensor,
+    runs: list[Run],
+    saved: tuple[torch.Tensor, ...],
+    matmuls: GroupedMatmuls = torch_matmuls,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx_SD, dw1, dw2, dw3) of `swiglu_forward`; saved = (x_SD, h1, h3, w1, w2, w3)."""
     x_SD, h1_SI, h3_SI, w1_EID, w2_EDI, w3_EID = saved
@@ -134,8 +166,10 @@ def swiglu_backward(
     # dg = dy @ w2[e] per run, then the SwiGLU's elementwise gradient over all rows at once:
     # five whole-buffer passes instead of ten small ones per run.
     dg_SI = torch.empty_like(h1_SI)
-    for experts, rows, shape in blocks:
-        _matmul(dy_SD[rows].view(shape), w2_EDI[experts], dg_SI[rows].view(*shape[:-1], hidden))
+    matmuls([
+        [(dy_SD[rows].view(shape), w2_EDI[experts], dg_SI[rows].view(*shape[:-1], hidden), False)]
+        for experts, rows, shape in blocks
+    ])  # fmt: skip
     g_SI, dh1_SI, dh3_SI = _swiglu_backward(dg_SI, h1_SI, h3_SI)
     dx_SD = torch.empty_like(x_SD)
     dw1_EID, dw2_EDI, dw3_EID = (torch.empty_like(w) for w in (w1_EID, w2_EDI, w3_EID))
@@ -143,15 +177,19 @@ def swiglu_backward(
     idle = sorted(set(range(w1_EID.shape[0])) - busy)
     for dw in (dw1_EID, dw2_EDI, dw3_EID):  # an expert without rows: a zero gradient, as in the loop
         dw[idle] = 0
+    groups = []
     for experts, rows, shape in blocks:
         hidden_shape = (*shape[:-1], hidden)
         x, dh1, dh3 = x_SD[rows].view(shape), dh1_SI[rows].view(hidden_shape), dh3_SI[rows].view(hidden_shape)
-        _matmul(_t(dy_SD[rows].view(shape)), g_SI[rows].view(hidden_shape), dw2_EDI[experts])
-        _matmul(_t(dh1), x, dw1_EID[experts])
-        _matmul(_t(dh3), x, dw3_EID[experts])
         dx = dx_SD[rows].view(shape)
-        _matmul(dh1, w1_EID[experts], dx)
-        _add_matmul(dh3, w3_EID[experts], dx)
+        groups.append([
+            (_t(dy_SD[rows].view(shape)), g_SI[rows].view(hidden_shape), dw2_EDI[experts], False),
+            (_t(dh1), x, dw1_EID[experts], False),
+            (_t(dh3), x, dw3_EID[experts], False),
+            (dh1, w1_EID[experts], dx, False),
+            (dh3, w3_EID[experts], dx, True),  # after the one before: both write dx
+        ])  # fmt: skip
+    matmuls(groups)
     return dx_SD, dw1_EID, dw2_EDI, dw3_EID
 
 

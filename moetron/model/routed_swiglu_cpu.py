@@ -30,6 +30,7 @@ from moetron.model.grouped_swiglu_cpu import (
     rows_in_padded,
     swiglu_backward,
     swiglu_forward,
+    torch_matmuls,
 )
 from moetron.model.row_moves import dispatch_order, gather_rows
 
@@ -94,7 +95,7 @@ class RoutedSwiGLU(torch.autograd.Function):
         w3_EID: torch.Tensor,
     ) -> torch.Tensor:
         x_SD = moves.dispatch(x_TD, pair_S, weights_TK.shape[1], w1_EID.dtype, layout)
-        y_SD, h1, h3 = swiglu_forward(x_SD, layout.runs, w1_EID, w2_EDI, w3_EID)
+        y_SD, h1, h3 = swiglu_forward(x_SD, layout.runs, w1_EID, w2_EDI, w3_EID, moves.matmuls)
         ctx.layout, ctx.moves, ctx.x_dtype = layout, moves, x_TD.dtype
         ctx.save_for_backward(weights_TK, pair_S, slot_P, y_SD, x_SD, h1, h3, w1_EID, w2_EDI, w3_EID)
         return moves.combine(y_SD, slot_P, weights_TK, x_TD.dtype, layout)
@@ -106,14 +107,17 @@ class RoutedSwiGLU(torch.autograd.Function):
         dy_SD, dweights_TK = moves.combine_backward(
             dout_TD.contiguous(), weights_TK, y_SD, pair_S, slot_P, ctx.needs_input_grad[1], layout
         )
-        dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.runs, tuple(saved))
+        dx_SD, dw1_EID, dw2_EDI, dw3_EID = swiglu_backward(dy_SD, layout.runs, tuple(saved), moves.matmuls)
         dx_TD = moves.dispatch_backward(dx_SD, slot_P, weights_TK.shape[1], ctx.x_dtype, layout)
         return dx_TD, dweights_TK, None, None, None, None, dw1_EID, dw2_EDI, dw3_EID
 
 
 class TorchMoves:
-    """The row plan and the four moves as torch ops (any dtypes). A faster implementation installed
-    from outside has the same static methods and the same results."""
+    """The row plan and the four moves as torch ops (any dtypes), and the experts' products as
+    torch's matmuls (`matmuls`: grouped_swiglu_cpu.GroupedMatmuls). A faster implementation
+    installed from outside has the same static methods and the same results."""
+
+    matmuls = staticmethod(torch_matmuls)
 
     @staticmethod
     def takes(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
