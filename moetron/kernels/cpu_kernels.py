@@ -40,10 +40,14 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from moetron import hardware
+
+if TYPE_CHECKING:
+    from moetron.model.grouped_swiglu_cpu import Product
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = (
@@ -625,10 +629,6 @@ def rope_rows(
         int(cos_BTd.dtype == torch.bfloat16), B * T, H, d, int(inverse), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
-
-
-# out = a @ b, or out += a @ b where the flag is set: one product of `grouped_sgemm`.
-Product = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
 
 
 @functools.cache

@@ -5,9 +5,10 @@ layers from outside (`install`), as the serving engine installs its own:
     five map-building ops) and its four row moves, one pass each that gathers, converts and weighs
     (for 3-5 whole-tensor torch ops each): torch's bits, but for the router weights' gradient, a
     dot product summed in the kernel's own order (model/routed_swiglu_cpu.py has the torch ones);
-  * `KernelMoves.matmuls`: the experts' products, each expert's on one thread and the experts
-    spread over the threads (kernels/grouped_sgemm.cpp), where torch splits every product over
-    all of them; fp32, torch.mm's bits;
+  * `KernelMoves.matmuls`: the experts' fp32 products, each expert's on one thread and the
+    experts spread over the threads (kernels/grouped_sgemm.cpp), where torch splits every product
+    over all of them: torch.mm's bits at one thread (its multi-threaded bits can differ at tiny
+    shapes), so the result does not depend on the thread count or the schedule either;
   * `topk_routing`: the router's top-k choice and its weights as one autograd node, a kernel each
     way. torch's top-k over [T, E] probabilities, the gather of the chosen ones, their
     renormalisation and the backward of each (a scatter into zeros, two reductions) took ~0.6 ms a
@@ -31,7 +32,8 @@ from moetron.model.routed_swiglu_cpu import Layout
 
 # How much longer than an even split the busiest thread's share of the experts' products may be
 # for `spread_over_threads` to take them whole, one expert to a thread: a single-threaded product
-# of an expert's 100-500 rows runs 5-30% faster than the same product split over both cores.
+# of an expert's rows runs 10-30% faster than the same product split over both cores (2-core AVX2
+# EPYC, grouped_sgemm.cpp), so a tenth's imbalance still gains.
 MAX_IMBALANCE = 1.1
 
 
