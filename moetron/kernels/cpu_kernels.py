@@ -646,8 +646,16 @@ def _torch_blas() -> tuple[int, int] | None:
     return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (sgemm, set_local_threads))  # type: ignore[return-value]
 
 
+@functools.cache
 def grouped_sgemm_available() -> bool:
-    return available() and _torch_blas() is not None
+    """Whether `grouped_sgemm` runs here: the kernels built, torch's MKL entry points found, and one
+    small product through them equal to torch's (checked once; torch's path otherwise)."""
+    if not (available() and _torch_blas() is not None):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=gen), torch.randn(6, 7, generator=gen).t()
+    out = torch.zeros(5, 6)
+    return grouped_sgemm([[(a, b, out, False)]], [0]) and torch.allclose(out, a @ b, rtol=1e-5, atol=1e-5)
 
 
 def _sgemm_fields(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> list[int] | None:
