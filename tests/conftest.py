@@ -180,15 +180,24 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = "any
 # --- Shared by the engine's unit tests.
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside, the previous one restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Thousands of tiny forwards: thread start-up costs more than it saves there."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 CHI2_P_THRESHOLD = 1e-3  # fixed seeds: deterministic; fails only for a real mismatch (or 1-in-1000 bad luck)

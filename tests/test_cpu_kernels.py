@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from moetron.kernels import cpu_kernels
 
@@ -57,22 +58,14 @@ def test_rows_are_invariant_to_row_count_place_and_threads(threads: int) -> None
     gen = torch.Generator().manual_seed(threads)
     w = torch.randn(203, 517, generator=gen)  # odd N and K: tails in both
     x = torch.randn(70, 517, generator=gen)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         full = cpu_kernels.linear_f32(x, w)
         for start, stop in [(0, 1), (5, 6), (3, 7), (1, 66), (69, 70), (10, 12)]:
             assert torch.equal(cpu_kernels.linear_f32(x[start:stop], w), full[start:stop]), (start, stop)
         shuffled = torch.randperm(70, generator=gen)
         assert torch.equal(cpu_kernels.linear_f32(x[shuffled], w), full[shuffled])
-    finally:
-        torch.set_num_threads(previous)
-    # and the same bits at every thread count
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):  # and the same bits at every thread count
         assert torch.equal(cpu_kernels.linear_f32(x, w), full)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_kernels

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from moetron.kernels import cpu_kernels
 from moetron.model.grouped_swiglu_cpu import Product, torch_matmuls
@@ -47,12 +48,8 @@ def _outputs(groups: list[list[Product]]) -> list[torch.Tensor]:
 
 def test_grouped_sgemm_gives_torch_mm_bits_at_one_thread_on_any_schedule() -> None:
     expected_groups = _groups(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         torch_matmuls(expected_groups)
-    finally:
-        torch.set_num_threads(threads)
     expected = _outputs(expected_groups)
     schedules = [[0, 0, 0, 0], [0, 1, 0, 1], [1, 0, 1, 1]]  # thread 1 folds onto 0 on one thread
     for thread_of in schedules:

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from moetron.infer.sampling import (
     Sampler,
@@ -267,12 +268,8 @@ CHI2_P_THRESHOLD = 1e-3
 def test_sampling_follows_distribution(knobs: dict) -> None:
     """Chi-square goodness of fit of 40,000 seeded draws against the reference distribution; fails
     if the p-value is below 1e-3 (fixed seeds, so it is deterministic, not flaky)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small calls: threads only add overhead
-    try:
+    with torch_threads(1):  # many small calls: threads only add overhead
         _check_distribution(knobs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _check_distribution(knobs: dict) -> None:

@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torch_threads
 
 from moetron.config import ModelConfig, MoEConfig, RopeConfig, tiny
 from moetron.model import Transformer
@@ -867,12 +868,8 @@ def test_routed_experts_node_equals_the_composed_path(
         return [out.detach(), *grads], _autograd_node_names(out)
 
     fused, fused_nodes = output_and_grads(fused=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if kernels else threads)
-    try:
+    with torch_threads(1 if kernels else torch.get_num_threads()):
         composed, composed_nodes = output_and_grads(fused=False)
-    finally:
-        torch.set_num_threads(threads)
     ran = "RoutedSwiGLUBackward" in fused_nodes
     assert ran == (not autocast or native_bf16_matmul("cpu")) and "RoutedSwiGLUBackward" not in composed_nodes
     names = ["out", "x", *(name for name, _ in layer.named_parameters())]

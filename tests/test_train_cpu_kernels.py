@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torch_threads
 
 from moetron.config import ModelConfig, MoEConfig
 from moetron.kernels import cpu_kernels
@@ -71,9 +72,7 @@ def test_kernel_is_deterministic_and_its_forward_batch_invariant(threads: int) -
     """The same bits every call, for one kv head per batch row (B=1: the tasks of one kv head
     shared by the threads, partial sums added in thread order) and several (each on one thread);
     a sequence's output and log-sum-exp are the same bits alone as in a batch."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for B, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (1, torch.float32), (4, torch.float32)):
             q, k, v, dout = _inputs(B, 77, 4, 1, 64, seed=B, dtype=dtype)
             first, again = _kernel(q, k, v, dout), _kernel(q, k, v, dout)
@@ -85,8 +84,6 @@ def test_kernel_is_deterministic_and_its_forward_batch_invariant(threads: int) -
                     q[b : b + 1], k[b : b + 1], v[b : b + 1], scale
                 )
                 assert torch.equal(alone_out[0], out[b]) and torch.equal(alone_lse[0], lse[b])
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _model(dtype: torch.dtype) -> Transformer:
