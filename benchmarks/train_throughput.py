@@ -10,14 +10,18 @@ Weights: transformers builds and initialises a Mixtral, `save_pretrained` writes
 One step = zero grads, forward and loss as each library's training computes it (moetron:
 `model(ids, targets_BT=...)`, the trainer's loss, fused with the output projection; transformers:
 `model(input_ids, labels=...).loss`, its Trainer's; the same next-token cross-entropy in fp32 over
-the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step, each as its trainer does them: ours
-`train.optim.clip_and_step` on `build_optimizer`'s fused AdamW (the clip folded into the step);
-transformers' `torch.nn.utils.clip_grad_norm_` then `torch.optim.AdamW(fused=True)`, its Trainer's
-default (`adamw_torch_fused`). The
-process keeps freed memory (`train.allocator.retain_freed_memory`, as `moetron train` does); that
-setting is process-wide, so transformers' step gets it too, as it gets the larger oneDNN kernel cache that importing moetron sets (`moetron/hardware.py`). Router auxiliary losses are off on both sides: moetron's aux and z-loss weights are
-set to 0 (the losses are still computed, just not weighted in) and transformers runs with
-output_router_logits=False. Both use SDPA attention, train mode, no dropout, no KV cache.
+the same positions), backward, global grad-norm clipping at 1.0 and an AdamW step, each as its
+trainer does them: ours `train.optim.clip_and_step` on `build_optimizer`'s fused AdamW (the clip
+folded into the step); transformers' `torch.nn.utils.clip_grad_norm_` then
+`torch.optim.AdamW(fused=True)`, its Trainer's default (`adamw_torch_fused`). On a CPU ours runs
+with the CPU training kernels the trainer installs (`train.cpu_training_kernels`: attention, MoE,
+norms, rotary, loss); transformers with SDPA attention. The process keeps freed memory
+(`train.allocator.retain_freed_memory`, as `moetron train` does); that setting is process-wide, so
+transformers' step gets it too, as it gets the larger oneDNN kernel cache that importing moetron
+sets (`moetron/hardware.py`). Router auxiliary losses are off on both sides: moetron's aux and
+z-loss weights are set to 0 (the losses are still computed, just not weighted in) and transformers
+runs with output_router_logits=False. Both run dropless (the Mixtral checkpoint carries no capacity
+factor), in train mode, no dropout, no KV cache.
 """
 
 from __future__ import annotations

@@ -74,8 +74,11 @@ def test_grouped_sgemm_gives_torch_mm_bits_at_one_thread_on_any_schedule() -> No
         lambda t: t.to(torch.bfloat16),  # not fp32
         lambda t: t[:, ::2].t(),  # no unit stride either way (a [2, 3] view of a [3, 4] matrix)
         lambda t: t.unsqueeze(0),  # a batch of matrices (bf16 runs' bmm)
+        # one row whose leading dimension (2^31) an LP64 BLAS cannot take (its 4 values are all
+        # the storage a single row reads)
+        lambda t: t[:1].as_strided((1, 4), (2**31, 1)),
     ],
-    ids=["bf16", "no_unit_stride", "batched"],
+    ids=["bf16", "no_unit_stride", "batched", "size_over_int32"],
 )
 def test_grouped_sgemm_runs_nothing_when_a_product_is_not_for_blas(bad) -> None:
     sentinel = torch.full((3, 3), 7.0)

@@ -661,7 +661,7 @@ def grouped_sgemm_available() -> bool:
 def _sgemm_fields(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> list[int] | None:
     """sgemm_'s arguments (grouped_sgemm.cpp's FIELDS) for row-major out (+)= a @ b, computed as the
     column-major out^T = b^T a^T; None unless these are fp32 CPU matrices [M, K] x [K, N] -> [M, N]
-    with a unit stride each (out along its rows), as BLAS needs."""
+    with a unit stride each (out along its rows) and sizes below 2^31, as BLAS needs."""
     if not (
         a.dim() == b.dim() == out.dim() == 2
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (a, b, out))
@@ -679,7 +679,8 @@ def _sgemm_fields(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulat
         else:
             return None
     (trans_a, lda, trans_b, ldb), (m, k), n = operands, a.shape, b.shape[1]
-    return [trans_a, trans_b, n, m, k, lda, ldb, max(out.stride(0), n, 1), int(accumulate)]
+    fields = [trans_a, trans_b, n, m, k, lda, ldb, max(out.stride(0), n, 1), int(accumulate)]
+    return fields if max(fields) < 2**31 else None  # an LP64 BLAS takes 32-bit sizes
 
 
 def grouped_sgemm(groups: list[list[Product]], thread_of: list[int]) -> bool:

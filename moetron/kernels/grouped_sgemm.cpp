@@ -29,11 +29,14 @@ constexpr int64_t FIELDS = 9;
 
 void run(Sgemm sgemm, const int64_t* f, const void* const* p) {
     const char trans_a = static_cast<char>(f[0]), trans_b = static_cast<char>(f[1]);
-    const int m = static_cast<int>(f[2]), n = static_cast<int>(f[3]), k = static_cast<int>(f[4]);
-    const int lda = static_cast<int>(f[5]), ldb = static_cast<int>(f[6]), ldc = static_cast<int>(f[7]);
+    // The integers live in 64-bit slots: an LP64 MKL (torch's x86 wheels) reads the low 4 bytes of
+    // each, which on x86 (little-endian) hold the value; an ILP64 build would read all 8. So either
+    // integer width gets the right values, not garbage upper halves.
+    const int64_t m = f[2], n = f[3], k = f[4], lda = f[5], ldb = f[6], ldc = f[7];
+    const auto arg = [](const int64_t& x) { return reinterpret_cast<const int*>(&x); };
     const float alpha = 1.0f, beta = f[8] ? 1.0f : 0.0f;
-    sgemm(&trans_a, &trans_b, &m, &n, &k, &alpha, static_cast<const float*>(p[0]), &lda,
-          static_cast<const float*>(p[1]), &ldb, &beta, static_cast<float*>(const_cast<void*>(p[2])), &ldc);
+    sgemm(&trans_a, &trans_b, arg(m), arg(n), arg(k), &alpha, static_cast<const float*>(p[0]), arg(lda),
+          static_cast<const float*>(p[1]), arg(ldb), &beta, static_cast<float*>(const_cast<void*>(p[2])), arg(ldc));
 }
 
 }  // namespace
