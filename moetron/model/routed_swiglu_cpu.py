@@ -50,10 +50,10 @@ def routed_swiglu(
     moves: type[TorchMoves] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_k weights_TK[t, k] · expert_ids_TK[t, k]'s SwiGLU(x_TD[t]) → [T, D] in x's dtype, and the
-        pairs each expert kept [E]). Each expert keeps at most `capacity` pairs (row_moves.dispatch_order;
-        None: all). `moves`: the row plan and moves (TorchMoves, or faster ones with its interface
-    that a trainer installs), taken where `moves.takes` the tensors. Check `supports` first. The weights are cast to the compute dtype by autograd ops,
-        so fp32 masters get fp32 gradients, as under autocast."""
+    pairs each expert kept [E]). Each expert keeps at most `capacity` pairs (row_moves.dispatch_order;
+    None: all). `moves`: the row plan and moves (TorchMoves, or faster ones with its interface that a
+    trainer installs), taken where `moves.takes` the tensors. Check `supports` first. The weights are
+    cast to the compute dtype by autograd ops, so fp32 masters get fp32 gradients, as under autocast."""
     dtype = compute_dtype(x_TD, w1_EID, w2_EDI, w3_EID)
     assert dtype is not None, "routed_swiglu: check supports first"
     num_experts = w1_EID.shape[0]
